@@ -1,0 +1,1 @@
+"""The machinery shared by every method: model state, layers, targets, rules and passes."""

@@ -1,0 +1,1 @@
+"""Bundled saliency methods; each module registers its methods on import."""

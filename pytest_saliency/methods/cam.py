@@ -1,0 +1,1 @@
+"""CAM family: gradcam, gradcam++, fullgrad (to be written)."""

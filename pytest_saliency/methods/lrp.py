@@ -1,0 +1,1 @@
+"""Layer-wise relevance propagation: epsilon, z+, alpha-beta (to be written)."""

@@ -1,0 +1,101 @@
+"""Modified backward passes through ReLUs: guided backprop, deconvnet, RectGrad."""
+
+from __future__ import annotations
+
+import torch
+
+from ..engine.rules import ActivationRule, RuleSet
+from .registry import Method, check_bool, check_number, input_map, register
+
+
+class Guided(ActivationRule):
+    """grad_in = ReLU(grad_out) * 1[x > 0] (Springenberg et al. 2015)."""
+
+    name = "guided"
+
+    def backward(self, grad_out, out):
+        return grad_out.clamp(min=0) * (out > 0)
+
+
+class Deconv(ActivationRule):
+    """grad_in = ReLU(grad_out) (Zeiler & Fergus 2014)."""
+
+    name = "deconvnet"
+
+    def backward(self, grad_out, out):
+        return grad_out.clamp(min=0)
+
+
+def per_sample_percentile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q``-th percentile of each sample over all non-batch axes, linear interpolation
+    (numpy's default), shaped to broadcast against ``values``."""
+    flat = values.reshape(values.shape[0], -1)
+    ordered = flat.sort(dim=1).values
+    position = (flat.shape[1] - 1) * (q / 100.0)
+    low = int(position)
+    high = min(low + 1, flat.shape[1] - 1)
+    frac = position - low
+    result = ordered[:, low] + (ordered[:, high] - ordered[:, low]) * frac
+    return result.reshape((-1,) + (1,) * (values.dim() - 1))
+
+
+class Rectified(ActivationRule):
+    """grad_in = grad_out * 1[a * grad_out > tau], tau the per-sample percentile of a * grad_out
+    (Kim et al. 2019); a is the ReLU's output. ``positive=False`` thresholds |a * grad_out|."""
+
+    name = "rectified"
+
+    def __init__(self, percentile: float, positive: bool):
+        self.percentile = percentile
+        self.positive = positive
+
+    def backward(self, grad_out, out):
+        importance = out * grad_out
+        if not self.positive:
+            importance = importance.abs()
+        tau = per_sample_percentile(importance, self.percentile)
+        return grad_out * (importance > tau)
+
+
+_GUIDED = RuleSet("guided", activation=Guided())
+_DECONV = RuleSet("deconvnet", activation=Deconv())
+
+register(Method(
+    name="guided_backprop",
+    family="propagation",
+    positive=True,
+    defaults={},
+    reference="Springenberg et al. 2015",
+    rules=lambda opts: _GUIDED,
+    readout=lambda rec, ctx, opts: input_map(rec.input_grad),
+))  # fmt: skip
+
+register(Method(
+    name="deconvnet",
+    family="propagation",
+    positive=True,
+    defaults={},
+    reference="Zeiler & Fergus 2014",
+    rules=lambda opts: _DECONV,
+    readout=lambda rec, ctx, opts: input_map(rec.input_grad),
+))  # fmt: skip
+
+
+def _validate_rectgrad(opts):
+    check_number(opts, "percentile", 0.0, 100.0)
+    check_bool(opts, "positive")
+
+
+register(Method(
+    name="rectgrad",
+    family="propagation",
+    positive=True,
+    defaults={"percentile": 98.0, "positive": True},
+    reference="Kim et al. 2019",
+    rules=lambda opts: RuleSet(
+        f"rectified-{opts['percentile']}-{opts['positive']}",
+        activation=Rectified(float(opts["percentile"]), bool(opts["positive"])),
+    ),
+    readout=lambda rec, ctx, opts: input_map(rec.inputs * rec.input_grad),
+    validate=_validate_rectgrad,
+))  # fmt: skip
