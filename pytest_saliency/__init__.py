@@ -2,11 +2,53 @@
 
 Public API: :func:`explain`, :func:`methods`, :func:`output_sensitivity`,
 :func:`parameter_randomization`, :func:`similarity`.
+
+Everything is imported lazily, so that installing the pytest plugin does not make every pytest
+run import torch.
 """
 
-from .errors import SaliencyError, UnsupportedActivationError
-from .explain import explain
-from .methods.registry import methods
+from __future__ import annotations
 
-__all__ = ["SaliencyError", "UnsupportedActivationError", "explain", "methods"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "explain": ".explain",
+    "methods": ".methods.registry",
+    "similarity": ".similarity",
+    "metrics": ".similarity",
+    "output_sensitivity": ".checks",
+    "parameter_randomization": ".checks",
+    "SensitivityResult": ".checks",
+    "RandomizationResult": ".checks",
+    "SaliencyError": ".errors",
+    "UnsupportedActivationError": ".errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .checks import (  # noqa: F401
+        RandomizationResult,
+        SensitivityResult,
+        output_sensitivity,
+        parameter_randomization,
+    )
+    from .errors import SaliencyError, UnsupportedActivationError  # noqa: F401
+    from .explain import explain  # noqa: F401
+    from .methods.registry import methods  # noqa: F401
+    from .similarity import metrics, similarity  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pytest_saliency' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
