@@ -1,1 +1,210 @@
-"""CAM family: gradcam, gradcam++, fullgrad (to be written)."""
+"""CAM family: Grad-CAM, Grad-CAM++ and FullGrad, each a readout of one plain-autograd pass.
+
+Grad-CAM and Grad-CAM++ read the activation and its gradient at one layer (``Context.layer``);
+FullGrad reads the input gradient and the gradient at the output of every biased Conv and
+BatchNorm module. All three use plain autograd, so their readouts are pure functions of the
+record and could share one pass.
+
+A CAM layer whose module runs several times in one forward (a reused ``nn.ReLU``, say) is an
+error: which call's activation is meant is ambiguous, and picking one silently would explain a
+different layer than the user named.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine.passes import Record
+from ..errors import SaliencyError
+from .registry import Context, Method, check_bool, register
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+_CAM_TAP = "cam:"
+_BIAS_TAP = "fullgrad:"
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Resize [N, C, *spatial] to [N, C, *size], (bi/tri)linear with align_corners=False."""
+    if tuple(maps.shape[2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=tuple(size), mode=_MODES[len(size)], align_corners=False)
+
+
+def _spatial_inputs(ctx: Context) -> None:
+    if len(ctx.input_shape) < 3:
+        raise SaliencyError(
+            f"method {ctx.method!r} needs inputs with spatial axes [N, C, H, W] or [N, C, L], "
+            f"got shape {ctx.input_shape}; use an input-space method (e.g. 'gradient') for "
+            "[N, D] inputs"
+        )
+
+
+# --- Grad-CAM and Grad-CAM++ ----------------------------------------------------------------
+
+
+def _layer_taps(ctx: Context, opts: dict) -> dict:
+    name, module = ctx.layer
+    return {_CAM_TAP + name: (module, True)}
+
+
+def _layer_record(record: Record, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation [N, C, *spatial] and its gradient at the CAM layer, or a clear error."""
+    name, module = ctx.layer
+    calls = record.taps.get(_CAM_TAP + name, [])
+    kind = type(module).__name__
+    if not calls:
+        raise SaliencyError(
+            f"layer {name!r} ({kind}) produced no output that depends on the inputs during the "
+            "forward pass; pick a module on the path from the inputs to the class scores"
+        )
+    if len(calls) > 1:
+        raise SaliencyError(
+            f"layer {name!r} ({kind}) runs {len(calls)} times in one forward pass, so its "
+            "activation is ambiguous; pick a module that runs once (e.g. the block or conv "
+            "around this call)"
+        )
+    activation, gradient = calls[0]
+    if activation.dim() != len(ctx.input_shape):
+        raise SaliencyError(
+            f"layer {name!r} ({kind}) outputs shape {tuple(activation.shape[1:])} per sample; "
+            f"CAM methods need a channels-first spatial output with as many axes as the inputs "
+            f"{ctx.input_shape[1:]} (a conv, pooling or block layer)"
+        )
+    return activation, gradient
+
+
+def _cam_map(activation: torch.Tensor, weights: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """ReLU(sum_k w_k A_k), upsampled to the inputs' spatial size: [N, *spatial]."""
+    cam = (weights * activation).sum(dim=1, keepdim=True).clamp(min=0)
+    return upsample(cam, ctx.input_shape[2:])[:, 0]
+
+
+def _gradcam(record: Record, ctx: Context, opts: dict) -> torch.Tensor:
+    activation, gradient = _layer_record(record, ctx)
+    if opts["positive"]:
+        gradient = gradient.clamp(min=0)
+    axes = tuple(range(2, activation.dim()))
+    return _cam_map(activation, gradient.mean(dim=axes, keepdim=True), ctx)
+
+
+def _gradcam_pp(record: Record, ctx: Context, opts: dict) -> torch.Tensor:
+    activation, g = _layer_record(record, ctx)
+    axes = tuple(range(2, activation.dim()))
+    total = activation.sum(dim=axes, keepdim=True)
+    # alpha = g^2 / (2 g^2 + (sum A) g^3) = 1 / (2 + (sum A) g) where g != 0; the short form
+    # avoids underflow of g^3. Where it is undefined (g = 0, or 2 + (sum A) g = 0) alpha is 0.
+    denominator = 2 + total * g
+    defined = (g != 0) & (denominator != 0)
+    alpha = torch.where(defined, 1 / torch.where(defined, denominator, 1), 0)
+    slope = g.clamp(min=0) if opts["positive"] else g
+    return _cam_map(activation, (alpha * slope).sum(dim=axes, keepdim=True), ctx)
+
+
+def _check_positive(opts: dict) -> None:
+    check_bool(opts, "positive")
+
+
+register(Method(
+    name="gradcam",
+    family="aggregation",
+    positive=False,
+    defaults={"positive": False},
+    reference="Selvaraju et al. 2017",
+    readout=_gradcam,
+    needs_layer=True,
+    taps=_layer_taps,
+    validate=_check_positive,
+))  # fmt: skip
+
+register(Method(
+    name="gradcam++",
+    family="aggregation",
+    positive=True,
+    defaults={"positive": True},
+    reference="Chattopadhay et al. 2018",
+    readout=_gradcam_pp,
+    needs_layer=True,
+    taps=_layer_taps,
+    validate=_check_positive,
+))  # fmt: skip
+
+
+# --- FullGrad -------------------------------------------------------------------------------
+
+
+def effective_bias(module: nn.Module) -> torch.Tensor:
+    """A conv's bias, or a BatchNorm's bias in eval mode: beta - mean * gamma / sqrt(var + eps)."""
+    if isinstance(module, _NORMS):
+        scale = module.weight / torch.sqrt(module.running_var + module.eps)
+        return (module.bias - module.running_mean * scale).detach()
+    return module.bias.detach()
+
+
+def _bias_taps(ctx: Context, opts: dict) -> dict:
+    _spatial_inputs(ctx)
+    taps = {}
+    for name, module in ctx.model.named_modules():
+        if not isinstance(module, _CONVS + _NORMS) or module.bias is None:
+            continue
+        if isinstance(module, _NORMS) and module.running_mean is None:
+            raise SaliencyError(
+                f"fullgrad: BatchNorm layer {name!r} keeps no running statistics "
+                "(track_running_stats=False), so its bias depends on the batch; FullGrad needs a "
+                "fixed bias per layer"
+            )
+        taps[_BIAS_TAP + name] = (module, False)
+    return taps
+
+
+def _psi(maps: torch.Tensor, size: tuple[int, ...], positive: bool) -> torch.Tensor:
+    """Normalise each (sample, channel) map, upsample, sum over channels: [N, *size].
+
+    positive: min-max of abs(maps); signed: divide by the max abs. A constant map carries no
+    spatial information and becomes 0.
+    """
+    flat = maps.flatten(2)
+    if positive:
+        flat = flat.abs()
+        flat = flat - flat.amin(dim=2, keepdim=True)
+        span = flat.amax(dim=2, keepdim=True)
+    else:
+        span = flat.abs().amax(dim=2, keepdim=True)
+    scaled = torch.where(span > 0, flat / torch.where(span > 0, span, 1), 0).reshape(maps.shape)
+    # Upsampling is linear, so summing channels first gives the same map with C times less work.
+    return upsample(scaled.sum(dim=1, keepdim=True), size)[:, 0]
+
+
+def _fullgrad(record: Record, ctx: Context, opts: dict) -> torch.Tensor:
+    positive = opts["positive"]
+    inputs = record.inputs
+    size = tuple(inputs.shape[2:])
+    total = _psi(inputs * record.input_grad, size, positive)
+    modules = dict(ctx.model.named_modules())
+    for tap, calls in record.taps.items():
+        if not tap.startswith(_BIAS_TAP):
+            continue
+        bias = effective_bias(modules[tap[len(_BIAS_TAP) :]])
+        for _, gradient in calls:
+            # No gradient: the output does not reach the target score. Another rank (e.g.
+            # BatchNorm1d on flattened features): no spatial map to bring into input space.
+            if gradient is None or gradient.dim() != inputs.dim():
+                continue
+            shape = (1, -1) + (1,) * (gradient.dim() - 2)
+            total = total + _psi(bias.reshape(shape) * gradient, size, positive)
+    return total
+
+
+register(Method(
+    name="fullgrad",
+    family="aggregation",
+    positive=True,
+    defaults={"positive": True},
+    reference="Srinivas & Fleuret 2019",
+    readout=_fullgrad,
+    taps=_bias_taps,
+    validate=_check_positive,
+))  # fmt: skip

@@ -1,0 +1,140 @@
+"""Several methods on one model state, sharing passes.
+
+Methods whose rule set is the same (``gradient``, ``input_x_gradient``, ``gradcam``, ``gradcam++``
+and ``fullgrad`` all use plain autograd) are computed from one forward and one backward pass: the
+pass records the union of what their readouts need. Methods with their own rule set, or that need
+several passes (integrated gradients, smoothgrad), run on their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .engine.layers import default_layer
+from .engine.passes import Record, chunked, forward_backward
+from .engine.state import eval_mode, model_device_dtype
+from .errors import SaliencyError
+from .explain import check_target, prepare
+from .methods.registry import Context, Method
+
+
+@dataclass
+class Request:
+    """One method to explain with, its options and its CAM layer (None = default)."""
+
+    method: str
+    options: Mapping[str, Any]
+    layer: str | nn.Module | None = None
+
+
+def as_request(spec: str | Mapping[str, Any] | Request) -> Request:
+    """A method name, a ``{"name": ..., **options}`` mapping, or a Request."""
+    if isinstance(spec, Request):
+        return spec
+    if isinstance(spec, str):
+        return Request(spec, {})
+    if isinstance(spec, Mapping):
+        options = dict(spec)
+        name = options.pop("name", None)
+        if name is None:
+            raise SaliencyError(f"a method given as a mapping needs a 'name' key, got {spec!r}")
+        options.pop("id", None)
+        layer = options.pop("layer", None)
+        return Request(name, options, layer)
+    raise SaliencyError(
+        f"a method is a name or a mapping {{'name': ..., **options}}, got {type(spec).__name__}"
+    )
+
+
+@dataclass
+class _Bound:
+    spec: Method
+    opts: dict
+    ctx: Context
+
+
+def _shared_pass(model, bound: Sequence[_Bound], inputs, target, batch_size):
+    """One forward+backward per chunk for methods sharing a rule set; one map per method."""
+    rules = bound[0].spec.rules(bound[0].opts)
+    union: dict[str, tuple[nn.Module, bool]] = {}
+    renames: list[dict[str, str]] = []
+    by_module: dict[int, str] = {}
+    for b in bound:
+        mapping = {}
+        for key, (module, keep) in b.spec.taps(b.ctx, b.opts).items():
+            shared = by_module.setdefault(id(module), f"tap{len(by_module)}")
+            old = union.get(shared)
+            union[shared] = (module, keep or (old[1] if old else False))
+            mapping[key] = shared
+        renames.append(mapping)
+
+    def one(x, t):
+        record = forward_backward(
+            model, x, target if t is None else t, rules, taps=union, method=bound[0].spec.name
+        )
+        maps = []
+        for b, mapping in zip(bound, renames):
+            view = Record(
+                record.inputs,
+                record.targets,
+                record.logits,
+                record.input_grad,
+                {key: record.taps.get(shared, []) for key, shared in mapping.items()},
+            )
+            maps.append(b.spec.readout(view, b.ctx, b.opts))
+        return tuple(maps)
+
+    targets = target if isinstance(target, torch.Tensor) else None
+    return chunked(one, inputs, targets, batch_size)
+
+
+def explain_many(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    methods: Sequence[str | Mapping[str, Any] | Request],
+    *,
+    target: int | torch.Tensor | None = None,
+    batch_size: int | None = None,
+) -> list[torch.Tensor]:
+    """Maps for several methods on the same model and inputs, sharing passes where rules agree.
+
+    Each map equals ``explain(model, inputs, method, target=..., layer=..., **options)``.
+    """
+    requests = [as_request(m) for m in methods]
+    bound_specs = []
+    for req in requests:
+        model, checked, batch_size, spec, opts, resolved = prepare(
+            model, inputs, req.method, req.layer, batch_size, req.options
+        )
+        bound_specs.append((spec, opts, resolved))
+    target = check_target(target, inputs.shape[0])
+    results: list[torch.Tensor | None] = [None] * len(requests)
+    with eval_mode(model):
+        device, dtype = model_device_dtype(model, inputs)
+        x = inputs.detach().to(device=device, dtype=dtype)
+        if isinstance(target, torch.Tensor):
+            target = target.to(device)
+        default = None
+        groups: dict[object, list[tuple[int, _Bound]]] = {}
+        for i, (spec, opts, resolved) in enumerate(bound_specs):
+            if spec.needs_layer and resolved is None:
+                default = default or default_layer(model, x, spec.name)
+                resolved = default
+            ctx = Context(model, spec.name, resolved, batch_size, tuple(x.shape))
+            b = _Bound(spec, opts, ctx)
+            if spec.compute is not None:
+                results[i] = spec(ctx, x, target, opts)
+                continue
+            rules = spec.rules(opts)
+            key = rules.name if rules.is_plain else id(rules)
+            groups.setdefault(key, []).append((i, b))
+        for members in groups.values():
+            maps = _shared_pass(model, [b for _, b in members], x, target, batch_size)
+            for (i, _), m in zip(members, maps):
+                results[i] = m
+    return [m.detach().to(device=inputs.device, dtype=inputs.dtype) for m in results]
