@@ -1,0 +1,528 @@
+"""The pytest plugin: options, the ``saliency`` marker and fixtures, the verdict table, reports.
+
+Nothing here imports torch at import time: a pytest run that uses no audit must not pay for it.
+torch is imported inside hooks and fixtures, only once an audit, a CUDA device or a report asks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from . import report
+from .errors import SaliencyError, closest
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .checks import AuditResult
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+REPORT_SUFFIXES = (".json", ".html")
+MARKER_KEYS = ("methods", "max_similarity", "similarity", "seed", "confidence", "batch_size")
+MARKER_HELP = (
+    "saliency(methods=[...], max_similarity=X, similarity=NAME, seed=N, confidence=False, "
+    "batch_size=None): audit settings for the `saliency` fixture; `methods` parametrizes "
+    "`saliency_method` (a name or {'name': ..., **options})."
+)
+
+
+def _device_arg(value: str) -> str:
+    if not DEVICE_PATTERN.fullmatch(value):
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{value!r}: expected auto, cpu, cuda or cuda:N")
+    return value
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("saliency", "saliency map audits (pytest-saliency)")
+
+    def add(flag: str, ini: str, help: str, default: Any, ini_type: Any = "string", **kw):
+        # CLI defaults are None so that an ini value shows through when the flag is absent.
+        group.addoption(flag, dest=ini, default=None, help=f"{help} (ini: {ini})", **kw)
+        parser.addini(ini, help, type=ini_type, default=default)
+
+    add("--saliency-device", "saliency_device", "audit device: auto (cuda if available), cpu, "
+        "cuda or cuda:N; wins over markers and suites", "auto", type=_device_arg,
+        metavar="DEVICE")  # fmt: skip
+    add("--saliency-seed", "saliency_seed", "seed of every audit (default 0)", "0", type=int,
+        metavar="N")  # fmt: skip
+    add("--saliency-similarity", "saliency_similarity", "similarity metric (default ssim)",
+        "ssim", metavar="NAME")  # fmt: skip
+    add("--saliency-max-similarity", "saliency_max_similarity", "default threshold in [-1, 1]: "
+        "an audit passes when its similarity is at most this (default 0.5)", "0.5", type=float,
+        metavar="X")  # fmt: skip
+    add("--saliency-report", "saliency_report", "write a .json or .html report; repeat for both",
+        [], ini_type="paths", action="append", metavar="PATH")  # fmt: skip
+
+
+@dataclass
+class Settings:
+    """Session-wide audit settings: CLI options win over ini keys, which win over defaults."""
+
+    device: str = "auto"
+    seed: int = 0
+    similarity: str = "ssim"
+    max_similarity: float = 0.5
+    reports: list[Path] = field(default_factory=list)
+    device_from_cli: bool = False
+    _resolved: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> Settings:
+        def value(name: str) -> Any:
+            cli = config.getoption(name)
+            return (cli, True) if cli is not None else (config.getini(name), False)
+
+        device, from_cli = value("saliency_device")
+        device = str(device).strip()
+        if not DEVICE_PATTERN.fullmatch(device):
+            raise pytest.UsageError(
+                f"saliency_device = {device!r}: expected auto, cpu, cuda or cuda:N"
+            )
+        seed_value = value("saliency_seed")[0]
+        try:
+            seed = int(seed_value)
+        except ValueError:
+            seed = -1
+        if seed < 0:
+            raise pytest.UsageError(f"saliency_seed = {seed_value!r}: expected an integer >= 0")
+        limit_value = value("saliency_max_similarity")[0]
+        try:
+            limit = float(limit_value)
+        except ValueError:
+            limit = float("nan")
+        if not -1.0 <= limit <= 1.0:
+            raise pytest.UsageError(
+                f"saliency_max_similarity = {limit_value!r}: expected a number in [-1, 1]"
+            )
+        cli_reports = config.getoption("saliency_report")
+        if cli_reports:  # relative to the invocation directory, as --junitxml
+            base = config.invocation_params.dir
+            reports = [base / Path(p).expanduser() for p in cli_reports]
+        else:  # the "paths" ini type is already relative to the ini file
+            reports = [Path(p) for p in config.getini("saliency_report")]
+        for path in reports:
+            if path.suffix.lower() not in REPORT_SUFFIXES:
+                raise pytest.UsageError(
+                    f"--saliency-report {path}: the suffix must be .json or .html "
+                    "(repeat the option to write both)"
+                )
+        reports = list(dict.fromkeys(path.resolve() for path in reports))
+        similarity = str(value("saliency_similarity")[0]).strip()
+        return cls(device, seed, similarity, limit, reports, from_cli)
+
+    def torch_device(self) -> torch.device:
+        """The device audits run on; auto is cuda when available. UsageError for missing CUDA."""
+        if self._resolved is None:
+            import torch
+
+            if self.device == "auto":
+                name = "cuda" if torch.cuda.is_available() else "cpu"
+            else:
+                name = self.device
+            device = torch.device(name)
+            if device.type == "cuda":
+                if not torch.cuda.is_available():
+                    raise pytest.UsageError(
+                        f"--saliency-device {self.device}: CUDA is not available on this machine "
+                        f"(torch {torch.__version__}); use --saliency-device cpu or auto"
+                    )
+                count = torch.cuda.device_count()
+                index = torch.cuda.current_device() if device.index is None else device.index
+                if index >= count:
+                    raise pytest.UsageError(
+                        f"--saliency-device {self.device}: this machine has {count} CUDA "
+                        f"device(s), cuda:0 to cuda:{count - 1}"
+                    )
+                # An explicit index, so that it compares equal to the devices of tensors.
+                device = torch.device("cuda", index)
+            self._resolved = device
+        return self._resolved
+
+    def as_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "seed": self.seed,
+            "similarity": self.similarity,
+            "max_similarity": self.max_similarity,
+            "reports": [str(p) for p in self.reports],
+        }
+
+
+def check_similarity(name: str) -> None:
+    """A UsageError naming the valid metrics when ``name`` is not one (imports torch)."""
+    from .similarity import metrics
+
+    valid = list(metrics())
+    if name not in valid:
+        near = closest(name, valid)
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        raise pytest.UsageError(
+            f"--saliency-similarity {name!r} is not a similarity metric{hint} "
+            f"Valid metrics: {', '.join(valid)}"
+        )
+
+
+class SaliencySession:
+    """Every audit of the run (records, JSON-able) and the settings they ran with."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.records: list[dict] = []
+        self.written: list[Path] = []
+        self.errors: list[str] = []
+
+    def record(
+        self,
+        nodeid: str,
+        result: AuditResult,
+        *,
+        threshold: float,
+        confidence: bool = False,
+        expected: str = "pass",
+        method_id: str | None = None,
+        source: str = "python",
+        device: str | None = None,
+    ) -> dict:
+        """Build the record of ``result`` (see :func:`report.make_record`), keep it, return it."""
+        rec = report.make_record(
+            nodeid,
+            result,
+            threshold=threshold,
+            confidence=confidence,
+            expected=expected,
+            method_id=method_id,
+            device=device or str(self.settings.torch_device()),
+            source=source,
+        )
+        if any(path.suffix.lower() == ".html" for path in self.settings.reports):
+            from .html import figures
+
+            rec["figures"] = figures(result)
+        self.records.append(rec)
+        return rec
+
+    def sorted_records(self) -> list[dict]:
+        """Records in a stable order, so serial and xdist runs give the same report."""
+        return sorted(self.records, key=lambda r: (r["nodeid"], r["check"]))
+
+    def meta(self) -> dict:
+        from . import __version__
+
+        settings = self.settings
+        return {
+            "plugin": "pytest-saliency",
+            "version": __version__,
+            "torch": report.torch_version(),
+            "pytest": pytest.__version__,
+            "settings": settings.as_dict(),
+            "seed": settings.seed,
+            "device": str(settings.torch_device()),
+        }
+
+    def write_reports(self) -> None:
+        records, meta = self.sorted_records(), self.meta()
+        for path in self.settings.reports:
+            try:
+                if path.suffix.lower() == ".json":
+                    report.write_json(records, path, meta)
+                else:
+                    from .html import write_html
+
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    write_html(records, path, meta)
+                self.written.append(path)
+            except OSError as exc:
+                self.errors.append(f"could not write the saliency report {path}: {exc}")
+
+
+SESSION_KEY = pytest.StashKey[SaliencySession]()
+
+
+def get_session(config: pytest.Config) -> SaliencySession:
+    """The run's :class:`SaliencySession` (created in ``pytest_configure``)."""
+    return config.stash[SESSION_KEY]
+
+
+def is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER_HELP)
+    settings = Settings.from_config(config)
+    if settings.device.startswith("cuda"):
+        settings.torch_device()  # fail now, as a usage error, not in every test
+    if settings.similarity != "ssim":
+        check_similarity(settings.similarity)
+    config.stash[SESSION_KEY] = SaliencySession(settings)
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    name, suffix = file_path.name, file_path.suffix
+    if suffix in (".yaml", ".yml") and (
+        name.startswith("saliency_") or name[: -len(suffix)].endswith(".saliency")
+    ):
+        from .suite import collect_file
+
+        return collect_file(parent, file_path)
+    return None
+
+
+# -- methods as parameters ------------------------------------------------------------------
+
+
+def split_method(spec: object) -> tuple[str, dict, str | None]:
+    """``"name"`` or ``{"name": ..., "id": ..., **options}`` -> (name, options, id or None)."""
+    if isinstance(spec, str):
+        return spec, {}, None
+    if isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
+        options = {k: v for k, v in spec.items() if k not in ("name", "id")}
+        given = spec.get("id")
+        return spec["name"], options, None if given is None else str(given)
+    raise SaliencyError(f"a method is a name or a mapping {{'name': ..., **options}}, got {spec!r}")
+
+
+def _id_value(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def method_id(spec: object, *, validate: bool = False) -> str:
+    """The readable id of a method: its ``id``, else its name plus its non-default options.
+
+    ``layer`` comes last, as in suites (``gradcam++-positive=false-layer=features.10``).
+    ``validate=True`` also checks the method's options (a SaliencyError naming the valid ones).
+    """
+    from .methods.registry import get_method
+
+    name, options, given = split_method(spec)
+    method = get_method(name)
+    own = {k: v for k, v in options.items() if k != "layer"}
+    if validate:
+        method.bind(own)
+    if given is not None:
+        return given
+    extra = [
+        f"{key}={_id_value(value)}"
+        for key, value in own.items()
+        if key not in method.defaults or method.defaults[key] != value
+    ]
+    if "layer" in options:
+        extra.append(f"layer={_id_value(options['layer'])}")
+    return "-".join([name, *extra])
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "saliency_method" not in metafunc.fixturenames:
+        return
+    where = metafunc.definition.nodeid
+    marker = metafunc.definition.get_closest_marker("saliency")
+    methods = marker.kwargs.get("methods") if marker is not None else None
+    if not methods:
+        pytest.fail(
+            f"{where} uses the saliency_method fixture but has no methods to run: mark it with "
+            "@pytest.mark.saliency(methods=['gradient', {'name': 'gradcam', ...}])",
+            pytrace=False,
+        )
+    if isinstance(methods, (str, Mapping)):
+        methods = [methods]
+    ids: list[str] = []
+    for spec in methods:
+        try:
+            ids.append(method_id(spec, validate=True))
+        except SaliencyError as exc:
+            pytest.fail(f"{where}: @pytest.mark.saliency(methods=...): {exc}", pytrace=False)
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        pytest.fail(
+            f"{where}: @pytest.mark.saliency(methods=...) has duplicate ids {duplicates}; "
+            "give one of them an explicit 'id'",
+            pytrace=False,
+        )
+    metafunc.parametrize("saliency_method", list(methods), ids=ids, indirect=True)
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+class Auditor:
+    """The ``saliency`` fixture: audits bound to the run's settings and the test's marker.
+
+    Every audit result is recorded for the terminal table and the reports, tagged with the
+    test's node id, and added to the test's ``user_properties`` (so ``--junitxml`` has it).
+    """
+
+    def __init__(self, session: SaliencySession, node: pytest.Item, **marker: Any) -> None:
+        settings = session.settings
+        self._session = session
+        self._node = node
+        self.seed: int = marker.get("seed", settings.seed)
+        self.similarity: str = marker.get("similarity", settings.similarity)
+        self.max_similarity: float = marker.get("max_similarity", settings.max_similarity)
+        self.confidence: bool = bool(marker.get("confidence", False))
+        self.batch_size: int | None = marker.get("batch_size")
+        _check_threshold(self.max_similarity, "@pytest.mark.saliency(max_similarity=...)")
+
+    @property
+    def device(self) -> torch.device:
+        return self._session.settings.torch_device()
+
+    def _place(self, model: Any, inputs: Any) -> tuple[Any, Any]:
+        """Model and inputs on the audit device; a moved deepcopy, never the user's model."""
+        import torch
+
+        device = self.device
+        tensors = (
+            [*model.parameters(), *model.buffers()] if isinstance(model, torch.nn.Module) else []
+        )
+        if any(t.device != device for t in tensors):
+            model = copy.deepcopy(model).to(device)
+        if isinstance(inputs, torch.Tensor):
+            inputs = inputs.to(device)
+        return model, inputs
+
+    def explain(self, model: Any, inputs: Any, method: Any, **kw: Any) -> torch.Tensor:
+        """``pytest_saliency.explain`` on the audit device; maps on that device."""
+        from .explain import explain
+
+        name, options, _ = split_method(method)
+        model, inputs = self._place(model, inputs)
+        kw.setdefault("batch_size", self.batch_size)
+        return explain(model, inputs, name, **{**options, **kw})
+
+    def _audit(self, check: str, model, inputs, method, max_similarity, confidence, kw):
+        from . import checks
+
+        name, options, given = split_method(method)
+        ident = given if given is not None else method_id(method)
+        threshold = self.max_similarity if max_similarity is None else max_similarity
+        _check_threshold(threshold, "max_similarity")
+        confidence = self.confidence if confidence is None else confidence
+        kw = {"similarity": self.similarity, "seed": self.seed, "batch_size": self.batch_size,
+              **options, **kw}  # fmt: skip
+        model, inputs = self._place(model, inputs)
+        result = getattr(checks, check)(model, inputs, name, **kw)
+        rec = self._session.record(
+            self._node.nodeid, result, threshold=threshold, confidence=confidence, method_id=ident
+        )
+        props = self._node.user_properties
+        props.append(("saliency_score", rec["score"]))
+        props.append(("saliency_threshold", rec["threshold"]))
+        props.append(("saliency_verdict", rec["verdict"]))
+        return result, rec
+
+    def output_sensitivity(self, model, inputs, method, *, max_similarity=None, confidence=None,
+                           **kw: Any):  # fmt: skip
+        """Run and record ``pytest_saliency.output_sensitivity``; returns its result."""
+        return self._audit("output_sensitivity", model, inputs, method, max_similarity,
+                           confidence, kw)[0]  # fmt: skip
+
+    def parameter_randomization(self, model, inputs, method, *, max_similarity=None,
+                                confidence=None, **kw: Any):  # fmt: skip
+        """Run and record ``pytest_saliency.parameter_randomization``; returns its result."""
+        return self._audit("parameter_randomization", model, inputs, method, max_similarity,
+                           confidence, kw)[0]  # fmt: skip
+
+    def assert_output_sensitive(self, model, inputs, method, *, max_similarity=None,
+                                confidence=None, **kw: Any):  # fmt: skip
+        """Fail the test (with a table) when the maps barely change with the explained class."""
+        __tracebackhide__ = True
+        result, rec = self._audit("output_sensitivity", model, inputs, method, max_similarity,
+                                  confidence, kw)  # fmt: skip
+        if not rec["passed"]:
+            raise AssertionError(report.format_failure(rec))
+        return result
+
+    def assert_randomization_sensitive(self, model, inputs, method, *, max_similarity=None,
+                                       confidence=None, **kw: Any):  # fmt: skip
+        """Fail the test (with a table) when the maps survive randomizing the weights."""
+        __tracebackhide__ = True
+        result, rec = self._audit("parameter_randomization", model, inputs, method,
+                                  max_similarity, confidence, kw)  # fmt: skip
+        if not rec["passed"]:
+            raise AssertionError(report.format_failure(rec))
+        return result
+
+
+def _check_threshold(value: object, what: str) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not -1.0 <= value <= 1.0:
+        raise SaliencyError(f"{what} must be a number in [-1, 1], got {value!r}")
+
+
+@pytest.fixture
+def saliency(request: pytest.FixtureRequest) -> Auditor:
+    """An auditor bound to the run's device, seed, metric and threshold (marker kwargs win)."""
+    marker = request.node.get_closest_marker("saliency")
+    kwargs = dict(marker.kwargs) if marker is not None else {}
+    for key in kwargs:
+        if key not in MARKER_KEYS:
+            raise SaliencyError(
+                f"@pytest.mark.saliency has no argument {key!r}; valid: {', '.join(MARKER_KEYS)} "
+                "(the device is set for the whole run with --saliency-device)"
+            )
+    return Auditor(get_session(request.config), request.node, **kwargs)
+
+
+@pytest.fixture
+def saliency_method(request: pytest.FixtureRequest) -> str | dict:
+    """One method of the test's ``@pytest.mark.saliency(methods=[...])`` (a name or a dict)."""
+    return copy.deepcopy(request.param)
+
+
+@pytest.fixture(scope="session")
+def saliency_device(pytestconfig: pytest.Config) -> torch.device:
+    """The resolved audit device (``--saliency-device``)."""
+    return get_session(pytestconfig).settings.torch_device()
+
+
+# -- end of run: xdist, reports, terminal table ----------------------------------------------
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    state = config.stash.get(SESSION_KEY, None)
+    if state is None:
+        return
+    if is_worker(config):  # send the records home; the controller writes the reports
+        config.workeroutput["saliency_records"] = json.dumps(state.records)
+        return
+    if state.settings.reports:
+        state.write_reports()
+        if state.errors and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    state = node.config.stash.get(SESSION_KEY, None)
+    raw = getattr(node, "workeroutput", {}).get("saliency_records")
+    if state is not None and raw:
+        state.records.extend(json.loads(raw))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if is_worker(config):
+        return
+    state = config.stash.get(SESSION_KEY, None)
+    if state is None:
+        return
+    try:
+        if state.records:
+            terminalreporter.write_sep("=", "saliency audits")
+            terminalreporter.write_line(report.format_table(state.sorted_records()))
+        for path in state.written:
+            terminalreporter.write_line(f"saliency report: {path}")
+        for message in state.errors:
+            terminalreporter.write_line(f"ERROR: {message}", red=True)
+    except Exception as exc:  # the summary must never turn a run into an internal error
+        terminalreporter.write_line(f"pytest-saliency: could not print the audit table: {exc!r}")

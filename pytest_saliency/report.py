@@ -1,0 +1,213 @@
+"""Audit records, the terminal verdict table, the failure message and the JSON report.
+
+A *record* is one audit as plain JSON types, built by :func:`make_record`. The JSON report
+(``--saliency-report run.json``) has this schema::
+
+    {
+      "schema": "pytest-saliency/1",
+      "meta": {"plugin", "version", "torch", "pytest", "seed", "device",
+               "settings": {"device", "seed", "similarity", "max_similarity", "reports"}},
+      "records": [   # sorted by (nodeid, check)
+        {
+          "nodeid":     test id, e.g. "test_x.py::test_a[gradcam]" or a suite item's id,
+          "method_id":  readable method id ("gradcam++-positive=false"),
+          "method":     registry name,   "options": method options given,
+          "check":      "output_sensitivity" | "parameter_randomization",
+          "similarity": metric name,
+          "score":      mean similarity (randomization: the worst step's); null if degenerate,
+          "ci":         [low, high] 95% bootstrap interval of the score,
+          "scores":     per-sample scores [N] (randomization: [steps][N]); null = degenerate,
+          "threshold":  max_similarity,  "confidence": the CI's upper end had to pass too,
+          "passed":     bool,  "expected": "pass" | "fail",
+          "verdict":    "pass" | "fail" | "xfail" | "xpass",
+          "degenerate": sample indices with a constant map, "cause": why,
+          "targets":    explained class per sample, "seed", "settings": audit settings,
+          "device", "torch", "source": "python" | "suite",
+          sensitivity: "against", "others";
+          randomization: "mode", "order", "layers", "skipped", "step_scores"
+        }
+      ]
+    }
+
+No module here imports torch at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "pytest-saliency/1"
+VERDICTS = ("pass", "fail", "xfail", "xpass")
+
+
+def torch_version() -> str:
+    """torch's version (``torch.__version__``, which may differ from the wheel's metadata)."""
+    import torch
+
+    return str(torch.__version__)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: NaN/inf become None, tuples become lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def verdict_of(passed: bool, expected: str) -> str:
+    if expected not in ("pass", "fail"):
+        raise ValueError(f"expected must be 'pass' or 'fail', got {expected!r}")
+    if expected == "pass":
+        return "pass" if passed else "fail"
+    return "xpass" if passed else "xfail"
+
+
+def make_record(
+    nodeid: str,
+    result: Any,
+    *,
+    threshold: float,
+    confidence: bool = False,
+    expected: str = "pass",
+    method_id: str | None = None,
+    device: str = "cpu",
+    source: str = "python",
+) -> dict:
+    """One audit as JSON types: ``result.to_dict()`` plus where it ran and its verdict."""
+    passed = bool(result.passed(threshold, confidence=confidence))
+    record = dict(result.to_dict())
+    record.update(
+        nodeid=nodeid,
+        method_id=method_id or result.method,
+        threshold=float(threshold),
+        confidence=bool(confidence),
+        expected=expected,
+        passed=passed,
+        verdict=verdict_of(passed, expected),
+        device=str(device),
+        torch=torch_version(),
+        source=source,
+    )
+    return _plain(record)
+
+
+def _num(value: Any) -> str:
+    return "nan" if value is None else f"{value:.3f}"
+
+
+def _ci(record: dict) -> str:
+    low, high = record.get("ci") or (None, None)
+    return f"[{_num(low)}, {_num(high)}]"
+
+
+def _table(rows: list[list[str]], indent: str = "", *, header: bool = True) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, row in enumerate(rows):
+        lines.append(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if k == 0 and header:
+            lines.append(indent + "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _shown_verdict(record: dict) -> str:
+    verdict = record["verdict"]
+    return verdict.upper() if verdict in ("fail", "xpass") else verdict
+
+
+def format_table(records: list[dict]) -> str:
+    """The terminal verdict table: one row per audit."""
+    rows = [["test", "method", "check", "metric", "score", "95% CI", "threshold", "verdict"]]
+    for r in records:
+        limit = f"<= {r['threshold']:.3f}" + (" (CI)" if r.get("confidence") else "")
+        rows.append(
+            [r["nodeid"], r.get("method_id") or r["method"], r["check"], r["similarity"],
+             _num(r["score"]), _ci(r), limit, _shown_verdict(r)]
+        )  # fmt: skip
+    counts = {v: sum(r["verdict"] == v for r in records) for v in VERDICTS}
+    tally = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+    noun = "audit" if len(records) == 1 else "audits"
+    return f"{_table(rows)}\n{len(records)} {noun}: {tally}"
+
+
+def _why(record: dict) -> str:
+    score, threshold = record["score"], record["threshold"]
+    if score is None:
+        return "degenerate maps (a constant map has no similarity)"
+    if score > threshold:
+        return f"score {score:.3f} > max_similarity {threshold:.3f}"
+    high = (record.get("ci") or [None, None])[1]
+    if record.get("confidence") and (high is None or high > threshold):
+        return f"95% CI upper bound {_num(high)} > max_similarity {threshold:.3f}"
+    return "passed"
+
+
+def _sample_scores(record: dict) -> list[tuple[int, float | None]]:
+    """Per sample, the score that counts: randomization takes each sample's worst step."""
+    scores = record.get("scores") or []
+    if scores and isinstance(scores[0], list):
+        per_sample = []
+        for i in range(len(scores[0])):
+            column = [row[i] for row in scores]
+            per_sample.append(None if None in column else max(column))
+    else:
+        per_sample = list(scores)
+    return list(enumerate(per_sample))
+
+
+def most_similar(record: dict, limit: int = 5) -> list[tuple[int, float | None]]:
+    """The samples whose maps are most similar (degenerate ones first)."""
+    ranked = sorted(_sample_scores(record), key=lambda p: (p[1] is not None, -(p[1] or 0.0), p[0]))
+    return ranked[:limit]
+
+
+def format_failure(record: dict) -> str:
+    """The message of a failed ``assert_*``: verdict inputs, steps and the worst samples."""
+    head = [
+        ["method", record.get("method_id") or record["method"]],
+        ["check", record["check"]],
+        ["metric", record["similarity"]],
+        ["score", f"{_num(record['score'])}  95% CI {_ci(record)}"],
+        ["threshold", f"max_similarity {record['threshold']:.3f}"
+                      + (" (upper CI bound too)" if record.get("confidence") else "")],
+        ["verdict", f"{record['verdict'].upper()}: {_why(record)}"],
+    ]  # fmt: skip
+    parts = [f"saliency audit failed: {record['nodeid']}", _table(head, "  ", header=False)]
+    if record["check"] == "parameter_randomization" and record.get("layers"):
+        rows = [["step", "randomized layer", "mean similarity"]]
+        for i, (layer, value) in enumerate(zip(record["layers"], record.get("step_scores", []))):
+            rows.append([str(i + 1), layer, _num(value)])
+        parts += [f"  per-step scores ({record.get('mode')}, {record.get('order')}):",
+                  _table(rows, "    ")]  # fmt: skip
+    targets, others = record.get("targets") or [], record.get("others") or []
+    rows = [["sample", "target"] + (["other"] if others else []) + ["similarity"]]
+    for i, value in most_similar(record):
+        row = [str(i), str(targets[i]) if i < len(targets) else "?"]
+        if others:
+            row.append("all" if others[i] == -1 else str(others[i]))
+        rows.append(row + [_num(value)])
+    parts += ["  most similar samples:", _table(rows, "    ")]
+    if record.get("degenerate"):
+        cause = f": {record['cause']}" if record.get("cause") else ""
+        parts.append(f"  degenerate samples {record['degenerate']}{cause}")
+    return "\n".join(parts)
+
+
+def write_json(records: list[dict], path: str | Path, meta: dict) -> Path:
+    """Write the JSON report (schema in the module docstring); figures are left to the HTML."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "schema": SCHEMA,
+        "meta": _plain(meta),
+        "records": [_plain({k: v for k, v in r.items() if k != "figures"}) for r in records],
+    }
+    path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    return path
