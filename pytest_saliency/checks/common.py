@@ -1,0 +1,171 @@
+"""What both audits share: argument checks, comparing maps, the CAM layer, constant-map causes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..engine.layers import default_layer
+from ..engine.passes import chunked
+from ..engine.state import eval_mode, model_device_dtype, removable_hooks
+from ..errors import SaliencyError, unknown
+from ..explain import prepare
+
+
+def check_choice(kind: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise unknown(kind, value, choices)
+    return value
+
+
+def check_metric(metric: object) -> str:
+    from ..similarity import metrics
+
+    return check_choice("similarity metric", metric, tuple(metrics()))
+
+
+def check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise SaliencyError(f"seed must be a non-negative int, got {seed!r}")
+    return seed
+
+
+def setup(model, inputs, method, layer, batch_size, options, metric, seed):
+    """Validate the arguments shared by both audits; returns what the audits need.
+
+    The CAM layer is returned as a name so that it can be found again on a copy of the model.
+    """
+    model, inputs, batch_size, spec, _, resolved = prepare(
+        model, inputs, method, layer, batch_size, options
+    )
+    metric = check_metric(metric)
+    seed = check_seed(seed)
+    layer_label = None
+    if spec.needs_layer:
+        layer_label = resolved[0] if resolved is not None else None
+    return model, inputs, batch_size, spec, metric, seed, layer_label
+
+
+def model_inputs(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    device, dtype = model_device_dtype(model, inputs)
+    return inputs.detach().to(device=device, dtype=dtype)
+
+
+def cam_layer(model: nn.Module, x: torch.Tensor, spec, layer_label: str | None) -> str | None:
+    """The CAM layer's name on ``model`` (the default one when the caller gave none)."""
+    if not spec.needs_layer:
+        return None
+    if layer_label is not None:
+        return layer_label
+    with eval_mode(model):
+        return default_layer(model, x, spec.name)[0]
+
+
+def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+    """Class scores [N, classes] from a no-grad forward in eval mode (chunked)."""
+    from ..engine.targets import check_logits
+
+    def one(chunk, _):
+        with torch.no_grad():
+            return check_logits(model(chunk), type(model).__name__, chunk.shape[0])
+
+    with eval_mode(model):
+        return chunked(one, x, None, batch_size)
+
+
+def is_constant(maps: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
+    """A bool [N]: the sample's map has one value everywhere (or is not finite).
+
+    "One value" allows float rounding: a CAM upsampled from a 1x1 layer differs from constant
+    in the last bits, and a metric would read structure into that noise.
+    """
+    flat = maps.detach().reshape(maps.shape[0], -1).double()
+    finite = torch.isfinite(flat).all(dim=1)
+    spread = flat.amax(dim=1) - flat.amin(dim=1)
+    scale = flat.abs().amax(dim=1)
+    return ~finite | (spread <= rtol * scale)
+
+
+def compare(
+    reference: torch.Tensor, compared: torch.Tensor, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarity [N] (CPU float) of the compared maps to the reference maps, and a bool [N]
+    marking the samples whose compared map was blank (constant).
+
+    A constant reference map (the explained class on the trained model) says nothing, so the
+    sample's score is NaN: the audit cannot judge it. A constant compared map next to a
+    structured reference is different: the map changed completely (typically a CAM that the
+    ReLU zeroed for another class or a randomized model), so it shares no structure and scores
+    0 instead of the metric's undefined value.
+    """
+    from ..similarity import similarity
+
+    scores = torch.as_tensor(similarity(reference, compared, metric)).detach()
+    scores = scores.to("cpu", torch.float32).reshape(-1).clone()
+    flat_ref = is_constant(reference).cpu()
+    blank = is_constant(compared).cpu() & ~flat_ref
+    scores[blank] = 0.0
+    scores[flat_ref] = math.nan
+    return scores, blank
+
+
+def to_cpu(maps: torch.Tensor) -> torch.Tensor:
+    return maps.detach().to("cpu", torch.float32)
+
+
+def layer_spatial_size(model: nn.Module, x: torch.Tensor, name: str) -> tuple[int, ...] | None:
+    """The spatial shape of module ``name``'s output for one input (a dry, no-grad forward)."""
+    module = dict(model.named_modules())[name]
+    shapes: list[tuple[int, ...]] = []
+    with eval_mode(model), removable_hooks() as handles, torch.no_grad():
+
+        def hook(mod, args, output):
+            if isinstance(output, torch.Tensor) and not shapes:
+                shapes.append(tuple(output.shape[2:]))
+
+        handles.append(module.register_forward_hook(hook))
+        model(x[:1])
+    return shapes[0] if shapes else None
+
+
+def constant_cause(model: nn.Module, x: torch.Tensor, spec, layer: str | None) -> str:
+    """The likeliest reason why some maps were constant, in words."""
+    if spec.needs_layer and layer is not None:
+        size = layer_spatial_size(model, x, layer)
+        if size is not None and math.prod(size) == 1:
+            shape = "x".join(str(s) for s in size)
+            inp = "x".join(str(s) for s in x.shape[2:])
+            return (
+                f"the CAM layer {layer!r} has a {shape} spatial output for {inp} inputs, so "
+                f"{spec.name} can only give a constant map; pick an earlier layer with more "
+                "spatial positions (layer=...) or use larger inputs"
+            )
+        return (
+            f"the {spec.name} map was zero everywhere (the ReLU over the weighted activations of "
+            f"layer {layer!r} removed every value, or its gradient was zero)"
+        )
+    return (
+        "the map had one value everywhere, usually all zero: no gradient reached the input "
+        "for that class (dead ReLUs, saturated outputs, or a constant model output)"
+    )
+
+
+def describe_constant(named_maps: dict[str, torch.Tensor], scores: torch.Tensor) -> dict:
+    """For each degenerate (NaN) sample, the names of its maps that were constant."""
+    bad = torch.isnan(scores.reshape(-1, scores.shape[-1])).any(dim=0)
+    flags = {name: is_constant(m) for name, m in named_maps.items()}
+    return {
+        int(i): [name for name, flag in flags.items() if bool(flag[i])]
+        for i in bad.nonzero().flatten()
+    }
+
+
+def describe_blank(blanks: dict[str, torch.Tensor]) -> dict[int, list[str]]:
+    """For each sample, the names of the compared maps that were blank (scored 0)."""
+    found: dict[int, list[str]] = {}
+    for name, mask in blanks.items():
+        for i in mask.nonzero().flatten():
+            found.setdefault(int(i), []).append(name)
+    return dict(sorted(found.items()))

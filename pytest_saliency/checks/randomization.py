@@ -1,0 +1,318 @@
+"""Parameter randomization: a faithful map changes when the model's weights are re-initialised."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine.state import eval_mode, removable_hooks
+from ..engine.targets import resolve_targets
+from ..errors import SaliencyError, unknown
+from ..explain import check_target, explain
+from .common import (
+    cam_layer,
+    check_choice,
+    compare,
+    constant_cause,
+    describe_blank,
+    describe_constant,
+    logits_of,
+    model_inputs,
+    setup,
+    to_cpu,
+)
+from .results import RandomizationResult
+
+MODES = ("cascading", "independent")
+ORDERS = ("top_down", "bottom_up")
+
+
+@dataclass
+class Step:
+    """One randomization step: the name reported and the modules re-initialised together."""
+
+    name: str
+    modules: list[nn.Module]
+    key: str  # the module name in ``named_modules()`` ("" for the model itself)
+
+
+def forward_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Module names in the order of their first call in a dry forward (not registration order)."""
+    seen: list[str] = []
+    with eval_mode(model), removable_hooks() as handles, torch.no_grad():
+        for name, module in model.named_modules():
+
+            def hook(mod, args, name=name):
+                if name not in seen:
+                    seen.append(name)
+
+            handles.append(module.register_forward_pre_hook(hook))
+        model(x[:1])
+    return seen
+
+
+def has_own_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def resettable(module: nn.Module) -> bool:
+    return callable(getattr(module, "reset_parameters", None))
+
+
+def _split(root_name: str, root: nn.Module, label: str) -> tuple[list[nn.Module], list[str]]:
+    """The modules under ``root`` that hold parameters: those that can reset, and the names of
+    those that cannot (skipped)."""
+    modules, skipped = [], []
+    for sub_name, sub in root.named_modules():
+        if not has_own_parameters(sub):
+            continue
+        if resettable(sub):
+            modules.append(sub)
+        else:
+            skipped.append(".".join(p for p in (root_name, sub_name) if p) or label)
+    return modules, skipped
+
+
+def plan_steps(model: nn.Module, x: torch.Tensor, layers: object) -> tuple[list[Step], list[str]]:
+    """The steps in forward order (input to logits) and the names of skipped modules."""
+    position = {name: i for i, name in enumerate(forward_order(model, x))}
+    named = dict(model.named_modules())
+    label = type(model).__name__  # how the model's own parameters are named in a report
+    if layers is None:
+        steps, skipped = _every_module(named, label)
+    else:
+        if layers == "blocks":
+            roots = [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
+            if has_own_parameters(model):
+                roots.insert(0, ("", model))  # the model's own parameters form a block too
+        elif isinstance(layers, (list, tuple)):
+            roots = _named_roots(named, layers)
+        else:
+            raise SaliencyError(
+                "layers must be None (every module with parameters), 'blocks' (the model's "
+                f"top-level children) or a list of module names, got {layers!r}"
+            )
+        steps, skipped = _block_steps(roots, label)
+    if not steps:
+        raise SaliencyError(
+            f"no module of {label} with parameters has reset_parameters(), so nothing can be "
+            f"re-initialised (skipped: {skipped}); give layers that hold nn.Conv/nn.Linear/"
+            "nn.BatchNorm-like modules"
+        )
+    # Modules never called in the dry forward go last (they cannot change the maps anyway).
+    steps.sort(key=lambda s: position.get(s.key, len(position)))
+    return steps, skipped
+
+
+def _every_module(named: dict[str, nn.Module], label: str) -> tuple[list[Step], list[str]]:
+    """One step per module with its own parameters and a reset_parameters()."""
+    steps, skipped = [], []
+    for name, module in named.items():
+        if has_own_parameters(module):
+            if resettable(module):
+                steps.append(Step(name or label, [module], name))
+            else:
+                skipped.append(name or label)
+    return steps, skipped
+
+
+def _block_steps(roots, label: str) -> tuple[list[Step], list[str]]:
+    """One step per root module, re-initialising every resettable module inside it."""
+    steps, skipped = [], []
+    for name, root in roots:
+        if name == "":
+            # Only the model's own parameters: its children are blocks of their own.
+            modules = [root] if resettable(root) else []
+            own_skip = [] if modules else [label]
+        else:
+            modules, own_skip = _split(name, root, label)
+        skipped.extend(own_skip)
+        if modules:
+            steps.append(Step(name or label, modules, name))
+    return steps, skipped
+
+
+def _named_roots(named: dict[str, nn.Module], layers) -> list[tuple[str, nn.Module]]:
+    if not layers:
+        raise SaliencyError(
+            "layers is an empty list; give module names from model.named_modules(), "
+            "'blocks', or None for every module with parameters"
+        )
+    names = [n for n in named if n]
+    roots = []
+    for name in layers:
+        if not isinstance(name, str) or name not in named or name == "":
+            raise unknown("layer", name, names)
+        if name in (n for n, _ in roots):
+            raise SaliencyError(f"layer {name!r} is listed twice in layers={list(layers)!r}")
+        if not any(True for _ in named[name].parameters()):
+            with_params = [n for n in names if any(True for _ in named[n].parameters())]
+            raise SaliencyError(
+                f"layer {name!r} ({type(named[name]).__name__}) has no parameters to randomize; "
+                f"modules with parameters: {', '.join(repr(n) for n in with_params[:40])}"
+            )
+        roots.append((name, named[name]))
+    return roots
+
+
+def _own_state(modules: list[nn.Module]) -> list[dict[str, torch.Tensor]]:
+    """A copy of each module's own parameters and buffers (what reset_parameters changes)."""
+    return [
+        {
+            n: t.detach().clone()
+            for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+        }
+        for m in modules
+    ]
+
+
+def _restore(modules: list[nn.Module], saved: list[dict[str, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for module, state in zip(modules, saved):
+            own = dict(
+                [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            )
+            for n, value in state.items():
+                own[n].copy_(value)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, model: nn.Module) -> Iterator[None]:
+    """Seed the generators ``reset_parameters`` draws from; restore every global state after.
+
+    Only the CPU generator and those of the CUDA devices the model lives on are forked and
+    seeded (``torch.manual_seed`` would also reseed every other GPU and leave it changed).
+    """
+    devices = sorted({t.get_device() for t in model.parameters() if t.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for index in devices:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def randomize(step: Step, seed: int, model: nn.Module) -> None:
+    with seeded(seed, model), torch.no_grad():
+        for module in step.modules:
+            module.reset_parameters()
+            # Running statistics are trained state too; BatchNorm resets them in
+            # reset_parameters, a custom norm layer might not.
+            if callable(getattr(module, "reset_running_stats", None)):
+                module.reset_running_stats()
+
+
+def parameter_randomization(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    method: str,
+    *,
+    mode: str = "cascading",
+    order: str = "top_down",
+    layers: str | list[str] | None = None,
+    similarity: str = "ssim",
+    seed: int = 0,
+    batch_size: int | None = None,
+    layer: str | nn.Module | None = None,
+    target: int | torch.Tensor | None = None,
+    **method_options: Any,
+) -> RandomizationResult:
+    """Compare each sample's map on the trained model with its maps on randomized copies.
+
+    Args:
+        model: a classifier returning class scores [N, classes]; it is not changed (the audit
+            works on one deep copy).
+        inputs: a float batch [N, C, H, W] (or [N, C, L], [N, D]).
+        method: a name from :func:`pytest_saliency.methods`.
+        mode: "cascading" re-initialises layers cumulatively; "independent" one at a time,
+            each on the trained weights.
+        order: "top_down" (logits to input, as Adebayo et al. 2018) or "bottom_up".
+        layers: None (every module with its own parameters and a ``reset_parameters()``),
+            "blocks" (the model's top-level children with parameters) or a list of names.
+        similarity: a metric name from :func:`pytest_saliency.metrics`.
+        seed: seeds the re-initialisation (step k uses ``seed + k``) and the bootstrap.
+        batch_size: samples per pass, to bound memory.
+        layer: the CAM layer (name or module of ``model``) for CAM methods.
+        target: the explained class (None: the trained model's prediction), kept at every step.
+        **method_options: the method's own options.
+
+    Returns:
+        A :class:`RandomizationResult`; high similarity means the map ignores the weights.
+    """
+    model, inputs, batch_size, spec, metric, seed, layer_label = setup(
+        model, inputs, method, layer, batch_size, method_options, similarity, seed
+    )
+    mode = check_choice("mode", mode, MODES)
+    order = check_choice("order", order, ORDERS)
+    target = check_target(target, inputs.shape[0])
+    layers_arg = list(layers) if isinstance(layers, tuple) else layers
+    work = copy.deepcopy(model)  # the only copy: every step re-initialises it in place
+    x = model_inputs(work, inputs)
+    steps, skipped = plan_steps(work, x, layers_arg)
+    if order == "top_down":
+        steps.reverse()
+    logits = logits_of(work, x, batch_size)
+    if torch.is_tensor(target):
+        target = target.to(logits.device)
+    targets = resolve_targets(target, logits)
+    layer_name = cam_layer(work, x, spec, layer_label)
+
+    def maps_now() -> torch.Tensor:
+        maps = explain(
+            work,
+            x,
+            spec.name,
+            target=targets,
+            layer=layer_name,
+            batch_size=batch_size,
+            **method_options,
+        )
+        return to_cpu(maps)
+
+    original = maps_now()
+    maps = {"original": original}
+    rows, blanks = [], {}
+    for k, step in enumerate(steps):
+        saved = _own_state(step.modules) if mode == "independent" else None
+        randomize(step, seed + k, work)
+        maps[step.name] = maps_now()
+        row, blanks[step.name] = compare(original, maps[step.name], metric)
+        rows.append(row)
+        if saved is not None:
+            _restore(step.modules, saved)
+    scores = torch.stack(rows)
+    constant = describe_constant(maps, scores)
+    # The layer's spatial size does not depend on the weights, so the randomized copy serves.
+    cause = constant_cause(work, x, spec, layer_name) if constant else ""
+    return RandomizationResult(
+        check="parameter_randomization",
+        method=spec.name,
+        options=dict(method_options),
+        similarity=metric,
+        scores=scores,
+        maps=maps,
+        inputs=to_cpu(inputs),
+        targets=targets.cpu(),
+        seed=seed,
+        settings={
+            "mode": mode,
+            "order": order,
+            "layers": layers_arg,
+            "layer": layer_name,
+            "batch_size": batch_size,
+            "target": target,
+        },
+        cause=cause,
+        constant=constant,
+        blank=describe_blank(blanks),
+        mode=mode,
+        order=order,
+        layers=[s.name for s in steps],
+        skipped=skipped,
+    )

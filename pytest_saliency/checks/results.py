@@ -1,0 +1,283 @@
+"""Result objects of the two audits: scores, a bootstrap interval, a verdict and a report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import SaliencyError
+
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def mean_or_nan(scores: torch.Tensor) -> float:
+    """The mean of ``scores``; NaN when any is NaN (a degenerate sample fails the whole audit)."""
+    if scores.numel() == 0 or bool(torch.isnan(scores).any()):
+        return math.nan
+    return float(scores.double().mean())
+
+
+def bootstrap_ci(scores: torch.Tensor, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``scores`` [N] (a local seeded generator)."""
+    if scores.numel() == 0 or bool(torch.isnan(scores).any()):
+        return (math.nan, math.nan)
+    values = scores.double().cpu()
+    generator = torch.Generator().manual_seed(int(seed))
+    picks = torch.randint(
+        0, values.numel(), (BOOTSTRAP_RESAMPLES, values.numel()), generator=generator
+    )
+    means = values[picks].mean(dim=1)
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
+    return (float(low), float(high))
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types: tensors become lists, NaN becomes None."""
+    if isinstance(value, torch.Tensor):
+        return jsonable(value.tolist())
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return repr(value)
+
+
+def _fmt(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.3f}"
+
+
+def _indices(indices: list[int], limit: int = 8) -> str:
+    shown = ", ".join(str(i) for i in indices[:limit])
+    return f"[{shown}{', ...' if len(indices) > limit else ''}]"
+
+
+@dataclass(repr=False)
+class AuditResult:
+    """What one audit measured. Lower similarity is better: a faithful method's maps change
+    when the explained class or the model's weights change."""
+
+    check: str
+    method: str
+    options: dict
+    similarity: str
+    scores: torch.Tensor
+    maps: dict[str, torch.Tensor]
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    seed: int
+    settings: dict
+    cause: str = ""  # why some maps were constant (empty when none were)
+    constant: dict[int, list[str]] = field(default_factory=dict)  # sample -> constant map names
+    # sample -> compared maps that were constant next to a structured reference (scored 0)
+    blank: dict[int, list[str]] = field(default_factory=dict)
+
+    @property
+    def degenerate(self) -> list[int]:
+        """Sample indices with a NaN score: one of the maps compared for them was constant."""
+        flat = torch.isnan(self.scores.reshape(-1, self.scores.shape[-1])).any(dim=0)
+        return [int(i) for i in flat.nonzero().flatten()]
+
+    @property
+    def n(self) -> int:
+        return int(self.scores.shape[-1])
+
+    def _worst(self) -> torch.Tensor:
+        """The per-sample scores that ``score`` is the mean of."""
+        return self.scores
+
+    @property
+    def score(self) -> float:
+        return mean_or_nan(self._worst())
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        return bootstrap_ci(self._worst(), self.seed)
+
+    def passed(self, max_similarity: float, *, confidence: bool = False) -> bool:
+        """True when the similarity is at most ``max_similarity``.
+
+        With ``confidence=True`` the upper end of the 95% bootstrap interval must be at most
+        ``max_similarity`` too. Degenerate (constant) maps never pass.
+        """
+        if isinstance(max_similarity, bool) or not isinstance(max_similarity, (int, float)):
+            raise SaliencyError(f"max_similarity must be a number, got {max_similarity!r}")
+        if confidence and self.n < 2:
+            raise SaliencyError(
+                "passed(confidence=True) needs at least 2 samples: a bootstrap over one sample "
+                "has no spread, so its interval says nothing; audit more inputs or use "
+                "confidence=False"
+            )
+        score = self.score
+        if math.isnan(score) or score > max_similarity:
+            return False
+        return not confidence or self.ci[1] <= max_similarity
+
+    def _degenerate_note(self) -> str:
+        if not self.degenerate:
+            return ""
+        parts = []
+        for i in self.degenerate[:8]:
+            names = self.constant.get(i)
+            parts.append(f"{i} ({', '.join(names)})" if names else str(i))
+        more = ", ..." if len(self.degenerate) > 8 else ""
+        note = f"constant maps for samples {', '.join(parts)}{more}"
+        return f"{note}: {self.cause}" if self.cause else note
+
+    def _head(self) -> str:
+        return f"method={self.method!r}, similarity={self.similarity!r}"
+
+    def __repr__(self) -> str:
+        low, high = self.ci
+        text = (
+            f"{type(self).__name__}({self._head()}, score={_fmt(self.score)}, "
+            f"ci=({_fmt(low)}, {_fmt(high)}), n={self.n}"
+        )
+        if self.degenerate:
+            text += f", degenerate={_indices(self.degenerate)}: {self._degenerate_note()}"
+        return text + ")"
+
+    def _rows(self) -> list[tuple[str, ...]]:
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        """A small text table of the scores, with the verdict inputs and any degenerate samples."""
+        rows = self._rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [f"{self.check} of {self.method!r} ({self.similarity}, n={self.n})"]
+        for k, row in enumerate(rows):
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+            if k == 0:
+                lines.append("  " + "  ".join("-" * w for w in widths))
+        low, high = self.ci
+        lines.append(f"  score {_fmt(self.score)}, 95% CI [{_fmt(low)}, {_fmt(high)}]")
+        if self.degenerate:
+            lines.append(f"  DEGENERATE: {self._degenerate_note()}")
+        if self.blank:
+            lines.append(
+                f"  note: {len(self.blank)} sample(s) {_indices(list(self.blank))} got a constant "
+                "map where the reference map was structured; scored 0 (the map changed entirely)"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """Everything but the maps and inputs, as JSON types (NaN -> None)."""
+        return jsonable(
+            {
+                "check": self.check,
+                "method": self.method,
+                "options": self.options,
+                "similarity": self.similarity,
+                "score": self.score,
+                "ci": list(self.ci),
+                "scores": self.scores,
+                "degenerate": self.degenerate,
+                "cause": self.cause,
+                "blank": {str(k): v for k, v in self.blank.items()},
+                "targets": self.targets,
+                "seed": self.seed,
+                "settings": self.settings,
+                **self._extra(),
+            }
+        )
+
+    def _extra(self) -> dict:
+        return {}
+
+
+@dataclass(repr=False)
+class SensitivityResult(AuditResult):
+    """Output sensitivity: maps for the explained class vs maps for another class, [N] scores.
+
+    ``others[i]`` is the class compared for sample ``i`` (-1 with ``against="all"``, where the
+    score is the mean over every other class and ``maps["other"]`` holds the most similar one).
+    """
+
+    against: str = "random"
+    others: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    def _head(self) -> str:
+        return f"{super()._head()}, against={self.against!r}"
+
+    def _rows(self) -> list[tuple[str, ...]]:
+        rows = [("sample", "target", "other", "similarity")]
+        for i in range(self.n):
+            other = int(self.others[i])
+            rows.append(
+                (
+                    str(i),
+                    str(int(self.targets[i])),
+                    "all" if other < 0 else str(other),
+                    _fmt(float(self.scores[i])),
+                )
+            )
+        return rows
+
+    def _extra(self) -> dict:
+        return {"against": self.against, "others": self.others}
+
+
+@dataclass(repr=False)
+class RandomizationResult(AuditResult):
+    """Parameter randomization: original maps vs maps after each randomization step, [L, N].
+
+    ``score`` is the worst (most similar) step's mean; ``ci`` is that step's bootstrap interval.
+    """
+
+    mode: str = "cascading"
+    order: str = "top_down"
+    layers: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def step_scores(self) -> list[float]:
+        return [mean_or_nan(row) for row in self.scores]
+
+    @property
+    def worst_step(self) -> int:
+        """Index of the step whose mean similarity is highest (the first NaN step if any)."""
+        steps = self.step_scores
+        for i, value in enumerate(steps):
+            if math.isnan(value):
+                return i
+        return max(range(len(steps)), key=lambda i: steps[i])
+
+    def _worst(self) -> torch.Tensor:
+        return self.scores[self.worst_step]
+
+    @property
+    def score(self) -> float:
+        steps = self.step_scores
+        return math.nan if any(math.isnan(s) for s in steps) else max(steps)
+
+    def _head(self) -> str:
+        return (
+            f"{super()._head()}, mode={self.mode!r}, order={self.order!r}, steps={len(self.layers)}"
+        )
+
+    def _rows(self) -> list[tuple[str, ...]]:
+        rows = [("step", "layer", "mean", "min", "max")]
+        worst = self.worst_step
+        for i, (name, row) in enumerate(zip(self.layers, self.scores)):
+            finite = row[~torch.isnan(row)]
+            low = _fmt(float(finite.min())) if finite.numel() else "nan"
+            high = _fmt(float(finite.max())) if finite.numel() else "nan"
+            mark = " <- worst" if i == worst else ""
+            rows.append((str(i + 1), name, _fmt(mean_or_nan(row)), low, high + mark))
+        return rows
+
+    def _extra(self) -> dict:
+        return {
+            "mode": self.mode,
+            "order": self.order,
+            "layers": self.layers,
+            "skipped": self.skipped,
+            "step_scores": self.step_scores,
+        }
