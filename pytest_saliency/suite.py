@@ -1,0 +1,743 @@
+"""YAML audit suites: ``saliency_*.yaml`` / ``*.saliency.yaml`` files collected as pytest items.
+
+Schema (keys other than these are errors)::
+
+    model: pkg.models:net          # an nn.Module, or a zero-argument callable returning one
+    inputs: pkg.data:batch         # a tensor [N, ...] (or a callable), or a .pt file (relative
+                                   # to this file, loaded with weights_only=True)
+    targets: null                  # same forms, or a list of ints; default: predicted classes
+    device: auto                   # auto|cpu|cuda|cuda:N|mps; --saliency-device wins
+    seed: 0                        # similarity, seed, max_similarity, batch_size, confidence:
+    similarity: ssim               # here for every check, or per check below; the session's
+    max_similarity: 0.5            # ini/CLI values apply where the suite says nothing
+    batch_size: null
+    confidence: false              # pass only if the CI's upper bound is <= max_similarity
+    methods:                       # a name, or {name, id, layer (CAM methods), **options}
+      - gradient
+      - {name: gradcam, layer: features.10}
+    checks:                        # default: both checks with default settings
+      output_sensitivity: {against: random}
+      parameter_randomization: {mode: cascading, order: top_down, layers: blocks}
+    expect:                        # by method id: fail (both checks) or {check: fail}
+      guided_backprop: fail        # strict: xfailed while failing, a failure once it passes
+
+One item per (method, check), ``<file>::<check>[<method id>]``; the id is the ``id`` key, else
+the name plus its non-default options (``rectgrad-positive=false``, ``gradcam-layer=features.10``).
+
+Every mistake is a collection error naming the file, the line, the key path and what was
+expected. The model, inputs and targets are imported once per file per process, at collection
+(with the rootdir and the ``pythonpath`` ini on ``sys.path``): so a bad import path, a factory
+that returns no module, inputs of the wrong type or rank, and a layer name that the model does
+not have are collection errors too; the price is that ``--co`` and deselected runs import the
+model as well.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import re
+import sys
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .errors import SaliencyError, closest
+
+CHECKS = ("output_sensitivity", "parameter_randomization")
+TOP_KEYS = (
+    "model", "inputs", "targets", "device", "seed", "similarity", "max_similarity",
+    "batch_size", "confidence", "methods", "checks", "expect",
+)  # fmt: skip
+# Settings a check may override; the suite's top-level value applies otherwise.
+SHARED_KEYS = ("similarity", "seed", "max_similarity", "batch_size", "confidence")
+CHECK_KEYS = {
+    "output_sensitivity": ("against", *SHARED_KEYS),
+    "parameter_randomization": ("mode", "order", "layers", *SHARED_KEYS),
+}
+_SUITE_NAME = re.compile(r"^(saliency_.+|.+\.saliency)\.ya?ml$")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_TENSOR_FILE = (".pt", ".pth")
+KeyPath = tuple[Any, ...]
+
+
+class SuiteError(Exception):
+    """A mistake in a suite; the message already names the file, line and key path."""
+
+
+def is_suite(path: Path) -> bool:
+    """Whether pytest should collect ``path`` as an audit suite."""
+    return bool(_SUITE_NAME.match(path.name))
+
+
+def collect_file(parent: pytest.Collector, file_path: Path) -> SuiteFile | None:
+    """``pytest_collect_file`` for suites (called by the plugin)."""
+    if is_suite(file_path):
+        return SuiteFile.from_parent(parent, path=file_path)
+    return None
+
+
+# --- YAML with line numbers -------------------------------------------------------------------
+
+
+def load_yaml(text: str, name: str) -> tuple[Any, dict[KeyPath, int]]:
+    """Safe-load ``text``; also return the 1-based line of every key path (keys and list items)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        lines: dict[KeyPath, int] = {}
+        data = None if node is None else _construct(loader, node, (), lines, name)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        raise SuiteError(f"{where}: malformed YAML: {what}") from None
+    except yaml.YAMLError as exc:
+        raise SuiteError(f"{name}: malformed YAML: {exc}") from None
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+def _construct(loader, node, path: KeyPath, lines: dict, name: str) -> Any:
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # merge keys (<<)
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise SuiteError(f"{name}:{line}: {fmt_path(path)}: keys must be plain names")
+            if key in out:
+                raise SuiteError(f"{name}:{line}: {fmt_path((*path, key))}: duplicate key")
+            lines[(*path, key)] = line
+            out[key] = _construct(loader, value_node, (*path, key), lines, name)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(loader, n, (*path, i), lines, name) for i, n in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+def fmt_path(path: KeyPath) -> str:
+    """``('methods', 1, 'layer')`` -> ``methods[1].layer``."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+# --- schema -----------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodEntry:
+    """One entry of ``methods``: a registered method, its options, layer and test id."""
+
+    name: str
+    options: dict[str, Any]
+    layer: str | None
+    id: str
+    path: KeyPath
+
+
+@dataclass
+class Suite:
+    """A validated suite (nothing imported yet)."""
+
+    file: Path
+    label: str  # how messages name the file (its node id, relative to the rootdir)
+    lines: dict[KeyPath, int]
+    model: str
+    inputs: str
+    targets: str | list[int] | None
+    top: dict[str, Any]  # device and the shared settings given at the top level
+    methods: list[MethodEntry]
+    checks: dict[str, dict[str, Any]]
+    expect: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def where(self, path: KeyPath) -> str:
+        """``file:line: key.path`` for error messages (the nearest enclosing line if needed)."""
+        probe = tuple(path)
+        while probe not in self.lines and probe:
+            probe = probe[:-1]
+        line = self.lines.get(probe)
+        loc = f"{self.label}:{line}" if line else self.label
+        return f"{loc}: {fmt_path(path)}"
+
+
+class _Problems:
+    """Collects every mistake of a suite so the user sees them all at once."""
+
+    def __init__(self, label: str, lines: dict[KeyPath, int]) -> None:
+        self.suite = Suite(Path(label), label, lines, "", "", None, {}, [], {})
+        self.messages: list[str] = []
+
+    def add(self, path: KeyPath, message: str) -> None:
+        self.messages.append(f"{self.suite.where(path)}: {message}")
+
+    def unknown(self, path: KeyPath, kind: str, name: object, choices) -> None:
+        choices = list(choices)
+        near = closest(str(name), choices)
+        hint = f"; did you mean {', '.join(repr(c) for c in near)}?" if near else "."
+        valid = ", ".join(str(c) for c in choices)
+        self.add(path, f"unknown {kind} {name!r}{hint} Valid choices: {valid}")
+
+    def raise_if_any(self) -> None:
+        if self.messages:
+            raise SuiteError("\n".join(self.messages))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_setting(p: _Problems, path: KeyPath, key: str, value: Any) -> None:
+    """Validate one shared or check-specific setting; records problems in ``p``."""
+    if key == "max_similarity":
+        if not _is_number(value) or not -1.0 <= value <= 1.0:
+            p.add(path, f"expected a number in [-1, 1] (similarity threshold), got {value!r}")
+    elif key == "seed":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            p.add(path, f"expected a non-negative integer, got {value!r}")
+    elif key == "batch_size":
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            p.add(path, f"expected a positive integer or null, got {value!r}")
+    elif key == "confidence":
+        if not isinstance(value, bool):
+            p.add(path, f"expected true or false, got {value!r}")
+    elif key == "similarity":
+        from .similarity import metrics
+
+        if value not in metrics():
+            p.unknown(path, "similarity", value, metrics())
+    elif key in ("against", "mode", "order"):
+        from .checks.randomization import MODES, ORDERS
+        from .checks.sensitivity import AGAINST
+
+        choices = {"against": AGAINST, "mode": MODES, "order": ORDERS}[key]
+        if value not in choices:
+            p.unknown(path, key, value, choices)
+    elif key == "layers":
+        names = value if isinstance(value, list) else None
+        if not (value in (None, "blocks") or (names and all(isinstance(n, str) for n in names))):
+            p.add(
+                path,
+                f"expected null (all layers), 'blocks' or a list of module names, got {value!r}",
+            )
+    elif key == "device":
+        if not isinstance(value, str) or not _DEVICE.match(value):
+            p.add(path, f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _method_entry(p: _Problems, index: int, entry: Any) -> MethodEntry | None:
+    from .methods.registry import get_method, methods
+
+    path: KeyPath = ("methods", index)
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict):
+        p.add(path, f"expected a method name or a mapping with 'name', got {entry!r}")
+        return None
+    name = entry.get("name")
+    if not isinstance(name, str):
+        p.add(path, f"a method mapping needs 'name: <method>' (one of: {', '.join(methods())})")
+        return None
+    if name not in methods():
+        p.unknown((*path, "name"), "method", name, methods())
+        return None
+    spec = get_method(name)
+    allowed = ["name", "id", *(["layer"] if spec.needs_layer else []), *spec.defaults]
+    options, ok = {}, True
+    for key, value in entry.items():
+        if key not in allowed:
+            ok = False
+            p.unknown((*path, key), f"option of method {name!r}", key, allowed)
+        elif key not in ("name", "id", "layer"):
+            options[key] = value
+    layer, given_id = entry.get("layer"), entry.get("id")
+    if layer is not None and not isinstance(layer, str):
+        ok = False
+        p.add((*path, "layer"), f"expected a module name (str), got {layer!r}")
+    if given_id is not None and (not isinstance(given_id, str) or not given_id.strip()):
+        ok = False
+        p.add((*path, "id"), f"expected a non-empty string, got {given_id!r}")
+    if not ok:
+        return None
+    try:
+        spec.bind(options)
+    except SaliencyError as exc:
+        p.add(path, str(exc))
+        return None
+    extras = [f"{k}={_fmt_value(v)}" for k, v in options.items() if v != spec.defaults[k]]
+    if layer is not None:
+        extras.append(f"layer={layer}")
+    method_id = given_id or "-".join([name, *extras])
+    return MethodEntry(name, options, layer, method_id, path)
+
+
+def _checks(p: _Problems, raw: Any) -> dict[str, dict[str, Any]]:
+    if raw is None:
+        return {name: {} for name in CHECKS}
+    if not isinstance(raw, dict) or not raw:
+        p.add(("checks",), f"expected a mapping with one or more of: {', '.join(CHECKS)}")
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, settings in raw.items():
+        if name not in CHECKS:
+            p.unknown(("checks", name), "check", name, CHECKS)
+            continue
+        settings = {} if settings is None else settings
+        if not isinstance(settings, dict):
+            p.add(
+                ("checks", name), f"expected a mapping of settings ({', '.join(CHECK_KEYS[name])})"
+            )
+            continue
+        for key, value in settings.items():
+            if key not in CHECK_KEYS[name]:
+                p.unknown(("checks", name, key), f"setting of {name}", key, CHECK_KEYS[name])
+            else:
+                _check_setting(p, ("checks", name, key), key, value)
+        out[name] = dict(settings)
+    return out
+
+
+def _expect(p: _Problems, raw: Any, ids: list[str], checks: list[str]) -> dict:
+    out: dict[tuple[str, str], str] = {}
+    if raw is None:
+        return out
+    if not isinstance(raw, dict):
+        p.add(("expect",), "expected a mapping: method id -> fail, or -> {check: fail}")
+        return out
+    outcomes = ("fail", "pass")
+    for method_id, value in raw.items():
+        if method_id not in ids:
+            p.unknown(("expect", method_id), "method id", method_id, ids)
+            continue
+        per_check = value if isinstance(value, dict) else dict.fromkeys(checks, value)
+        for check, outcome in per_check.items():
+            path = ("expect", method_id) + ((check,) if isinstance(value, dict) else ())
+            if check not in checks:
+                p.unknown(path, "check", check, checks)
+            elif outcome not in outcomes:
+                p.add(path, f"expected 'fail' or 'pass', got {outcome!r}")
+            else:
+                out[(method_id, check)] = outcome
+    return out
+
+
+def _source(p: _Problems, key: str, value: Any, *, allow_list: bool = False) -> None:
+    if isinstance(value, str) and value.lower().endswith(_TENSOR_FILE) and key != "model":
+        return
+    if isinstance(value, str) and _IMPORT_PATH.match(value):
+        return
+    if allow_list and isinstance(value, list) and value and all(type(v) is int for v in value):
+        return
+    forms = "'package.module:attribute'"
+    if key != "model":
+        forms += " or a path to a .pt file (relative to the suite file)"
+    if allow_list:
+        forms += ", or a list of class indices"
+    p.add((key,), f"expected {forms}, got {value!r}")
+
+
+def parse_suite(data: Any, lines: dict[KeyPath, int], file: Path, label: str) -> Suite:
+    """Validate a loaded suite; raise :class:`SuiteError` listing every mistake."""
+    p = _Problems(label, lines)
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        p.add((), f"a suite is a mapping with keys {', '.join(TOP_KEYS)}; got {got}")
+        p.raise_if_any()
+    for key in data:
+        if key not in TOP_KEYS:
+            p.unknown((key,), "key", key, TOP_KEYS)
+    for key in ("model", "inputs", "methods"):
+        if data.get(key) is None:
+            p.add((), f"missing required key {key!r}")
+    if data.get("model") is not None:
+        _source(p, "model", data["model"])
+    if data.get("inputs") is not None:
+        _source(p, "inputs", data["inputs"])
+    if data.get("targets") is not None:
+        _source(p, "targets", data["targets"], allow_list=True)
+    top = {k: data[k] for k in (*SHARED_KEYS, "device") if data.get(k) is not None}
+    for key, value in top.items():
+        _check_setting(p, (key,), key, value)
+    entries: list[MethodEntry] = []
+    raw_methods = data.get("methods")
+    if raw_methods is not None and (not isinstance(raw_methods, list) or not raw_methods):
+        p.add(("methods",), "expected a non-empty list of methods (names or mappings)")
+    elif raw_methods:
+        for i, raw in enumerate(raw_methods):
+            entry = _method_entry(p, i, raw)
+            if entry is None:
+                continue
+            twin = next((e for e in entries if e.id == entry.id), None)
+            if twin is not None:
+                p.add(
+                    entry.path,
+                    f"duplicate method id {entry.id!r} (also {fmt_path(twin.path)}, "
+                    f"line {lines.get(twin.path)}); give one of them an 'id:'",
+                )
+            else:
+                entries.append(entry)
+    checks = _checks(p, data.get("checks"))
+    expect = _expect(p, data.get("expect"), [e.id for e in entries], list(checks))
+    p.raise_if_any()
+    targets = data.get("targets")
+    return Suite(
+        file, label, lines, data["model"], data["inputs"], targets, top, entries, checks, expect
+    )
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def _user_error(exc: BaseException) -> str:
+    """``TypeName: message (at file:line)``: the user's exception, no traceback."""
+    # The innermost frame outside the import machinery is where the user's code raised.
+    machinery = (str(Path(importlib.__file__).parent), __file__)
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(("<", *machinery))
+    ]
+    at = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{at}"
+
+
+def _import_object(spec: str, search: list[str]) -> Any:
+    module_name, _, attr = spec.partition(":")
+    added = [p for p in search if p not in sys.path]
+    sys.path[:0] = added
+    try:
+        obj = importlib.import_module(module_name)
+    except BaseException as exc:
+        raise SaliencyError(f"could not import {module_name!r}: {_user_error(exc)}") from None
+    finally:
+        for entry in added:
+            sys.path.remove(entry)
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            near = closest(part, [n for n in dir(obj) if not n.startswith("_")])
+            hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+            raise SaliencyError(
+                f"{getattr(obj, '__name__', obj)!r} has no attribute {part!r}{hint}"
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+def _call_factory(spec: str, obj: Any) -> Any:
+    try:
+        return obj()
+    except BaseException as exc:
+        raise SaliencyError(f"calling {spec}() raised {_user_error(exc)}") from None
+
+
+@dataclass
+class Loaded:
+    """What a suite's import paths gave, on the CPU / device the user's code chose."""
+
+    model: Any
+    inputs: Any
+    targets: Any
+
+
+def load_objects(suite: Suite, search: list[str]) -> Loaded:
+    """Import the model, inputs and targets of ``suite``; errors name the key and line."""
+    import torch
+    from torch import nn
+
+    from .explain import check_inputs
+
+    def fail(key: str, message: str) -> SuiteError:
+        return SuiteError(f"{suite.where((key,))}: {message}")
+
+    def tensor_from(key: str, value: str) -> Any:
+        if value.lower().endswith(_TENSOR_FILE):
+            file = (suite.file.parent / value).resolve()
+            if not file.is_file():
+                raise fail(
+                    key, f"file {str(file)!r} does not exist (paths are relative to the suite file)"
+                )
+            try:
+                return torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise fail(key, f"could not load {str(file)!r}: {_user_error(exc)}") from None
+        obj = _import_object(value, search)
+        return (
+            _call_factory(value, obj)
+            if callable(obj) and not isinstance(obj, torch.Tensor)
+            else obj
+        )
+
+    try:
+        obj = _import_object(suite.model, search)
+        if not isinstance(obj, nn.Module):
+            if not callable(obj):
+                raise SaliencyError(
+                    f"{suite.model} is a {type(obj).__name__}, not a torch.nn.Module or a "
+                    "zero-argument callable returning one"
+                )
+            obj = _call_factory(suite.model, obj)
+            if not isinstance(obj, nn.Module):
+                raise SaliencyError(
+                    f"{suite.model}() returned a {type(obj).__name__}; expected a torch.nn.Module"
+                )
+        model = obj
+    except SaliencyError as exc:
+        raise fail("model", str(exc)) from None
+    try:
+        inputs = tensor_from("inputs", suite.inputs)
+        check_inputs(inputs)
+    except SaliencyError as exc:
+        raise fail("inputs", f"{suite.inputs}: {exc}") from None
+    targets = suite.targets
+    if targets is not None:
+        try:
+            raw = targets if isinstance(targets, list) else tensor_from("targets", targets)
+            targets = _as_targets(raw, len(inputs))
+        except SaliencyError as exc:
+            raise fail("targets", str(exc)) from None
+    return Loaded(model, inputs, targets)
+
+
+def _as_targets(raw: Any, n: int) -> Any:
+    import torch
+
+    if not isinstance(raw, (torch.Tensor, list, tuple)):
+        raise SaliencyError(f"expected a LongTensor [N] of class indices, got {type(raw).__name__}")
+    t = torch.as_tensor(raw)
+    if t.is_floating_point() or t.dtype == torch.bool or t.dim() != 1 or t.shape[0] != n:
+        raise SaliencyError(
+            f"expected integer class indices of shape [{n}] (one per input), got dtype {t.dtype} "
+            f"shape {list(t.shape)}"
+        )
+    return t.long()
+
+
+def check_layers(suite: Suite, model: Any) -> None:
+    """Every layer a suite names must be a module of the model (collection error otherwise)."""
+    from .engine.layers import resolve_layer
+
+    p = _Problems(suite.label, suite.lines)
+    for entry in suite.methods:
+        if entry.layer is not None:
+            try:
+                resolve_layer(model, entry.layer)
+            except SaliencyError as exc:
+                p.add((*entry.path, "layer"), str(exc))
+    for check, settings in suite.checks.items():
+        layers = settings.get("layers")
+        for i, name in enumerate(layers if isinstance(layers, list) else []):
+            try:
+                resolve_layer(model, name)
+            except SaliencyError as exc:
+                p.add(("checks", check, "layers", i), str(exc))
+    p.raise_if_any()
+
+
+def resolve_device(name: str) -> Any:
+    """``auto`` -> cuda if available else cpu; cuda without CUDA is a clear error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SaliencyError(f"device {name!r} was asked for, but CUDA is not available here")
+    return device
+
+
+# --- pytest nodes -----------------------------------------------------------------------------
+
+
+class SuiteFile(pytest.File):
+    """A suite file: validates, imports once, yields one item per (method, check)."""
+
+    suite: Suite
+    loaded: Loaded
+
+    def collect(self) -> Iterator[SuiteItem]:
+        label = self.nodeid or self.path.name
+        data, lines = load_yaml(self.path.read_text(encoding="utf-8"), label)
+        self.suite = parse_suite(data, lines, self.path, label)
+        search = [str(self.config.rootpath)] + [str(p) for p in self.config.getini("pythonpath")]
+        self.loaded = load_objects(self.suite, search)
+        check_layers(self.suite, self.loaded.model)
+        self._placed: dict[str, tuple] = {}
+        for entry in self.suite.methods:
+            for check in self.suite.checks:
+                name = f"{check}[{entry.id}]"
+                # A string node id is parsed into name + params (pytest >= 9.1), so that it
+                # equals the ids --lf reads back from the cache; a child id would not.
+                yield SuiteItem.from_parent(
+                    self,
+                    name=name,
+                    nodeid=f"{self.nodeid}::{name}",
+                    entry=entry,
+                    check=check,
+                    expected=self.suite.expect.get((entry.id, check), "pass"),
+                )
+
+    def placed(self, device: Any) -> tuple[Any, Any, Any]:
+        """Model, inputs and targets on ``device`` (moved once; the user's model is not moved)."""
+        key = str(device)
+        if key not in self._placed:
+            model = self.loaded.model
+            if any(p.device != device for p in model.parameters()):
+                model = copy.deepcopy(model).to(device)
+            targets = self.loaded.targets
+            self._placed[key] = (
+                model,
+                self.loaded.inputs.to(device),
+                None if targets is None else targets.to(device),
+            )
+        return self._placed[key]
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, SuiteError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+
+class AuditFailed(Exception):
+    """An audit that did not meet its threshold (or a strict expected failure that passed)."""
+
+
+class SuiteItem(pytest.Item):
+    """One audit: a method under one check, with the suite's settings."""
+
+    def __init__(self, *, entry: MethodEntry, check: str, expected: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.entry = entry
+        self.check = check
+        self.expected = expected
+
+    def settings(self, defaults: Any) -> dict[str, Any]:
+        """Check keys > suite top-level keys > session defaults (ini / CLI)."""
+        suite: Suite = self.parent.suite
+        base = {
+            "similarity": defaults.similarity,
+            "seed": defaults.seed,
+            "max_similarity": defaults.max_similarity,
+            "batch_size": None,
+            "confidence": False,
+        }
+        return {
+            **base,
+            **{k: v for k, v in suite.top.items() if k != "device"},
+            **suite.checks[self.check],
+        }
+
+    def device(self, defaults: Any) -> Any:
+        """``--saliency-device`` wins; then the suite's ``device``; then ini / default."""
+        wanted = self.parent.suite.top.get("device")
+        if getattr(defaults, "device_from_cli", False) or wanted is None:
+            return defaults.torch_device()
+        return resolve_device(wanted)
+
+    def runtest(self) -> None:
+        from . import checks
+        from .plugin import get_session
+
+        session = get_session(self.config)
+        settings = self.settings(session.settings)
+        threshold = float(settings.pop("max_similarity"))
+        confidence = bool(settings.pop("confidence"))
+        try:
+            device = self.device(session.settings)
+        except SaliencyError as exc:
+            where = self.parent.suite.where(("device",))
+            raise SuiteError(f"{where}: {exc}; or run with --saliency-device cpu") from None
+        try:
+            model, inputs, targets = self.parent.placed(device)
+            audit = getattr(checks, self.check)
+            result = audit(
+                model,
+                inputs,
+                self.entry.name,
+                target=targets,
+                layer=self.entry.layer,
+                **settings,
+                **self.entry.options,
+            )
+            record = session.record(
+                self.nodeid,
+                result,
+                threshold=threshold,
+                confidence=confidence,
+                expected=self.expected,
+                method_id=self.entry.id,
+                source="suite",
+                device=str(device),
+            )
+        except SaliencyError as exc:  # e.g. confidence: true with one sample
+            raise SuiteError(f"{self.location_text()}: {exc}") from None
+        self.user_properties.append(("saliency_score", record.get("score")))
+        self.user_properties.append(("saliency_threshold", threshold))
+        self.user_properties.append(("saliency_verdict", record["verdict"]))
+        verdict = record["verdict"]
+        if verdict == "xfail":
+            pytest.xfail(f"expected failure: {self.check} of {self.entry.id} is not sensitive")
+        if verdict in ("fail", "xpass"):
+            raise AuditFailed(
+                failure_text(self.location_text(), result, record, threshold, confidence)
+            )
+
+    def location_text(self) -> str:
+        return self.parent.suite.where(self.entry.path)
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, (AuditFailed, SuiteError)):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self):
+        line = self.parent.suite.lines.get(self.entry.path, 1)
+        return self.path, line - 1, f"{self.check}[{self.entry.id}]"
+
+
+def failure_text(where: str, result: Any, record: dict, threshold: float, confidence: bool) -> str:
+    """Why the item failed, the result's summary table and its most similar samples."""
+    import torch
+
+    score, high = result.score, result.ci[1]
+    measured = f"score {score:.3f}" + (f", CI upper bound {high:.3f}" if confidence else "")
+    if record["verdict"] == "xpass":
+        head = (
+            f"expected to fail (expect: fail), but the audit passed ({measured} <= max_similarity "
+            f"{threshold:g}); the method is sensitive now: remove its 'expect' entry"
+        )
+    elif math.isnan(score):
+        head = f"{result.method}: some maps were constant, so {result.check} has no valid score"
+    else:
+        limit = high if confidence and score <= threshold else score
+        head = (
+            f"{result.method} is not sensitive enough under {result.check}: "
+            f"{limit:.3f} > max_similarity {threshold:g} ({measured})"
+        )
+    lines = [f"{where}: {head}", "", result.summary()]
+    row = result.scores if result.scores.dim() == 1 else result.scores[result.worst_step]
+    order = torch.argsort(row.nan_to_num(-2.0), descending=True).tolist()
+    finite = [i for i in order if not math.isnan(float(row[i]))]
+    if finite:
+        shown = ", ".join(f"#{i} ({float(row[i]):.3f})" for i in finite[:3])
+        lines += ["", f"most similar samples: {shown}"]
+    return "\n".join(lines)
