@@ -1,0 +1,57 @@
+"""Smoke tests: the cached example models load and classify the held-out digits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from digits import model as digits_model
+from digits.training import checkpoint_path, load_or_train
+from resnet import model as resnet_model
+from torch import nn
+
+CASES = [
+    pytest.param(digits_model, 0.95, (1, 32, 32), id="digitsnet"),
+    pytest.param(resnet_model, 0.90, (3, 32, 32), id="resnet18"),
+]
+
+
+@pytest.mark.parametrize(("module", "threshold", "shape"), CASES)
+def test_held_out_accuracy(module, threshold: float, shape: tuple[int, ...]) -> None:
+    model = module.trained_model()
+    assert not model.training
+    assert module.held_out_accuracy(model) >= threshold
+
+
+@pytest.mark.parametrize(("module", "threshold", "shape"), CASES)
+def test_audit_batch_is_balanced_and_deterministic(module, threshold, shape) -> None:
+    x, y = module.audit_batch(20), module.audit_labels(20)
+    assert x.shape == (20, *shape)
+    assert torch.equal(torch.bincount(y, minlength=10), torch.full((10,), 2))
+    assert torch.equal(x, module.audit_batch(20))
+
+
+def test_training_is_seeded_and_leaves_global_rng_alone() -> None:
+    state = torch.random.get_rng_state()
+    first = digits_model.train(epochs=1).state_dict()
+    second = digits_model.train(epochs=1).state_dict()
+    assert torch.equal(state, torch.random.get_rng_state())
+    for key, value in first.items():
+        assert torch.equal(value, second[key]), key
+
+
+def test_checkpoint_cache_trains_once_and_round_trips(tmp_path) -> None:
+    calls = []
+
+    def train() -> nn.Module:
+        calls.append(1)
+        return nn.Linear(3, 2).eval()
+
+    config = {"arch": "tiny", "seed": 0}
+    trained = load_or_train("tiny", config, lambda: nn.Linear(3, 2), train, tmp_path)
+    loaded = load_or_train("tiny", config, lambda: nn.Linear(3, 2), train, tmp_path)
+    assert len(calls) == 1
+    assert torch.equal(trained.weight, loaded.weight)
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint_path("tiny", config, tmp_path).name]
+    # A different configuration must not reuse the old weights.
+    load_or_train("tiny", {**config, "seed": 1}, lambda: nn.Linear(3, 2), train, tmp_path)
+    assert len(calls) == 2
