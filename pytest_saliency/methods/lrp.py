@@ -1,1 +1,447 @@
-"""Layer-wise relevance propagation: epsilon, z+, alpha-beta (to be written)."""
+"""Layer-wise relevance propagation (Bach et al. 2015): epsilon, z+ and alpha-beta rules.
+
+Relevance starts as the one-hot vector of the target class (the engine's backward of the
+selected logit) and is carried back by autograd with every op's backward replaced by its LRP
+rule. All of it happens in the engine's torch-function mode; the model is never edited:
+
+- ``F.linear`` / ``F.conv1d|2d|3d`` calls on a tensor that carries relevance get the method's
+  rule (epsilon, z+ or alpha-beta), the input layer and the output layer included;
+- a BatchNorm with eval statistics whose input is, unchanged, such a layer's output is folded
+  into that layer (see :mod:`pytest_saliency.engine.canonize`); any other BatchNorm passes
+  relevance through unchanged (zennit's ``Pass``);
+- ReLUs pass relevance unchanged (``Pass``); other activations raise
+  :class:`~pytest_saliency.errors.UnsupportedActivationError`;
+- a sum of two activations (``a + b``, ``a += b``, ``a.add_(b)``, ``torch.add``) splits
+  relevance in proportion to the operands (zennit's ``Norm``). An operand pair counts as two
+  activations when both are tensors that require grad, neither is an ``nn.Parameter``, and they
+  have the same shape and dtype (so bias or broadcast additions keep their gradient);
+- average pooling (``avg_pool*``, ``adaptive_avg_pool*`` and ``mean`` over spatial axes only)
+  splits relevance in proportion to its inputs (``Norm``);
+- max-pooling, reshapes and eval-mode dropout keep their gradient: max-pooling routes
+  relevance to the winning input.
+
+Normalisation layers that are not folded (LayerNorm, GroupNorm, InstanceNorm) and transposed
+convolutions have no faithful rule here and raise instead of silently falling back to gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine.canonize import Producers, fold_batch_norm
+from ..engine.rules import ActivationRule, RuleSet
+from ..errors import SaliencyError, UnsupportedActivationError
+from .registry import Method, input_map, register
+
+NORM_STABILIZER = 1e-6  # zennit's default for Norm, ZPlus and AlphaBeta
+
+
+def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``z + epsilon * sign(z)`` with ``sign(0) = +1`` (zennit's stabilizer)."""
+    return torch.where(z >= 0, z + epsilon, z - epsilon)
+
+
+_CONV_INPUT_GRAD = {
+    F.conv1d: torch.nn.grad.conv1d_input,
+    F.conv2d: torch.nn.grad.conv2d_input,
+    F.conv3d: torch.nn.grad.conv3d_input,
+}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_LINEAR_ARGS = ("input", "weight", "bias")
+_BATCH_NORM_ARGS = (
+    "input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps",
+)  # fmt: skip
+
+
+def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+@dataclass(frozen=True)
+class Affine:
+    """One call of a linear or convolutional layer: its function, weights and conv settings."""
+
+    func: Callable
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    params: dict = field(default_factory=dict)
+
+    def __call__(self, x, weight, bias):
+        return self.func(x, weight, bias, **self.params)
+
+    def transpose(self, s: torch.Tensor, weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The vector-Jacobian product of ``x -> layer(x, weight, no bias)`` at ``s``."""
+        if self.func is F.linear:
+            return s @ weight
+        if not isinstance(self.params.get("padding", 0), str):
+            return _CONV_INPUT_GRAD[self.func](list(shape), weight, s, **self.params)
+        # padding="same"/"valid": let autograd find the transposed convolution.
+        with torch.enable_grad():
+            probe = torch.zeros(shape, dtype=s.dtype, device=s.device, requires_grad=True)
+            (grad,) = torch.autograd.grad(self(probe, weight, None), probe, s)
+        return grad
+
+
+class EpsilonRule:
+    """R_in = x * W^T (R / stabilize(z, epsilon)), z = Wx + b (zennit's ``Epsilon``)."""
+
+    def __init__(self, epsilon: float):
+        self.epsilon = epsilon
+
+    def prepare(self, x, layer: Affine, z):
+        return (stabilize(z, self.epsilon),)
+
+    def relevance(self, x, layer: Affine, r, prepared):
+        (denominator,) = prepared
+        return x * layer.transpose(r / denominator, layer.weight, x.shape)
+
+
+class AlphaBetaRule:
+    """zennit's ``AlphaBeta``; ``alpha=1, beta=0`` is its ``ZPlus``.
+
+    Inputs and weights are split by sign. The positive part z+ = W+ x+ + W- x- + b+ and the
+    negative part z- = W- x+ + W+ x- + b- are normalised separately:
+    R_in = alpha (x+ W+^T s+ + x- W-^T s+) - beta (x+ W-^T s- + x- W+^T s-),
+    s+ = R / stabilize(z+), s- = R / stabilize(z-).
+    """
+
+    def __init__(self, alpha: float, beta: float, stabilizer: float = NORM_STABILIZER):
+        self.alpha = alpha
+        self.beta = beta
+        self.stabilizer = stabilizer
+
+    def prepare(self, x, layer: Affine, z):
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        wp, wn = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
+        b = layer.bias
+        positive = layer(xp, wp, None if b is None else b.clamp(min=0)) + layer(xn, wn, None)
+        if not self.beta:
+            return stabilize(positive, self.stabilizer), None
+        negative = layer(xp, wn, None if b is None else b.clamp(max=0)) + layer(xn, wp, None)
+        return stabilize(positive, self.stabilizer), stabilize(negative, self.stabilizer)
+
+    def relevance(self, x, layer: Affine, r, prepared):
+        # The clamped weights are made again here rather than kept from the forward pass:
+        # keeping them would hold two extra copies of every layer's weights for the whole pass.
+        positive, negative = prepared
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        wp, wn = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
+        s = r / positive
+        out = xp * layer.transpose(s, wp, x.shape) + xn * layer.transpose(s, wn, x.shape)
+        if self.alpha != 1:
+            out = self.alpha * out
+        if negative is not None:
+            s = r / negative
+            out = out - self.beta * (
+                xp * layer.transpose(s, wn, x.shape) + xn * layer.transpose(s, wp, x.shape)
+            )
+        return out
+
+
+class _RuleLayer(torch.autograd.Function):
+    """Forward: the layer's own output (``compute()``); backward: the LRP rule from ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, rule, layer, compute):
+        out = compute()
+        ctx.rule, ctx.layer = rule, layer
+        ctx.prepared = rule.prepare(x, layer, out)
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, r):
+        (x,) = ctx.saved_tensors
+        return ctx.rule.relevance(x, ctx.layer, r, ctx.prepared), None, None, None
+
+
+class _PassThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, compute):
+        return compute()
+
+    @staticmethod
+    def backward(ctx, r):
+        return r, None
+
+
+class _Proportional(torch.autograd.Function):
+    """zennit's ``Norm`` for a linear map f without parameters: R_in = x * f^T(R / stab(f(x)))."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        y = fn(x)
+        ctx.fn = fn
+        ctx.denominator = stabilize(y, NORM_STABILIZER)
+        ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, r):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            probe = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(ctx.fn(probe), probe, r / ctx.denominator)
+        return x * grad, None
+
+
+class _SplitSum(torch.autograd.Function):
+    """a + b (in place into ``a`` if asked); backward: R_a = R a / stab(a+b), R_b likewise."""
+
+    @staticmethod
+    def forward(ctx, a, b, inplace):
+        total = a + b
+        denominator = stabilize(total, NORM_STABILIZER)
+        ctx.shares = (a / denominator, b / denominator)
+        if inplace:
+            a.add_(b)
+            ctx.mark_dirty(a)
+            return a
+        return total
+
+    @staticmethod
+    def backward(ctx, r):
+        share_a, share_b = ctx.shares
+        return r * share_a, r * share_b, None
+
+
+class PassReLU(ActivationRule):
+    """ReLUs pass relevance through unchanged (zennit's ``Pass``)."""
+
+    name = "pass"
+
+    def backward(self, grad_out, out):
+        return grad_out
+
+
+def _carries(x: object) -> bool:
+    return isinstance(x, torch.Tensor) and x.requires_grad
+
+
+def _activation_pair(a: object, b: object) -> bool:
+    """Both operands are activations: tensors requiring grad, no parameter, same shape/dtype."""
+    return (
+        _carries(a)
+        and _carries(b)
+        and not isinstance(a, nn.Parameter)
+        and not isinstance(b, nn.Parameter)
+        and a.shape == b.shape
+        and a.dtype == b.dtype
+        and a.is_floating_point()
+    )
+
+
+class _Propagation:
+    """The handlers of one LRP rule set, and the per-pass table used to fold BatchNorms."""
+
+    def __init__(self, method: str, rule):
+        self.method = method
+        self.rule = rule
+        self.producers = Producers()
+
+    def install(self, model: nn.Module, handles: list) -> None:
+        self.producers.remove()
+        handles.append(self.producers)  # emptied when the pass ends
+
+    def functions(self) -> dict:
+        table: dict = {func: self.affine for func in (F.linear, *_CONV_INPUT_GRAD)}
+        table[F.batch_norm] = self.batch_norm
+        for func in (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__):
+            table[func] = self.add
+        for func in (torch.Tensor.add_, torch.Tensor.__iadd__):
+            table[func] = self.add_inplace
+        for func in (
+            F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+            F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+        ):  # fmt: skip
+            table[func] = self.proportional
+        table[torch.mean] = table[torch.Tensor.mean] = self.mean
+        for func, label in (
+            (F.layer_norm, "F.layer_norm (LayerNorm)"),
+            (F.group_norm, "F.group_norm (GroupNorm)"),
+            (F.instance_norm, "F.instance_norm (InstanceNorm)"),
+            (F.local_response_norm, "F.local_response_norm"),
+            (F.conv_transpose1d, "F.conv_transpose1d"),
+            (F.conv_transpose2d, "F.conv_transpose2d"),
+            (F.conv_transpose3d, "F.conv_transpose3d"),
+        ):
+            table[func] = self._unsupported(label)
+        return table
+
+    def affine(self, func, args, kwargs):
+        bound = _bind(_LINEAR_ARGS if func is F.linear else _CONV_ARGS, args, kwargs)
+        x = bound["input"]
+        if not _carries(x):
+            return func(*args, **kwargs)
+        bias = bound.get("bias")
+        params = {k: bound[k] for k in _CONV_ARGS[3:] if k in bound}
+        layer = Affine(
+            func, bound["weight"].detach(), None if bias is None else bias.detach(), params
+        )
+        out = _RuleLayer.apply(x, self.rule, layer, lambda: func(*args, **kwargs))
+        self.producers.add(out, x, layer)
+        return out
+
+    def batch_norm(self, func, args, kwargs):
+        bound = _bind(_BATCH_NORM_ARGS, args, kwargs)
+        x = bound["input"]
+        compute = lambda: func(*args, **kwargs)  # noqa: E731
+        if not _carries(x):
+            return compute()
+        source = self.producers.source(x)
+        mean, var = bound.get("running_mean"), bound.get("running_var")
+        if source is None or bound.get("training", False) or mean is None or var is None:
+            return _PassThrough.apply(x, compute)
+        gamma, beta = bound.get("weight"), bound.get("bias")
+        weight, bias = fold_batch_norm(
+            source.op.weight,
+            source.op.bias,
+            mean.detach(),
+            var.detach(),
+            None if gamma is None else gamma.detach(),
+            None if beta is None else beta.detach(),
+            bound.get("eps", 1e-5),
+        )
+        folded = replace(source.op, weight=weight, bias=bias)
+        return _RuleLayer.apply(source.input, self.rule, folded, compute)
+
+    def _sum(self, func, args, kwargs, inplace):
+        a = args[0] if args else kwargs.get("input")
+        b = args[1] if len(args) > 1 else kwargs.get("other")
+        plain = len(args) > 2 or set(kwargs) - {"input", "other", "alpha"}
+        if plain or kwargs.get("alpha", 1) != 1 or not _activation_pair(a, b):
+            return func(*args, **kwargs)
+        return _SplitSum.apply(a, b, inplace)
+
+    def add(self, func, args, kwargs):
+        return self._sum(func, args, kwargs, inplace=False)
+
+    def add_inplace(self, func, args, kwargs):
+        return self._sum(func, args, kwargs, inplace=True)
+
+    def proportional(self, func, args, kwargs):
+        if args:
+            x, rest = args[0], args[1:]
+            fn = lambda t: func(t, *rest, **kwargs)  # noqa: E731
+        else:
+            x, others = kwargs.get("input"), {k: v for k, v in kwargs.items() if k != "input"}
+            fn = lambda t: func(input=t, **others)  # noqa: E731
+        if not _carries(x):
+            return func(*args, **kwargs)
+        return _Proportional.apply(x, fn)
+
+    def mean(self, func, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if _carries(x) and x.dim() >= 3 and _spatial_only(dim, x.dim()):
+            return self.proportional(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    def _unsupported(self, label: str):
+        def handler(func, args, kwargs):
+            x = args[0] if args else kwargs.get("input")
+            if not _carries(x):
+                return func(*args, **kwargs)
+            raise UnsupportedActivationError(
+                f"method {self.method!r} has no LRP rule for {label}, which the model calls on "
+                "the relevance path; LRP here covers Conv/Linear layers (with BatchNorm folded "
+                "in), ReLU, sums of activations, average and max pooling. Use a plain-gradient "
+                "method (gradient, input_x_gradient, integrated_gradients, smoothgrad) instead"
+            )
+
+        return handler
+
+
+def _spatial_only(dim: object, ndim: int) -> bool:
+    """``dim`` names only axes after the channel axis (a global/spatial average pool)."""
+    if isinstance(dim, int) and not isinstance(dim, bool):
+        dim = (dim,)
+    if not isinstance(dim, (tuple, list)) or not dim:
+        return False
+    return all(isinstance(d, int) and d % ndim >= 2 for d in dim)
+
+
+def lrp_rules(method: str, rule) -> RuleSet:
+    """The rule set of one LRP call: ``rule`` on every layer, pass/norm rules elsewhere."""
+    propagation = _Propagation(method, rule)
+    return RuleSet(
+        f"{method}:{vars(rule)}",
+        activation=PassReLU(),
+        functions=propagation.functions(),
+        install=propagation.install,
+    )
+
+
+def _real(opts: dict, key: str) -> float:
+    value = opts[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SaliencyError(f"option {key!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _validate_epsilon(opts: dict) -> None:
+    if _real(opts, "epsilon") <= 0:
+        raise SaliencyError(
+            f"option 'epsilon' must be > 0, got {opts['epsilon']!r} (it stabilises z + eps*sign(z)"
+            "; for LRP-0 use a tiny value such as 1e-9)"
+        )
+
+
+def _validate_alpha_beta(opts: dict) -> None:
+    alpha, beta = _real(opts, "alpha"), _real(opts, "beta")
+    if alpha < 0 or beta < 0:
+        raise SaliencyError(
+            f"options 'alpha' and 'beta' must be >= 0, got alpha={alpha}, beta={beta}"
+        )
+    if abs(alpha - beta - 1) > 1e-9:
+        raise SaliencyError(
+            f"options 'alpha' and 'beta' must satisfy alpha - beta = 1 (relevance is conserved), "
+            f"got alpha={alpha}, beta={beta}; e.g. alpha=2, beta=1 or alpha=1, beta=0"
+        )
+
+
+def _readout(record, ctx, opts):
+    return input_map(record.input_grad)
+
+
+register(Method(
+    name="lrp_epsilon",
+    family="lrp",
+    positive=False,
+    defaults={"epsilon": 1e-6},
+    reference="Bach et al. 2015",
+    rules=lambda opts: lrp_rules("lrp_epsilon", EpsilonRule(float(opts["epsilon"]))),
+    readout=_readout,
+    validate=_validate_epsilon,
+))  # fmt: skip
+
+register(Method(
+    name="lrp_zplus",
+    family="lrp",
+    positive=True,
+    defaults={},
+    reference="Montavon et al. 2017",
+    rules=lambda opts: lrp_rules("lrp_zplus", AlphaBetaRule(1.0, 0.0)),
+    readout=_readout,
+))  # fmt: skip
+
+register(Method(
+    name="lrp_alpha_beta",
+    family="lrp",
+    positive=False,
+    defaults={"alpha": 2.0, "beta": 1.0},
+    reference="Bach et al. 2015",
+    rules=lambda opts: lrp_rules(
+        "lrp_alpha_beta", AlphaBetaRule(float(opts["alpha"]), float(opts["beta"]))
+    ),
+    readout=_readout,
+    validate=_validate_alpha_beta,
+))  # fmt: skip
