@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 import torch
@@ -58,7 +60,9 @@ def check_target(target: object, n: int) -> Any:
                 f"target has shape {tuple(t.shape)}; expected one class per sample, shape [{n}]"
             )
         return t.long()
-    raise SaliencyError(f"target must be None, an int or a LongTensor [N], got {type(target).__name__}")
+    raise SaliencyError(
+        f"target must be None, an int or a LongTensor [N], got {type(target).__name__}"
+    )
 
 
 def prepare(model, inputs, method, layer, batch_size, options):
@@ -124,3 +128,17 @@ def explain(
         ctx = Context(model, spec.name, resolved, batch_size, tuple(x.shape))
         maps = spec(ctx, x, target, opts)
     return maps.detach().to(device=inputs.device, dtype=inputs.dtype)
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this submodule rebinds ``pytest_saliency.explain`` to the module, hiding the
+    lazily exported function; calling the module keeps ``ps.explain(...)`` working whatever
+    the import order."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return explain(*args, **kwargs)
+
+    __call__.__doc__ = explain.__doc__
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -26,7 +26,8 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mod
         return layer_name(model, layer), layer
     if not isinstance(layer, str):
         raise SaliencyError(
-            f"layer must be a module name (str) or an nn.Module of the model, got {type(layer).__name__}"
+            "layer must be a module name (str) or an nn.Module of the model, "
+            f"got {type(layer).__name__}"
         )
     modules = dict(model.named_modules())
     if layer in modules and layer != "":
@@ -76,8 +77,9 @@ def default_layer(model: nn.Module, inputs: torch.Tensor, method: str) -> tuple[
     """The last module (in forward order) whose output still has more than one spatial position."""
     if inputs.dim() < 3:
         raise SaliencyError(
-            f"method {method!r} reads a spatial layer, but the inputs have shape {tuple(inputs.shape)} "
-            "with no spatial axes; use an input-space method (e.g. 'gradient') for [N, D] inputs"
+            f"method {method!r} reads a spatial layer, but the inputs have shape "
+            f"{tuple(inputs.shape)} with no spatial axes; use an input-space method "
+            "(e.g. 'gradient') for [N, D] inputs"
         )
     found = spatial_layers(model, inputs)
     if not found:

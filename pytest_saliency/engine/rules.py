@@ -65,6 +65,9 @@ class _RuleReLUInplace(torch.autograd.Function):
 
 
 def _relu_with_rule(rule: ActivationRule, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    if not x.requires_grad:
+        # No gradient flows here, so no rule applies; keep the op's in-place side effect.
+        return x.clamp_(min=0) if inplace else x.clamp(min=0)
     if inplace and x.requires_grad and not x.is_leaf:
         return _RuleReLUInplace.apply(x, rule)
     return _RuleReLU.apply(x, rule)

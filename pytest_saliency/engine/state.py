@@ -37,7 +37,8 @@ def removable_hooks() -> Iterator[list]:
 
 
 def model_device_dtype(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.device, torch.dtype]:
-    """The device and dtype the model computes in (its first parameter or buffer, else the inputs')."""
+    """The device and dtype the model computes in: its first floating-point parameter or buffer,
+    else the inputs'."""
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype

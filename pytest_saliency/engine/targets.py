@@ -16,14 +16,14 @@ def check_logits(output: object, model_name: str, n: int) -> torch.Tensor:
         )
     if output.dim() != 2 or output.shape[0] != n:
         raise SaliencyError(
-            f"model {model_name} returned a tensor of shape {tuple(output.shape)}; saliency methods "
-            f"need class scores of shape [N={n}, classes]"
+            f"model {model_name} returned a tensor of shape {tuple(output.shape)}; saliency "
+            f"methods need class scores of shape [N={n}, classes]"
         )
     return output
 
 
 def resolve_targets(target: object, logits: torch.Tensor) -> torch.Tensor:
-    """A LongTensor [N] of class indices on the logits' device, validated against the class count."""
+    """A LongTensor [N] of class indices on the logits' device, checked against the class count."""
     n, classes = logits.shape
     if target is None:
         return logits.detach().argmax(dim=1)
@@ -39,12 +39,15 @@ def resolve_targets(target: object, logits: torch.Tensor) -> torch.Tensor:
                 f"target must be None, an int or a LongTensor [N], got {type(target).__name__}"
             ) from exc
         if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-            raise SaliencyError(f"target must hold integer class indices, got dtype {targets.dtype}")
+            raise SaliencyError(
+                f"target must hold integer class indices, got dtype {targets.dtype}"
+            )
         if targets.dim() == 0:
             targets = targets.expand(n)
         if targets.dim() != 1 or targets.shape[0] != n:
             raise SaliencyError(
-                f"target has shape {tuple(targets.shape)}; expected one class per sample, shape [{n}]"
+                f"target has shape {tuple(targets.shape)}; expected one class per sample, "
+                f"shape [{n}]"
             )
         targets = targets.long()
     bad = (targets < 0) | (targets >= classes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import SaliencyError
 from .registry import PLAIN, Method, check_number, input_map, register
 
 register(Method(
@@ -28,7 +29,13 @@ register(Method(
 def _integrated_gradients(ctx, inputs, target, opts):
     steps = opts["steps"]
     baseline = torch.as_tensor(opts["baseline"], dtype=inputs.dtype, device=inputs.device)
-    baseline = baseline.expand_as(inputs)
+    try:
+        baseline = baseline.expand_as(inputs)
+    except RuntimeError as exc:
+        raise SaliencyError(
+            f"option 'baseline' has shape {tuple(baseline.shape)}, which does not broadcast to "
+            f"the inputs' shape {tuple(inputs.shape)}; pass a number or a tensor that does"
+        ) from exc
     targets = ctx.predict(inputs) if target is None else target
     alphas = torch.linspace(0, 1, steps, dtype=inputs.dtype, device=inputs.device)
     weights = torch.ones(steps, dtype=inputs.dtype, device=inputs.device)
@@ -47,7 +54,9 @@ def _validate_ig(opts):
     if not isinstance(opts["baseline"], (int, float, torch.Tensor)) or isinstance(
         opts["baseline"], bool
     ):
-        raise ValueError(f"option 'baseline' must be a number or a tensor, got {opts['baseline']!r}")
+        raise SaliencyError(
+            f"option 'baseline' must be a number or a tensor, got {opts['baseline']!r}"
+        )
 
 
 register(Method(

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..engine.passes import Record, chunked, forward_backward
 from ..engine.rules import RuleSet
+from ..engine.targets import check_logits
 from ..errors import SaliencyError, unknown
 
 PLAIN = RuleSet("autograd")
@@ -43,7 +44,8 @@ class Context:
 
         def one(x, _):
             with torch.no_grad():
-                return self.model(x).argmax(dim=1)
+                output = self.model(x)
+            return check_logits(output, type(self.model).__name__, x.shape[0]).argmax(dim=1)
 
         return chunked(one, inputs, None, self.batch_size)
 

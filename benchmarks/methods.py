@@ -1,0 +1,179 @@
+"""Time every saliency method as a multiple of one plain forward+backward, beside its peers.
+
+The baseline is what every gradient method must do at least once: forward the batch, select
+each sample's target logit, and ``torch.autograd.grad`` their sum w.r.t. the input. A ratio of
+1.0 means "as cheap as one gradient"; integrated gradients and smoothgrad take one pass per path
+point or noise sample, so they sit near their ``steps`` / ``samples``.
+
+Peers run on the same model, batch and targets, with their counterpart of our defaults:
+captum (Saliency, InputXGradient, IntegratedGradients, NoiseTunnel, GuidedBackprop,
+Deconvolution, LayerGradCam), pytorch-grad-cam (GradCAM, GradCAMPlusPlus, FullGrad) and zennit
+(Epsilon, ZPlus, AlphaBeta layer-map composites with the ResNetCanonizer). A peer that is not
+installed is skipped.
+
+    python benchmarks/methods.py --batch 16 --size 224 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+import pytest_saliency as ps
+
+Run = Callable[[], object]
+
+
+def median_seconds(fn: Run, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def baseline(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> Run:
+    def run():
+        xg = x.detach().requires_grad_(True)
+        score = model(xg).gather(1, targets[:, None]).sum()
+        return torch.autograd.grad(score, xg)[0]
+
+    return run
+
+
+def captum_peers(model, x, targets) -> dict[str, list[tuple[str, Run]]]:
+    try:
+        from captum import attr
+    except ImportError:
+        return {}
+    n = len(x)
+    sigma = 0.15 * float(x.max() - x.min())  # captum takes one sigma, ours is per sample
+
+    def call(make, **kw):
+        return lambda: make().attribute(x.clone(), target=targets, **kw)
+
+    return {
+        "gradient": [("captum Saliency", call(lambda: attr.Saliency(model), abs=False))],
+        "input_x_gradient": [("captum InputXGradient", call(lambda: attr.InputXGradient(model)))],
+        "integrated_gradients": [("captum IntegratedGradients", call(
+            lambda: attr.IntegratedGradients(model), n_steps=32, method="riemann_trapezoid",
+            internal_batch_size=n))],
+        "smoothgrad": [("captum NoiseTunnel(Saliency)", call(
+            lambda: attr.NoiseTunnel(attr.Saliency(model)), nt_type="smoothgrad", nt_samples=16,
+            nt_samples_batch_size=n, stdevs=sigma, abs=False))],
+        "guided_backprop": [("captum GuidedBackprop", call(lambda: attr.GuidedBackprop(model)))],
+        "deconvnet": [("captum Deconvolution", call(lambda: attr.Deconvolution(model)))],
+        "gradcam": [("captum LayerGradCam", call(lambda: attr.LayerGradCam(model, model.layer4)))],
+    }  # fmt: skip
+
+
+def gradcam_peers(model, x, targets) -> dict[str, list[tuple[str, Run]]]:
+    try:
+        import pytorch_grad_cam as pgc
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        return {}
+    wanted = [ClassifierOutputTarget(int(t)) for t in targets]
+
+    def call(cls, layers):
+        def run():
+            # FullGrad prints a notice on every construction; keep the table readable.
+            with contextlib.redirect_stdout(io.StringIO()), cls(model, target_layers=layers) as cam:
+                return cam(input_tensor=x.clone(), targets=wanted)
+
+        return run
+
+    return {
+        "gradcam": [("grad-cam GradCAM", call(pgc.GradCAM, [model.layer4[-1]]))],
+        "gradcam++": [("grad-cam GradCAMPlusPlus", call(pgc.GradCAMPlusPlus, [model.layer4[-1]]))],
+        "fullgrad": [("grad-cam FullGrad", call(pgc.FullGrad, []))],
+    }
+
+
+def zennit_peers(model, x, targets) -> dict[str, list[tuple[str, Run]]]:
+    try:
+        from zennit.attribution import Gradient
+        from zennit.composites import LayerMapComposite, layer_map_base
+        from zennit.rules import AlphaBeta, Epsilon, ZPlus
+        from zennit.torchvision import ResNetCanonizer
+        from zennit.types import Convolution
+    except ImportError:
+        return {}
+    with torch.no_grad():
+        classes = model(x[:1]).shape[1]
+    one_hot = torch.eye(classes, device=x.device)[targets]
+
+    def call(rule):
+        def run():
+            composite = LayerMapComposite(
+                layer_map=layer_map_base() + [(Convolution, rule), (nn.Linear, rule)],
+                canonizers=[ResNetCanonizer()],
+            )
+            with Gradient(model=model, composite=composite) as attributor:
+                return attributor(x.clone(), one_hot)[1]
+
+        return run
+
+    return {
+        "lrp_epsilon": [("zennit Epsilon", call(Epsilon(epsilon=1e-6)))],
+        "lrp_zplus": [("zennit ZPlus", call(ZPlus()))],
+        "lrp_alpha_beta": [("zennit AlphaBeta(2, 1)", call(AlphaBeta(alpha=2.0, beta=1.0)))],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=16, help="images per batch (default 16)")
+    parser.add_argument("--size", type=int, default=224, help="image side in pixels (224)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per method (3)")
+    parser.add_argument("--methods", default="", help="comma-separated subset of ps.methods()")
+    args = parser.parse_args(argv)
+    methods = ps.methods()
+    if args.methods:
+        chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+        for name in chosen:
+            if name not in methods:
+                parser.error(f"unknown method {name!r}; valid: {', '.join(methods)}")
+        methods = chosen
+
+    warnings.filterwarnings("ignore")  # peers warn on every call (hooks, requires_grad)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(weights=None).eval()
+        x = torch.randn(args.batch, 3, args.size, args.size)
+    targets = torch.arange(args.batch) % 1000
+
+    base = median_seconds(baseline(model, x, targets), args.repeats)
+    peers: dict[str, list[tuple[str, Run]]] = {}
+    for found in (captum_peers, gradcam_peers, zennit_peers):
+        for name, entries in found(model, x, targets).items():
+            peers.setdefault(name, []).extend(entries)
+
+    print(f"resnet18 (weights=None, eval), batch {args.batch}x3x{args.size}x{args.size}, CPU, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}")  # fmt: skip
+    print(f"baseline (forward + target logits + autograd.grad w.r.t. input): {base:.3f} s\n")
+    print(f"{'method':<22}{'ours':>8}   {'peer':<30}{'peer':>8}")
+    for name in methods:
+        ours = median_seconds(lambda n=name: ps.explain(model, x, n, target=targets), args.repeats)
+        rows = peers.get(name) or [("-", None)]
+        for i, (label, run) in enumerate(rows):
+            theirs = f"{median_seconds(run, args.repeats) / base:7.2f}x" if run else f"{'-':>8}"
+            left = f"{name:<22}{ours / base:7.2f}x" if i == 0 else " " * 30
+            print(f"{left}   {label:<30}{theirs}")
+
+
+if __name__ == "__main__":
+    main()
