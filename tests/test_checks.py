@@ -17,6 +17,7 @@ from pytest_saliency.checks import RandomizationResult, SensitivityResult
 from pytest_saliency.checks.sensitivity import other_classes
 from pytest_saliency.errors import SaliencyError, UnsupportedActivationError
 from pytest_saliency.explain import explain
+from pytest_saliency.multi import explain_many
 from pytest_saliency.similarity import similarity
 
 from ._models import assert_unchanged, randn, small_cnn, snapshot, torchvision_model
@@ -283,7 +284,7 @@ def test_single_layer_score_matches_reinit_under_seed(linear_model):
 
 
 class DiffRecorder:
-    """Stands in for ``explain`` in the audit and notes which layers of the copy differ."""
+    """Stands in for ``explain_many`` in the audit and notes which layers of the copy differ."""
 
     def __init__(self, original: nn.Module):
         self.original = {k: v.clone() for k, v in original.state_dict().items()}
@@ -296,7 +297,7 @@ class DiffRecorder:
             if not torch.equal(value, self.original[key])
         }
         self.calls.append(changed)
-        return explain(model, *args, **kwargs)
+        return explain_many(model, *args, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -311,7 +312,7 @@ class DiffRecorder:
 def test_step_semantics(monkeypatch, mode, order, expected):
     model, x = chain(), randn(3, 1, 8, 8, seed=11)
     recorder = DiffRecorder(model)
-    monkeypatch.setattr(randomization_module, "explain", recorder)
+    monkeypatch.setattr(randomization_module, "explain_many", recorder)
     result = parameter_randomization(model, x, "gradient", mode=mode, order=order)
     assert recorder.calls == expected
     assert result.layers == (["5", "2", "0"] if order == "top_down" else ["0", "2", "5"])
@@ -373,9 +374,9 @@ def test_batchnorm_running_stats_are_reset(monkeypatch):
 
     def spy(copy_model, *args, **kwargs):
         seen.append((copy_model.bn.running_mean.clone(), copy_model.bn.running_var.clone()))
-        return explain(copy_model, *args, **kwargs)
+        return explain_many(copy_model, *args, **kwargs)
 
-    monkeypatch.setattr(randomization_module, "explain", spy)
+    monkeypatch.setattr(randomization_module, "explain_many", spy)
     parameter_randomization(model, x, "gradient", layers=["bn"])
     assert torch.equal(seen[0][0], torch.full((2,), 3.0))
     assert torch.equal(seen[1][0], torch.zeros(2)) and torch.equal(seen[1][1], torch.ones(2))
@@ -411,7 +412,7 @@ def test_blocks_and_skipped(monkeypatch):
     assert everything.layers == ["head", "body.0", "stem.1", "stem.0"]
     assert everything.skipped == ["body.1"]
     recorder = DiffRecorder(model)
-    monkeypatch.setattr(randomization_module, "explain", recorder)
+    monkeypatch.setattr(randomization_module, "explain_many", recorder)
     blocks = parameter_randomization(model, x, "gradient", layers="blocks", mode="independent")
     assert blocks.layers == ["head", "body", "stem"] and blocks.skipped == ["body.1"]
     assert recorder.calls == [set(), {"head"}, {"body.0"}, {"stem.0", "stem.1"}]

@@ -48,6 +48,22 @@ def setup(model, inputs, method, layer, batch_size, options, metric, seed):
     return model, inputs, batch_size, spec, metric, seed, layer_label
 
 
+def method_requests(method, layer, options) -> list:
+    """The audited methods as :class:`Request` s: one for a name, one per item for a list."""
+    from ..multi import Request, as_request
+
+    if isinstance(method, (list, tuple)):
+        if not method:
+            raise SaliencyError("method is an empty list; give a method name or a list of them")
+        if layer is not None or options:
+            raise SaliencyError(
+                "with a list of methods, give each method's layer and options inside its "
+                "mapping, e.g. {'name': 'gradcam', 'layer': 'layer3', 'positive': True}"
+            )
+        return [as_request(m) for m in method]
+    return [Request(method, dict(options), layer)]
+
+
 def model_inputs(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     device, dtype = model_device_dtype(model, inputs)
     return inputs.detach().to(device=device, dtype=dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +14,8 @@ from torch import nn
 from ..engine.state import eval_mode, removable_hooks
 from ..engine.targets import resolve_targets
 from ..errors import SaliencyError, unknown
-from ..explain import check_target, explain
+from ..explain import check_target
+from ..multi import Request, explain_many
 from .common import (
     cam_layer,
     check_choice,
@@ -23,6 +24,7 @@ from .common import (
     describe_blank,
     describe_constant,
     logits_of,
+    method_requests,
     model_inputs,
     setup,
     to_cpu,
@@ -211,7 +213,7 @@ def randomize(step: Step, seed: int, model: nn.Module) -> None:
 def parameter_randomization(
     model: nn.Module,
     inputs: torch.Tensor,
-    method: str,
+    method: str | Sequence[str | Mapping[str, Any]],
     *,
     mode: str = "cascading",
     order: str = "top_down",
@@ -222,14 +224,17 @@ def parameter_randomization(
     layer: str | nn.Module | None = None,
     target: int | torch.Tensor | None = None,
     **method_options: Any,
-) -> RandomizationResult:
+) -> RandomizationResult | list[RandomizationResult]:
     """Compare each sample's map on the trained model with its maps on randomized copies.
 
     Args:
         model: a classifier returning class scores [N, classes]; it is not changed (the audit
             works on one deep copy).
         inputs: a float batch [N, C, H, W] (or [N, C, L], [N, D]).
-        method: a name from :func:`pytest_saliency.methods`.
+        method: a name from :func:`pytest_saliency.methods`; or a list of names and
+            ``{"name": ..., "layer": ..., **options}`` mappings, audited together: methods that
+            share a rule set share one forward+backward per step, and a list of results comes
+            back (``layer`` and ``**method_options`` then go inside each mapping).
         mode: "cascading" re-initialises layers cumulatively; "independent" one at a time,
             each on the trained weights.
         order: "top_down" (logits to input, as Adebayo et al. 2018) or "bottom_up".
@@ -243,11 +248,15 @@ def parameter_randomization(
         **method_options: the method's own options.
 
     Returns:
-        A :class:`RandomizationResult`; high similarity means the map ignores the weights.
+        A :class:`RandomizationResult` (a list of them for a list of methods); high similarity
+        means the map ignores the weights.
     """
-    model, inputs, batch_size, spec, metric, seed, layer_label = setup(
-        model, inputs, method, layer, batch_size, method_options, similarity, seed
-    )
+    requests = method_requests(method, layer, method_options)
+    audited = [
+        setup(model, inputs, r.method, r.layer, batch_size, r.options, similarity, seed)
+        for r in requests
+    ]
+    model, inputs, batch_size, _, metric, seed, _ = audited[0]
     mode = check_choice("mode", mode, MODES)
     order = check_choice("order", order, ORDERS)
     target = check_target(target, inputs.shape[0])
@@ -261,58 +270,60 @@ def parameter_randomization(
     if torch.is_tensor(target):
         target = target.to(logits.device)
     targets = resolve_targets(target, logits)
-    layer_name = cam_layer(work, x, spec, layer_label)
+    specs = [a[3] for a in audited]
+    layer_names = [cam_layer(work, x, spec, a[6]) for spec, a in zip(specs, audited)]
+    shared = [
+        Request(spec.name, r.options, name) for spec, r, name in zip(specs, requests, layer_names)
+    ]
 
-    def maps_now() -> torch.Tensor:
-        maps = explain(
-            work,
-            x,
-            spec.name,
-            target=targets,
-            layer=layer_name,
-            batch_size=batch_size,
-            **method_options,
-        )
-        return to_cpu(maps)
+    def maps_now() -> list[torch.Tensor]:
+        found = explain_many(work, x, shared, target=targets, batch_size=batch_size)
+        return [to_cpu(m) for m in found]
 
-    original = maps_now()
-    maps = {"original": original}
-    rows, blanks = [], {}
+    maps = [{"original": m} for m in maps_now()]
+    rows: list[list[torch.Tensor]] = [[] for _ in specs]
+    blanks: list[dict] = [{} for _ in specs]
     for k, step in enumerate(steps):
         saved = _own_state(step.modules) if mode == "independent" else None
         randomize(step, seed + k, work)
-        maps[step.name] = maps_now()
-        row, blanks[step.name] = compare(original, maps[step.name], metric)
-        rows.append(row)
+        for i, now in enumerate(maps_now()):
+            maps[i][step.name] = now
+            row, blanks[i][step.name] = compare(maps[i]["original"], now, metric)
+            rows[i].append(row)
         if saved is not None:
             _restore(step.modules, saved)
-    scores = torch.stack(rows)
-    constant = describe_constant(maps, scores)
-    # The layer's spatial size does not depend on the weights, so the randomized copy serves.
-    cause = constant_cause(work, x, spec, layer_name) if constant else ""
-    return RandomizationResult(
-        check="parameter_randomization",
-        method=spec.name,
-        options=dict(method_options),
-        similarity=metric,
-        scores=scores,
-        maps=maps,
-        inputs=to_cpu(inputs),
-        targets=targets.cpu(),
-        seed=seed,
-        settings={
-            "mode": mode,
-            "order": order,
-            "layers": layers_arg,
-            "layer": layer_name,
-            "batch_size": batch_size,
-            "target": target,
-        },
-        cause=cause,
-        constant=constant,
-        blank=describe_blank(blanks),
-        mode=mode,
-        order=order,
-        layers=[s.name for s in steps],
-        skipped=skipped,
-    )
+    results = []
+    for i, (spec, request, layer_name) in enumerate(zip(specs, requests, layer_names)):
+        scores = torch.stack(rows[i])
+        constant = describe_constant(maps[i], scores)
+        # The layer's spatial size does not depend on the weights, so the randomized copy serves.
+        cause = constant_cause(work, x, spec, layer_name) if constant else ""
+        results.append(
+            RandomizationResult(
+                check="parameter_randomization",
+                method=spec.name,
+                options=dict(request.options),
+                similarity=metric,
+                scores=scores,
+                maps=maps[i],
+                inputs=to_cpu(inputs),
+                targets=targets.cpu(),
+                seed=seed,
+                settings={
+                    "mode": mode,
+                    "order": order,
+                    "layers": layers_arg,
+                    "layer": layer_name,
+                    "batch_size": batch_size,
+                    "target": target,
+                },
+                cause=cause,
+                constant=constant,
+                blank=describe_blank(blanks[i]),
+                mode=mode,
+                order=order,
+                layers=[s.name for s in steps],
+                skipped=skipped,
+            )
+        )
+    return results if isinstance(method, (list, tuple)) else results[0]

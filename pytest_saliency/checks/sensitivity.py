@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -9,7 +10,8 @@ from torch import nn
 
 from ..engine.targets import resolve_targets
 from ..errors import SaliencyError
-from ..explain import check_target, explain
+from ..explain import check_target
+from ..multi import Request, explain_many
 from .common import (
     cam_layer,
     check_choice,
@@ -18,6 +20,7 @@ from .common import (
     describe_blank,
     describe_constant,
     logits_of,
+    method_requests,
     model_inputs,
     setup,
     to_cpu,
@@ -52,7 +55,7 @@ def other_classes(
 def output_sensitivity(
     model: nn.Module,
     inputs: torch.Tensor,
-    method: str,
+    method: str | Sequence[str | Mapping[str, Any]],
     *,
     target: int | torch.Tensor | None = None,
     against: str = "random",
@@ -61,13 +64,15 @@ def output_sensitivity(
     batch_size: int | None = None,
     layer: str | nn.Module | None = None,
     **method_options: Any,
-) -> SensitivityResult:
+) -> SensitivityResult | list[SensitivityResult]:
     """Compare each sample's map for its class with its map for another class.
 
     Args:
         model: a classifier returning class scores [N, classes]; it is not changed.
         inputs: a float batch [N, C, H, W] (or [N, C, L], [N, D]).
-        method: a name from :func:`pytest_saliency.methods`.
+        method: a name from :func:`pytest_saliency.methods`; or a list of names and
+            ``{"name": ..., "layer": ..., **options}`` mappings, audited together (methods that
+            share a rule set share their passes) and returned as a list of results.
         target: the explained class: None (predicted), an int or a LongTensor [N].
         against: the other class: "random" (uniform over the other classes, seeded),
             "least_likely", "second" (highest-scoring other class) or "all" (mean
@@ -79,11 +84,15 @@ def output_sensitivity(
         **method_options: the method's own options.
 
     Returns:
-        A :class:`SensitivityResult`; high similarity means the map ignores the class.
+        A :class:`SensitivityResult` (a list for a list of methods); high similarity means the
+        map ignores the class.
     """
-    model, inputs, batch_size, spec, metric, seed, layer_label = setup(
-        model, inputs, method, layer, batch_size, method_options, similarity, seed
-    )
+    requests = method_requests(method, layer, method_options)
+    audited = [
+        setup(model, inputs, r.method, r.layer, batch_size, r.options, similarity, seed)
+        for r in requests
+    ]
+    model, inputs, batch_size, _, metric, seed, _ = audited[0]
     against = check_choice("against", against, AGAINST)
     target = check_target(target, inputs.shape[0])
     x = model_inputs(model, inputs)
@@ -100,77 +109,107 @@ def output_sensitivity(
     )
     targets = targets.cpu()
     others = other_classes(logits, targets, against, seed)
-    layer_name = cam_layer(model, x, spec, layer_label)
+    specs = [a[3] for a in audited]
+    layer_names = [cam_layer(model, x, spec, a[6]) for spec, a in zip(specs, audited)]
+    shared = [
+        Request(spec.name, r.options, name) for spec, r, name in zip(specs, requests, layer_names)
+    ]
+    # A stochastic method draws its noise per call: separate calls of N samples give both
+    # classes the same noise, so only the class differs between the two maps.
+    stochastic = ["seed" in spec.defaults for spec in specs]
 
-    def maps_for(batch: torch.Tensor, classes_: torch.Tensor, size: int | None) -> torch.Tensor:
-        return explain(
-            model,
-            batch,
-            spec.name,
-            target=classes_,
-            layer=layer_name,
-            batch_size=size,
-            **method_options,
+    def maps_for(batch, classes_, size, chosen) -> list[torch.Tensor]:
+        picked = [shared[i] for i in chosen]
+        found = explain_many(model, batch, picked, target=classes_, batch_size=size)
+        return [to_cpu(m) for m in found]
+
+    paired = [None] * len(specs)
+    for group in (
+        [i for i, s in enumerate(stochastic) if not s],
+        [i for i, s in enumerate(stochastic) if s],
+    ):
+        if not group:
+            continue
+        if against == "all":
+            found = _against_all(maps_for, x, targets, classes, metric, batch_size, group,
+                                 stochastic[group[0]])  # fmt: skip
+        else:
+            found = _pair(maps_for, x, targets, others, batch_size, group, stochastic[group[0]])
+        for i, item in zip(group, found):
+            paired[i] = item
+    results = []
+    for i, (spec, request, layer_name) in enumerate(zip(specs, requests, layer_names)):
+        if against == "all":
+            target_maps, other_maps, scores, blank = paired[i]
+        else:
+            target_maps, other_maps = paired[i]
+            scores, mask = compare(target_maps, other_maps, metric)
+            blank = describe_blank({"other": mask})
+        named = {"target": target_maps, "other": other_maps}
+        constant = describe_constant(named, scores)
+        results.append(
+            SensitivityResult(
+                check="output_sensitivity",
+                method=spec.name,
+                options=dict(request.options),
+                similarity=metric,
+                scores=scores,
+                maps=named,
+                inputs=to_cpu(inputs),
+                targets=targets,
+                seed=seed,
+                settings={
+                    "against": against,
+                    "target": target,
+                    "layer": layer_name,
+                    "batch_size": batch_size,
+                },
+                cause=constant_cause(model, x, spec, layer_name) if constant else "",
+                constant=constant,
+                blank=blank,
+                against=against,
+                others=others,
+            )
         )
-
-    if against == "all":
-        target_maps, other_maps, scores, blank = _against_all(
-            maps_for, x, targets, classes, metric, spec, batch_size
-        )
-    else:
-        target_maps, other_maps = _pair(maps_for, x, targets, others, spec, batch_size)
-        scores, mask = compare(target_maps, other_maps, metric)
-        blank = describe_blank({"other": mask})
-    named = {"target": target_maps, "other": other_maps}
-    constant = describe_constant(named, scores)
-    return SensitivityResult(
-        check="output_sensitivity",
-        method=spec.name,
-        options=dict(method_options),
-        similarity=metric,
-        scores=scores,
-        maps=named,
-        inputs=to_cpu(inputs),
-        targets=targets,
-        seed=seed,
-        settings={
-            "against": against,
-            "target": target,
-            "layer": layer_name,
-            "batch_size": batch_size,
-        },
-        cause=constant_cause(model, x, spec, layer_name) if constant else "",
-        constant=constant,
-        blank=blank,
-        against=against,
-        others=others,
-    )
+    return results if isinstance(method, (list, tuple)) else results[0]
 
 
-def _pair(maps_for, x, targets, others, spec, batch_size):
-    """Maps for the targets and for the other classes, from one 2N batch where possible."""
+def _pair(maps_for, x, targets, others, batch_size, group, stochastic):
+    """Per method, maps for the targets and for the other classes (one 2N batch if possible)."""
     n = x.shape[0]
-    if "seed" in spec.defaults:
-        # A stochastic method draws its noise per batch: two calls of N samples give both
-        # classes the same noise, so only the class differs between the two maps.
-        return (to_cpu(maps_for(x, targets, batch_size)), to_cpu(maps_for(x, others, batch_size)))
-    both = maps_for(torch.cat([x, x]), torch.cat([targets, others]), batch_size)
-    return to_cpu(both[:n]), to_cpu(both[n:])
+    if stochastic:
+        pairs = []
+        for i in group:
+            (a,) = maps_for(x, targets, batch_size, [i])
+            (b,) = maps_for(x, others, batch_size, [i])
+            pairs.append((a, b))
+        return pairs
+    both = maps_for(torch.cat([x, x]), torch.cat([targets, others]), batch_size, group)
+    return [(m[:n], m[n:]) for m in both]
 
 
-def _against_all(maps_for, x, targets, classes, metric, spec, batch_size):
-    """Mean similarity to every other class; ``other`` keeps each sample's most similar map."""
+def _against_all(maps_for, x, targets, classes, metric, batch_size, group, stochastic):
+    """Per method: mean similarity to every other class; ``other`` keeps the most similar map."""
     n = x.shape[0]
-    if "seed" in spec.defaults:  # same noise for every class, as in _pair
-        maps = torch.stack(
-            [to_cpu(maps_for(x, torch.full_like(targets, c), batch_size)) for c in range(classes)]
-        )
+    if stochastic:  # same noise for every class, as in _pair
+        per_method = [
+            torch.stack(
+                [maps_for(x, torch.full_like(targets, c), batch_size, [i])[0]
+                 for c in range(classes)]
+            )
+            for i in group
+        ]  # fmt: skip
     else:
         # Every class for every sample in one call, in chunks no larger than the 2N pair batch.
         every = torch.arange(classes).repeat_interleave(n)
         repeated = x.repeat(classes, *([1] * (x.dim() - 1)))
-        maps = to_cpu(maps_for(repeated, every, batch_size or 2 * n))
-        maps = maps.reshape(classes, n, *maps.shape[1:])
+        found = maps_for(repeated, every, batch_size or 2 * n, group)
+        per_method = [m.reshape(classes, n, *m.shape[1:]) for m in found]
+    return [_all_scores(maps, targets, classes, metric) for maps in per_method]
+
+
+def _all_scores(maps, targets, classes, metric):
+    n = maps.shape[1]
     rows = torch.arange(n)
     target_maps = maps[targets, rows]
     compared = [compare(target_maps, maps[c], metric) for c in range(classes)]
