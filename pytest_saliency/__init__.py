@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "explain": ".explain",
-    "methods": ".methods.registry",
+    "explain": ".explainer",
+    "methods": ".bundled.registry",
     "similarity": ".similarity",
     "metrics": ".similarity",
     "output_sensitivity": ".checks",
@@ -37,8 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover
         parameter_randomization,
     )
     from .errors import SaliencyError, UnsupportedActivationError  # noqa: F401
-    from .explain import explain  # noqa: F401
-    from .methods.registry import methods  # noqa: F401
+    from .explainer import explain  # noqa: F401
+    from .bundled.registry import methods  # noqa: F401
     from .similarity import metrics, similarity  # noqa: F401
 
 

@@ -19,8 +19,8 @@ from .engine.layers import default_layer
 from .engine.passes import Record, chunked, forward_backward
 from .engine.state import eval_mode, model_device_dtype
 from .errors import SaliencyError
-from .explain import check_target, prepare
-from .methods.registry import Context, Method
+from .explainer import check_target, prepare
+from .bundled.registry import Context, Method
 
 
 @dataclass

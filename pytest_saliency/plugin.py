@@ -302,7 +302,7 @@ def method_id(spec: object, *, validate: bool = False) -> str:
     ``layer`` comes last, as in suites (``gradcam++-positive=false-layer=features.10``).
     ``validate=True`` also checks the method's options (a SaliencyError naming the valid ones).
     """
-    from .methods.registry import get_method
+    from .bundled.registry import get_method
 
     name, options, given = split_method(spec)
     method = get_method(name)
@@ -392,7 +392,7 @@ class Auditor:
 
     def explain(self, model: Any, inputs: Any, method: Any, **kw: Any) -> torch.Tensor:
         """``pytest_saliency.explain`` on the audit device; maps on that device."""
-        from .explain import explain
+        from .explainer import explain
 
         name, options, _ = split_method(method)
         model, inputs = self._place(model, inputs)

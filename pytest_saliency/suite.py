@@ -246,7 +246,7 @@ def _fmt_value(value: Any) -> str:
 
 
 def _method_entry(p: _Problems, index: int, entry: Any) -> MethodEntry | None:
-    from .methods.registry import get_method, methods
+    from .bundled.registry import get_method, methods
 
     path: KeyPath = ("methods", index)
     if isinstance(entry, str):
@@ -464,7 +464,7 @@ def load_objects(suite: Suite, search: list[str]) -> Loaded:
     import torch
     from torch import nn
 
-    from .explain import check_inputs
+    from .explainer import check_inputs
 
     def fail(key: str, message: str) -> SuiteError:
         return SuiteError(f"{suite.where((key,))}: {message}")

@@ -11,7 +11,7 @@ from ..engine.layers import default_layer
 from ..engine.passes import chunked
 from ..engine.state import eval_mode, model_device_dtype, removable_hooks
 from ..errors import SaliencyError, unknown
-from ..explain import prepare
+from ..explainer import prepare
 
 
 def check_choice(kind: str, value: object, choices: tuple[str, ...]) -> str:

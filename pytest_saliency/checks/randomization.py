@@ -14,7 +14,7 @@ from torch import nn
 from ..engine.state import eval_mode, removable_hooks
 from ..engine.targets import resolve_targets
 from ..errors import SaliencyError, unknown
-from ..explain import check_target
+from ..explainer import check_target
 from ..multi import Request, explain_many
 from .common import (
     cam_layer,

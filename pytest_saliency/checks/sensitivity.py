@@ -10,7 +10,7 @@ from torch import nn
 
 from ..engine.targets import resolve_targets
 from ..errors import SaliencyError
-from ..explain import check_target
+from ..explainer import check_target
 from ..multi import Request, explain_many
 from .common import (
     cam_layer,

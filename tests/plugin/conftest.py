@@ -10,7 +10,7 @@ import pytest
 import torch  # noqa: F401
 
 import pytest_saliency.checks  # noqa: F401
-from pytest_saliency.methods.registry import methods
+from pytest_saliency.bundled.registry import methods
 
 methods()
 

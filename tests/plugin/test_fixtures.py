@@ -169,7 +169,7 @@ def test_users_model_is_left_alone(tiny_project: pytest.Pytester) -> None:
         """
         import torch
         import tinynet
-        from pytest_saliency.explain import explain
+        from pytest_saliency.explainer import explain
 
         def test_model(saliency):
             model, x = tinynet.make_model(), tinynet.make_inputs()

@@ -12,7 +12,7 @@ from torch import nn
 from .engine.layers import default_layer, resolve_layer
 from .engine.state import eval_mode, model_device_dtype
 from .errors import SaliencyError
-from .methods.registry import Context, get_method
+from .bundled.registry import Context, get_method
 
 
 def check_model(model: object) -> nn.Module:
@@ -128,17 +128,3 @@ def explain(
         ctx = Context(model, spec.name, resolved, batch_size, tuple(x.shape))
         maps = spec(ctx, x, target, opts)
     return maps.detach().to(device=inputs.device, dtype=inputs.dtype)
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule rebinds ``pytest_saliency.explain`` to the module, hiding the
-    lazily exported function; calling the module keeps ``ps.explain(...)`` working whatever
-    the import order."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return explain(*args, **kwargs)
-
-    __call__.__doc__ = explain.__doc__
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -11,7 +11,7 @@ from torch import nn
 
 import pytest_saliency as ps
 from pytest_saliency.errors import UnsupportedActivationError
-from pytest_saliency.methods.propagation import per_sample_percentile
+from pytest_saliency.bundled.propagation import per_sample_percentile
 from tests._models import RELU_STYLES, mlp, randn, small_cnn, torchvision_model
 
 # captum warns that it sets input requires_grad and ReLU hooks on every call.

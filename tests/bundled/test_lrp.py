@@ -13,7 +13,7 @@ from torch import nn
 
 import pytest_saliency as ps
 from pytest_saliency.errors import SaliencyError, UnsupportedActivationError
-from pytest_saliency.methods.registry import methods
+from pytest_saliency.bundled.registry import methods
 from tests._models import (
     RELU_STYLES,
     assert_unchanged,
