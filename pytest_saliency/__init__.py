@@ -30,6 +30,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .bundled.registry import methods  # noqa: F401
     from .checks import (  # noqa: F401
         RandomizationResult,
         SensitivityResult,
@@ -38,7 +39,6 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .errors import SaliencyError, UnsupportedActivationError  # noqa: F401
     from .explainer import explain  # noqa: F401
-    from .bundled.registry import methods  # noqa: F401
     from .similarity import metrics, similarity  # noqa: F401
 
 

@@ -25,7 +25,7 @@ def closest(name: str, choices: Iterable[str], n: int = 5) -> list[str]:
 
 
 def unknown(kind: str, name: object, choices: Iterable[str], *, limit: int = 40) -> SaliencyError:
-    """An error for an unknown ``kind`` called ``name``, naming the closest and the valid choices."""
+    """An error for an unknown ``kind`` called ``name``, naming the closest and valid choices."""
     choices = list(choices)
     near = closest(str(name), choices)
     msg = f"unknown {kind} {name!r}"

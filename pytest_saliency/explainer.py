@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any
 
 import torch
 from torch import nn
 
+from .bundled.registry import Context, get_method
 from .engine.layers import default_layer, resolve_layer
 from .engine.state import eval_mode, model_device_dtype
 from .errors import SaliencyError
-from .bundled.registry import Context, get_method
 
 
 def check_model(model: object) -> nn.Module:

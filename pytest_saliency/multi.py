@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bundled.registry import Context, Method
 from .engine.layers import default_layer
 from .engine.passes import Record, chunked, forward_backward
 from .engine.state import eval_mode, model_device_dtype
 from .errors import SaliencyError
 from .explainer import check_target, prepare
-from .bundled.registry import Context, Method
 
 
 @dataclass

@@ -16,7 +16,6 @@ from pytest_saliency import output_sensitivity, parameter_randomization
 from pytest_saliency.checks import RandomizationResult, SensitivityResult
 from pytest_saliency.checks.sensitivity import other_classes
 from pytest_saliency.errors import SaliencyError, UnsupportedActivationError
-from pytest_saliency.explainer import explain
 from pytest_saliency.multi import explain_many
 from pytest_saliency.similarity import similarity
 

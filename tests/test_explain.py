@@ -243,8 +243,8 @@ def test_unknown_method_lists_valid_names():
 def test_methods_lists_the_input_space_methods():
     assert set(INPUT_SPACE) <= set(METHODS) and METHODS == sorted(METHODS)
     # Importing the methods subpackage binds ps.methods to it; the call must still work.
-    import pytest_saliency.explainer  # noqa: F401  (the same for ps.explain)
     import pytest_saliency.bundled.registry  # noqa: F401
+    import pytest_saliency.explainer  # noqa: F401  (the same for ps.explain)
     from pytest_saliency.explainer import explain as explain_function
 
     assert ps.methods() == METHODS

@@ -76,7 +76,7 @@ class Method:
     validate: Callable[[dict], None] = field(default=lambda opts: None)
 
     def bind(self, options: Mapping[str, Any]) -> dict:
-        """Defaults overridden by ``options``; unknown options are an error naming the valid ones."""
+        """Defaults overridden by ``options``; an unknown option is an error naming valid ones."""
         for key in options:
             if key not in self.defaults:
                 valid = ", ".join(sorted(self.defaults)) or "none"

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import pytest_saliency as ps
-from pytest_saliency.errors import SaliencyError, UnsupportedActivationError
 from pytest_saliency.bundled.registry import methods
+from pytest_saliency.errors import SaliencyError, UnsupportedActivationError
 from tests._models import (
     RELU_STYLES,
     assert_unchanged,

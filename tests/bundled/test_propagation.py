@@ -10,8 +10,8 @@ from captum.attr import Deconvolution, GuidedBackprop, Saliency
 from torch import nn
 
 import pytest_saliency as ps
-from pytest_saliency.errors import UnsupportedActivationError
 from pytest_saliency.bundled.propagation import per_sample_percentile
+from pytest_saliency.errors import UnsupportedActivationError
 from tests._models import RELU_STYLES, mlp, randn, small_cnn, torchvision_model
 
 # captum warns that it sets input requires_grad and ReLU hooks on every call.
