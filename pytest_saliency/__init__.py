@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "explain": ".explainer",
     "methods": ".bundled.registry",
-    "similarity": ".similarity",
-    "metrics": ".similarity",
+    "similarity": ".similarities",
+    "metrics": ".similarities",
     "output_sensitivity": ".checks",
     "parameter_randomization": ".checks",
     "SensitivityResult": ".checks",
@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .errors import SaliencyError, UnsupportedActivationError  # noqa: F401
     from .explainer import explain  # noqa: F401
-    from .similarity import metrics, similarity  # noqa: F401
+    from .similarities import metrics, similarity  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -160,7 +160,7 @@ class Settings:
 
 def check_similarity(name: str) -> None:
     """A UsageError naming the valid metrics when ``name`` is not one (imports torch)."""
-    from .similarity import metrics
+    from .similarities import metrics
 
     valid = list(metrics())
     if name not in valid:

@@ -216,7 +216,7 @@ def _check_setting(p: _Problems, path: KeyPath, key: str, value: Any) -> None:
         if not isinstance(value, bool):
             p.add(path, f"expected true or false, got {value!r}")
     elif key == "similarity":
-        from .similarity import metrics
+        from .similarities import metrics
 
         if value not in metrics():
             p.unknown(path, "similarity", value, metrics())

@@ -17,7 +17,7 @@ from pytest_saliency.checks import RandomizationResult, SensitivityResult
 from pytest_saliency.checks.sensitivity import other_classes
 from pytest_saliency.errors import SaliencyError, UnsupportedActivationError
 from pytest_saliency.multi import explain_many
-from pytest_saliency.similarity import similarity
+from pytest_saliency.similarities import similarity
 
 from ._models import assert_unchanged, randn, small_cnn, snapshot, torchvision_model
 

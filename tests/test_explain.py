@@ -288,3 +288,19 @@ class TestCuda:
         got = run(cuda_model, x.cuda(), method, target=torch.tensor([0, 1, 2]).cuda())
         assert got.device.type == "cuda"
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_public_functions_survive_submodule_imports():
+    """Importing a submodule must not replace the public function of the same name."""
+    import inspect
+
+    import pytest_saliency as ps
+    import pytest_saliency.bundled.cam  # noqa: F401
+    import pytest_saliency.checks  # noqa: F401
+    import pytest_saliency.explainer  # noqa: F401
+    import pytest_saliency.similarities  # noqa: F401
+
+    for name in ("explain", "methods", "similarity", "metrics", "output_sensitivity",
+                 "parameter_randomization"):  # fmt: skip
+        assert inspect.isfunction(getattr(ps, name)), name
+    assert "gradient" in ps.methods()

@@ -21,7 +21,7 @@ def check_choice(kind: str, value: object, choices: tuple[str, ...]) -> str:
 
 
 def check_metric(metric: object) -> str:
-    from ..similarity import metrics
+    from ..similarities import metrics
 
     return check_choice("similarity metric", metric, tuple(metrics()))
 
@@ -116,7 +116,7 @@ def compare(
     ReLU zeroed for another class or a randomized model), so it shares no structure and scores
     0 instead of the metric's undefined value.
     """
-    from ..similarity import similarity
+    from ..similarities import similarity
 
     scores = torch.as_tensor(similarity(reference, compared, metric)).detach()
     scores = scores.to("cpu", torch.float32).reshape(-1).clone()
