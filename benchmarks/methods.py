@@ -11,7 +11,10 @@ Deconvolution, LayerGradCam), pytorch-grad-cam (GradCAM, GradCAMPlusPlus, FullGr
 (Epsilon, ZPlus, AlphaBeta layer-map composites with the ResNetCanonizer). A peer that is not
 installed is skipped.
 
-    python benchmarks/methods.py --batch 16 --size 224 --repeats 3
+    OMP_NUM_THREADS=2 python benchmarks/methods.py --batch 16 --size 224 --repeats 3
+
+Ratios, not seconds, are the result: each is the median over rounds of one call's wall time
+divided by a baseline call timed beside it.
 """
 
 from __future__ import annotations
@@ -33,15 +36,27 @@ import pytest_saliency as ps
 Run = Callable[[], object]
 
 
-def median_seconds(fn: Run, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls, after one warm-up call."""
+def seconds(fn: Run) -> float:
+    start = time.perf_counter()
     fn()
-    times = []
+    return time.perf_counter() - start
+
+
+def median_ratio(fn: Run, base: Run, repeats: int) -> float:
+    """Median over ``repeats`` rounds of ``time(fn) / time(base)``, after one warm-up call.
+
+    Each round times the baseline right before and right after ``fn`` and divides by the
+    faster of the two, so that load from other processes drifting over the run (this machine
+    is shared) moves both sides of a ratio together.
+    """
+    fn()
+    ratios = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        before = seconds(base)
+        took = seconds(fn)
+        after = seconds(base)
+        ratios.append(took / min(before, after))
+    return statistics.median(ratios)
 
 
 def baseline(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> Run:
@@ -155,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.randn(args.batch, 3, args.size, args.size)
     targets = torch.arange(args.batch) % 1000
 
-    base = median_seconds(baseline(model, x, targets), args.repeats)
+    base_run = baseline(model, x, targets)
+    base_run()
+    base = statistics.median(seconds(base_run) for _ in range(args.repeats))
     peers: dict[str, list[tuple[str, Run]]] = {}
     for found in (captum_peers, gradcam_peers, zennit_peers):
         for name, entries in found(model, x, targets).items():
@@ -163,15 +180,17 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"resnet18 (weights=None, eval), batch {args.batch}x3x{args.size}x{args.size}, CPU, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")  # fmt: skip
+          f"median of {args.repeats} interleaved ratios")  # fmt: skip
     print(f"baseline (forward + target logits + autograd.grad w.r.t. input): {base:.3f} s\n")
     print(f"{'method':<22}{'ours':>8}   {'peer':<30}{'peer':>8}")
     for name in methods:
-        ours = median_seconds(lambda n=name: ps.explain(model, x, n, target=targets), args.repeats)
+        ours = median_ratio(
+            lambda n=name: ps.explain(model, x, n, target=targets), base_run, args.repeats
+        )
         rows = peers.get(name) or [("-", None)]
         for i, (label, run) in enumerate(rows):
-            theirs = f"{median_seconds(run, args.repeats) / base:7.2f}x" if run else f"{'-':>8}"
-            left = f"{name:<22}{ours / base:7.2f}x" if i == 0 else " " * 30
+            theirs = f"{median_ratio(run, base_run, args.repeats):7.2f}x" if run else f"{'-':>8}"
+            left = f"{name:<22}{ours:7.2f}x" if i == 0 else " " * 30
             print(f"{left}   {label:<30}{theirs}")
 
 

@@ -73,9 +73,17 @@ def _shared_pass(model, bound: Sequence[_Bound], inputs, target, batch_size):
             mapping[key] = shared
         renames.append(mapping)
 
+    needs_input_grad = any(b.spec.input_grad for b in bound)
+
     def one(x, t):
         record = forward_backward(
-            model, x, target if t is None else t, rules, taps=union, method=bound[0].spec.name
+            model,
+            x,
+            target if t is None else t,
+            rules,
+            taps=union,
+            method=bound[0].spec.name,
+            input_grad=needs_input_grad,
         )
         maps = []
         for b, mapping in zip(bound, renames):

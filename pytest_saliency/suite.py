@@ -582,6 +582,8 @@ class SuiteFile(pytest.File):
         self.loaded = load_objects(self.suite, search)
         check_layers(self.suite, self.loaded.model)
         self._placed: dict[str, tuple] = {}
+        self._shared: dict[str, dict[str, Any]] = {}  # audit key -> {method id: result}
+        self._tried: set[tuple[str, str]] = set()  # (audit key, method id) already computed
         for entry in self.suite.methods:
             for check in self.suite.checks:
                 name = f"{check}[{entry.id}]"
@@ -615,6 +617,48 @@ class SuiteFile(pytest.File):
         if isinstance(excinfo.value, SuiteError):
             return str(excinfo.value)
         return super().repr_failure(excinfo, style=style)
+
+    def audit(self, item: SuiteItem, device: Any, settings: dict[str, Any]) -> Any:
+        """The item's audit result.
+
+        The first item of a check to run audits every method of that check selected in this
+        session in one list-of-methods call (methods sharing a rule set then share each
+        forward+backward) and keeps the others' results here until their items run. On an
+        xdist worker, which does not know which items it will get, and whenever the shared
+        call fails (the error then belongs to one item), each item runs its own audit.
+        """
+        if hasattr(self.config, "workerinput"):
+            return item.own_audit(device, settings)
+        key = repr((item.check, str(device), sorted(settings.items())))
+        done = self._shared.setdefault(key, {})
+        if item.entry.id in done:
+            return done.pop(item.entry.id)
+        if (key, item.entry.id) in self._tried:
+            return item.own_audit(device, settings)
+        peers = [
+            other for other in item.session.items
+            if isinstance(other, SuiteItem) and other.parent is self and other.check == item.check
+            and (key, other.entry.id) not in self._tried
+        ]  # fmt: skip
+        if item not in peers:  # run directly (e.g. item.runtest() outside a session)
+            peers.append(item)
+        self._tried.update((key, other.entry.id) for other in peers)
+        if len(peers) == 1:
+            return item.own_audit(device, settings)
+        from . import checks
+
+        model, inputs, targets = self.placed(device)
+        methods = [{"name": o.entry.name, "layer": o.entry.layer, **o.entry.options} for o in peers]
+        try:
+            results = getattr(checks, item.check)(
+                model, inputs, methods, target=targets, **settings
+            )
+        except SaliencyError:
+            return item.own_audit(device, settings)
+        for other, result in zip(peers, results):
+            if other is not item:
+                done[other.entry.id] = result
+        return results[peers.index(item)]
 
 
 class AuditFailed(Exception):
@@ -654,7 +698,6 @@ class SuiteItem(pytest.Item):
         return resolve_device(wanted)
 
     def runtest(self) -> None:
-        from . import checks
         from .plugin import get_session
 
         session = get_session(self.config)
@@ -667,17 +710,7 @@ class SuiteItem(pytest.Item):
             where = self.parent.suite.where(("device",))
             raise SuiteError(f"{where}: {exc}; or run with --saliency-device cpu") from None
         try:
-            model, inputs, targets = self.parent.placed(device)
-            audit = getattr(checks, self.check)
-            result = audit(
-                model,
-                inputs,
-                self.entry.name,
-                target=targets,
-                layer=self.entry.layer,
-                **settings,
-                **self.entry.options,
-            )
+            result = self.parent.audit(self, device, settings)
             record = session.record(
                 self.nodeid,
                 result,
@@ -700,6 +733,21 @@ class SuiteItem(pytest.Item):
             raise AuditFailed(
                 failure_text(self.location_text(), result, record, threshold, confidence)
             )
+
+    def own_audit(self, device: Any, settings: dict[str, Any]) -> Any:
+        """This item's audit on its own (one method)."""
+        from . import checks
+
+        model, inputs, targets = self.parent.placed(device)
+        return getattr(checks, self.check)(
+            model,
+            inputs,
+            self.entry.name,
+            target=targets,
+            layer=self.entry.layer,
+            **settings,
+            **self.entry.options,
+        )
 
     def location_text(self) -> str:
         return self.parent.suite.where(self.entry.path)

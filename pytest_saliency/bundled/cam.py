@@ -117,6 +117,7 @@ register(Method(
     readout=_gradcam,
     needs_layer=True,
     taps=_layer_taps,
+    input_grad=False,
     validate=_check_positive,
 ))  # fmt: skip
 
@@ -129,6 +130,7 @@ register(Method(
     readout=_gradcam_pp,
     needs_layer=True,
     taps=_layer_taps,
+    input_grad=False,
     validate=_check_positive,
 ))  # fmt: skip
 
@@ -160,29 +162,39 @@ def _bias_taps(ctx: Context, opts: dict) -> dict:
     return taps
 
 
-def _psi(maps: torch.Tensor, size: tuple[int, ...], positive: bool) -> torch.Tensor:
-    """Normalise each (sample, channel) map, upsample, sum over channels: [N, *size].
+def _psi(maps: torch.Tensor, positive: bool, factor: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalise each (sample, channel) map of ``factor * maps`` and sum over channels:
+    [N, 1, *spatial]. ``factor`` is one number per channel (None: 1).
 
     positive: min-max of abs(maps); signed: divide by the max abs. A constant map carries no
-    spatial information and becomes 0.
+    spatial information and becomes 0. A channel factor only survives the normalisation as its
+    sign (and as a zero), so it scales the per-channel weights instead of every value.
     """
     flat = maps.flatten(2)
     if positive:
         flat = flat.abs()
-        flat = flat - flat.amin(dim=2, keepdim=True)
-        span = flat.amax(dim=2, keepdim=True)
+        low = flat.amin(dim=2, keepdim=True)
+        span = flat.amax(dim=2, keepdim=True) - low  # = max(flat - low): the order is kept
+        flat = flat - low
     else:
         span = flat.abs().amax(dim=2, keepdim=True)
-    scaled = torch.where(span > 0, flat / torch.where(span > 0, span, 1), 0).reshape(maps.shape)
-    # Upsampling is linear, so summing channels first gives the same map with C times less work.
-    return upsample(scaled.sum(dim=1, keepdim=True), size)[:, 0]
+    scale = torch.where(span > 0, 1 / torch.where(span > 0, span, 1), 0)
+    if factor is not None:
+        sign = factor.reshape(1, -1, 1).ne(0) if positive else factor.sign().reshape(1, -1, 1)
+        scale = scale * sign
+    # The weighting and the channel sum in one batched product: [N, 1, C] @ [N, C, HW].
+    summed = torch.bmm(scale.transpose(1, 2), flat)
+    return summed.reshape((maps.shape[0], 1) + tuple(maps.shape[2:]))
 
 
 def _fullgrad(record: Record, ctx: Context, opts: dict) -> torch.Tensor:
     positive = opts["positive"]
     inputs = record.inputs
     size = tuple(inputs.shape[2:])
-    total = _psi(inputs * record.input_grad, size, positive)
+    # Upsampling is linear: the maps of one resolution are summed first and upsampled once.
+    by_size: dict[tuple[int, ...], torch.Tensor] = {
+        size: _psi(inputs * record.input_grad, positive)
+    }
     modules = dict(ctx.model.named_modules())
     for tap, calls in record.taps.items():
         if not tap.startswith(_BIAS_TAP):
@@ -193,9 +205,13 @@ def _fullgrad(record: Record, ctx: Context, opts: dict) -> torch.Tensor:
             # BatchNorm1d on flattened features): no spatial map to bring into input space.
             if gradient is None or gradient.dim() != inputs.dim():
                 continue
-            shape = (1, -1) + (1,) * (gradient.dim() - 2)
-            total = total + _psi(bias.reshape(shape) * gradient, size, positive)
-    return total
+            part = _psi(gradient, positive, bias)
+            key = tuple(part.shape[2:])
+            by_size[key] = by_size[key] + part if key in by_size else part
+    total = by_size.pop(size)
+    for part in by_size.values():
+        total = total + upsample(part, size)
+    return total[:, 0]
 
 
 register(Method(

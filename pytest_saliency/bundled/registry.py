@@ -27,12 +27,18 @@ class Context:
     batch_size: int | None
     input_shape: tuple[int, ...]
 
-    def run(self, rules: RuleSet, inputs, target, readout, taps=None):
+    def run(self, rules: RuleSet, inputs, target, readout, taps=None, input_grad=True):
         """One forward+backward per chunk under ``rules``; ``readout(record)`` per chunk."""
 
         def one(x, t):
             record = forward_backward(
-                self.model, x, target if t is None else t, rules, taps=taps, method=self.method
+                self.model,
+                x,
+                target if t is None else t,
+                rules,
+                taps=taps,
+                method=self.method,
+                input_grad=input_grad,
             )
             return readout(record)
 
@@ -60,7 +66,9 @@ class Method:
 
     Single-pass methods give ``rules`` (options -> RuleSet), ``taps`` (which module outputs to
     record) and ``readout`` (record -> map); methods that need several passes (integrated
-    gradients, smoothgrad) give ``compute`` instead.
+    gradients, smoothgrad) give ``compute`` instead. ``input_grad=False`` says the readout never
+    reads ``record.input_grad`` (CAM methods), so a pass made for this method alone stops its
+    backward at the tapped layers.
     """
 
     name: str
@@ -74,6 +82,7 @@ class Method:
     needs_layer: bool = False
     taps: Callable[[Context, dict], dict] = field(default=lambda ctx, opts: {})
     validate: Callable[[dict], None] = field(default=lambda opts: None)
+    input_grad: bool = True
 
     def bind(self, options: Mapping[str, Any]) -> dict:
         """Defaults overridden by ``options``; an unknown option is an error naming valid ones."""
@@ -96,6 +105,7 @@ class Method:
             target,
             lambda record: self.readout(record, ctx, opts),
             taps=self.taps(ctx, opts),
+            input_grad=self.input_grad,
         )
 
 

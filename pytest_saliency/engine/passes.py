@@ -18,32 +18,36 @@ class Record:
     """What one pass kept, for one chunk of samples.
 
     ``taps[name]`` lists ``(activation, gradient)`` per call of the tapped module (a module can
-    run several times in one forward). Activations are copies taken at the module's output, so
-    a later in-place op (``ReLU(inplace=True)``) cannot change them; gradients are taken at the
-    same point.
+    run several times in one forward). Each activation is the module's output exactly as it
+    left the module: the tap hands a copy on to the rest of the forward, so a later in-place op
+    (``ReLU(inplace=True)``) changes the copy, not the kept tensor. ``input_grad`` is None when
+    the pass was asked not to compute it (the backward then stops at the tapped outputs).
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor
     logits: torch.Tensor
-    input_grad: torch.Tensor
+    input_grad: torch.Tensor | None
     taps: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
-def _tap(name: str, keep_activation: bool, store: dict, handles: list):
+def _tap(name: str, keep_activation: bool, by_hook: bool, store: dict[str, list], handles: list):
     def hook(module, args, output):
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
-        slot: list = [output.detach().clone() if keep_activation else None, None]
-        store.setdefault(name, []).append(slot)
-
-        def grad_hook(grad):
-            slot[1] = grad.detach()
-
-        # The hook sits on this version of the tensor, so a later in-place op on it does not
-        # change which gradient arrives: it is the gradient at the module's output.
-        handles.append(output.register_hook(grad_hook))
-        return None
+        if by_hook and not keep_activation:
+            # Gradient only, on a backward that runs through here anyway: a tensor hook on
+            # this version of ``output`` receives the gradient at the module's output even if
+            # an in-place op changes the tensor later, and nothing is copied.
+            slot: list = [None]
+            store.setdefault(name, []).append((slot, False))
+            handles.append(output.register_hook(lambda grad: slot.__setitem__(0, grad)))
+            return None
+        store.setdefault(name, []).append((output, keep_activation))
+        # The rest of the forward gets a copy: in-place ops downstream then leave ``output``
+        # (and its place in the graph) as the module produced it, so the gradient w.r.t. it is
+        # the gradient at the module's output and the tensor itself is the activation.
+        return output.clone()
 
     return hook
 
@@ -56,30 +60,46 @@ def forward_backward(
     *,
     taps: Mapping[str, tuple[nn.Module, bool]] | None = None,
     method: str = "",
+    input_grad: bool = True,
 ) -> Record:
     """Forward ``inputs`` with ``rules`` installed, backward from each sample's target logit.
 
     ``taps`` maps a name to ``(module, keep_activation)``. ``target`` is anything
-    :func:`resolve_targets` accepts (None = predicted class).
+    :func:`resolve_targets` accepts (None = predicted class). With ``input_grad=False`` the
+    backward only runs down to the tapped outputs (all a CAM readout needs).
     """
     x = inputs.detach().clone().requires_grad_(True)
     store: dict[str, list] = {}
-    with torch.enable_grad(), removable_hooks() as handles:
-        for name, (module, keep) in (taps or {}).items():
-            handles.append(module.register_forward_hook(_tap(name, keep, store, handles)))
-        with rules.applied(model, method):
-            output = model(x)
+    with torch.enable_grad(), removable_hooks() as tensor_hooks:
+        with removable_hooks() as handles:
+            for name, (module, keep) in (taps or {}).items():
+                tap = _tap(name, keep, input_grad, store, tensor_hooks)
+                handles.append(module.register_forward_hook(tap))
+            with rules.applied(model, method):
+                output = model(x)
         logits = check_logits(output, type(model).__name__, x.shape[0])
         targets = resolve_targets(target, logits)
-        score = logits.gather(1, targets[:, None]).sum()
-        (grad,) = torch.autograd.grad(score, x, allow_unused=True)
-    if grad is None:
-        grad = torch.zeros_like(x)
-    recorded = {
-        name: [(a, g if g is not None else torch.zeros_like(a) if a is not None else None)
-               for a, g in slots]
-        for name, slots in store.items()
-    }  # fmt: skip
+        tapped = [o for calls in store.values() for o, _ in calls if isinstance(o, torch.Tensor)]
+        wrt = ([x] if input_grad else []) + tapped
+        grads: Sequence[torch.Tensor | None] = []
+        if wrt:
+            score = logits.gather(1, targets[:, None]).sum()
+            grads = torch.autograd.grad(score, wrt, allow_unused=True)
+    grad = None
+    if input_grad:
+        grad = grads[0] if grads[0] is not None else torch.zeros_like(x)
+        grads = grads[1:]
+    found = iter(grads)
+    recorded = {}
+    for name, calls in store.items():
+        recorded[name] = []
+        for out, keep in calls:
+            # No gradient: the output does not reach the target score. Kept activations get a
+            # zero gradient beside them; a gradient-only tap says None.
+            g = out[0] if isinstance(out, list) else next(found)
+            if g is None and keep:
+                g = torch.zeros_like(out)
+            recorded[name].append((out.detach() if keep else None, g))
     return Record(x.detach(), targets, logits.detach(), grad, recorded)
 
 

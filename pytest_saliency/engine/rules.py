@@ -11,6 +11,7 @@ plain gradient.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -32,7 +33,8 @@ class ActivationRule:
     name = "relu"
 
     def backward(self, grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return grad_out * (out > 0)
+        # autograd's own ReLU backward: grad_out where out > 0, else 0, in one kernel.
+        return torch.ops.aten.threshold_backward(grad_out, out, 0)
 
 
 class _RuleReLU(torch.autograd.Function):
@@ -155,13 +157,11 @@ class RuleSet:
             yield
             return
         with removable_hooks() as handles:
-            stack: list[str] = []
             if self.activation is not None:
                 _reject_unknown_activation_modules(model, method)
-                _track_modules(model, stack, handles)
             if self.install is not None:
                 self.install(model, handles)
-            with _RuleMode(self, method, stack):
+            with _RuleMode(self, method, model):
                 yield
 
 
@@ -176,27 +176,30 @@ def _reject_unknown_activation_modules(model: nn.Module, method: str) -> None:
             )
 
 
-def _track_modules(model: nn.Module, stack: list[str], handles: list) -> None:
-    """Keep the name of the module currently running, to name it in errors."""
+def _running_module(model: nn.Module) -> str | None:
+    """The name of the innermost module of ``model`` whose code is on the call stack.
+
+    Only an error message needs it, so it is looked up from the Python frames when the error
+    is raised instead of tracking every module call with hooks on every pass.
+    """
+    names: dict[int, str] = {}
     for name, module in model.named_modules():
-
-        def push(mod, args, name=name):
-            stack.append(name or type(model).__name__)
-
-        def pop(mod, args, output):
-            if stack:
-                stack.pop()
-
-        handles.append(module.register_forward_pre_hook(push))
-        handles.append(module.register_forward_hook(pop, always_call=True))
+        names.setdefault(id(module), name or type(model).__name__)
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            return names[id(owner)]
+        frame = frame.f_back
+    return None
 
 
 class _RuleMode(TorchFunctionMode):
-    def __init__(self, rules: RuleSet, method: str, stack: list[str]):
+    def __init__(self, rules: RuleSet, method: str, model: nn.Module):
         super().__init__()
         self.rules = rules
         self.method = method
-        self.stack = stack
+        self.model = model
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -212,7 +215,8 @@ class _RuleMode(TorchFunctionMode):
                 x = args[0] if args else kwargs["input"]
                 return _relu_with_rule(activation, x, inplace)
             if func in _OTHER_ACTIVATIONS:
-                where = f" in module {self.stack[-1]!r}" if self.stack else ""
+                running = _running_module(self.model)
+                where = f" in module {running!r}" if running else ""
                 raise UnsupportedActivationError(
                     f"method {self.method!r} propagates through ReLUs only, but the model calls "
                     f"{_OTHER_ACTIVATIONS[func]}{where}; its rule cannot be applied faithfully "

@@ -1,0 +1,120 @@
+"""YAML suites audit all selected methods of a check in one shared call, with per-item results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import pytest_saliency.checks as checks
+import pytest_saliency.suite  # noqa: F401  (loaded once, before pytester's inner runs)
+from pytest_saliency.suite import SuiteFile
+
+from .conftest import write_tinynet
+
+SUITE = """\
+model: tinynet:make_model
+inputs: tinynet:make_inputs
+max_similarity: 1.0
+similarity: spearman
+methods:
+  - gradient
+  - input_x_gradient
+  - {name: gradcam, layer: "2"}
+  - {name: gradcam++, layer: "2", positive: false}
+  - fullgrad
+  - guided_backprop
+  - {name: smoothgrad, samples: 2}
+checks:
+  output_sensitivity: {against: second}
+  parameter_randomization: {mode: cascading}
+"""
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    write_tinynet(pytester)
+    pytester.makefile(".yaml", saliency_shared=SUITE)
+    return pytester
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object]]:
+    """Every audit call made by the inner runs: (check, method argument)."""
+    seen: list[tuple[str, object]] = []
+    for name in ("output_sensitivity", "parameter_randomization"):
+        original = getattr(checks, name)
+
+        def spy(model, inputs, method, *args, _name=name, _original=original, **kwargs):
+            seen.append((_name, method))
+            return _original(model, inputs, method, *args, **kwargs)
+
+        monkeypatch.setattr(checks, name, spy)
+    return seen
+
+
+def records(project: pytest.Pytester, name: str) -> list[dict]:
+    return json.loads((project.path / name).read_text())["records"]
+
+
+def test_shared_run_equals_per_item_audits(project, calls, monkeypatch):
+    project.runpytest("--saliency-report=shared.json").assert_outcomes(passed=14)
+    # One call per check, with every method of the suite.
+    assert [(check, len(method)) for check, method in calls] == [
+        ("output_sensitivity", 7),
+        ("parameter_randomization", 7),
+    ]
+    calls.clear()
+    monkeypatch.setattr(
+        SuiteFile, "audit", lambda self, item, device, settings: item.own_audit(device, settings)
+    )
+    project.runpytest("--saliency-report=alone.json").assert_outcomes(passed=14)
+    assert len(calls) == 14 and all(isinstance(method, str) for _, method in calls)
+    shared, alone = records(project, "shared.json"), records(project, "alone.json")
+    assert [r["nodeid"] for r in shared] == [r["nodeid"] for r in alone]
+    assert shared == alone
+
+
+def test_only_selected_methods_are_audited(project, calls):
+    result = project.runpytest("-k", "parameter_randomization and (gradcam or fullgrad)")
+    result.assert_outcomes(passed=3)
+    assert calls == [
+        (
+            "parameter_randomization",
+            [
+                {"name": "gradcam", "layer": "2"},
+                {"name": "gradcam++", "layer": "2", "positive": False},
+                {"name": "fullgrad", "layer": None},
+            ],
+        )
+    ]
+
+
+def test_one_selected_item_runs_its_own_audit(project, calls):
+    project.runpytest("-k", "output_sensitivity and fullgrad").assert_outcomes(passed=1)
+    assert calls == [("output_sensitivity", "fullgrad")]
+
+
+def test_a_failing_shared_call_falls_back_to_per_item_audits(project, calls):
+    # Layer "4" is the Flatten: Grad-CAM fails there, and only its own item may fail for it.
+    project.makefile(
+        ".yaml",
+        saliency_shared="""\
+        model: tinynet:make_model
+        inputs: tinynet:make_inputs
+        max_similarity: 1.0
+        methods: [gradient, {name: gradcam, layer: "4"}, fullgrad]
+        checks: {parameter_randomization: {}}
+        """,
+    )
+    result = project.runpytest()
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*FAILED*parameter_randomization?gradcam-layer=4?*"])
+    assert calls[0][1] == [
+        {"name": "gradient", "layer": None},
+        {"name": "gradcam", "layer": "4"},
+        {"name": "fullgrad", "layer": None},
+    ]
+    assert calls[1:] == [
+        ("parameter_randomization", name) for name in ("gradient", "gradcam", "fullgrad")
+    ]
