@@ -31,10 +31,11 @@ def test_audit_batch_is_balanced_and_deterministic(module, threshold, shape) -> 
 
 
 def test_training_is_seeded_and_leaves_global_rng_alone() -> None:
-    state = torch.random.get_rng_state()
+    state, threads = torch.random.get_rng_state(), torch.get_num_threads()
     first = digits_model.train(epochs=1).state_dict()
     second = digits_model.train(epochs=1).state_dict()
     assert torch.equal(state, torch.random.get_rng_state())
+    assert torch.get_num_threads() == threads
     for key, value in first.items():
         assert torch.equal(value, second[key]), key
 

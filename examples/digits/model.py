@@ -1,7 +1,9 @@
 """A small VGG-style CNN trained on the scikit-learn digits (1 x 32 x 32).
 
-Layer names to audit: ``features.0`` ... ``features.11`` (the last conv, ``features.10``, and
-its ReLU ``features.11`` are 8 x 8: the CAM layer) and ``classifier.1`` / ``classifier.3``.
+Layer names to audit: ``features.0`` ... ``features.11`` and ``classifier.1`` / ``classifier.3``.
+The CAM layer is ``features.11``, the ReLU after the last conv (8 x 8 positions): Grad-CAM is
+defined on rectified feature maps, and on the raw conv output ``features.10`` the weighted sum is
+negative everywhere for about half of the digits, so ReLU leaves a blank (degenerate) map.
 All activations are ``nn.ReLU`` modules so every propagation rule applies.
 """
 
@@ -15,7 +17,7 @@ from torch import nn
 from digits.data import digits_data, held_out
 from digits.training import accuracy, fit, load_or_train
 
-CAM_LAYER = "features.10"
+CAM_LAYER = "features.11"
 INPUT_SIZE = 32
 CONFIG = {
     "arch": "DigitsNet-flat-v1",
@@ -25,6 +27,7 @@ CONFIG = {
     "batch_size": 32,
     "weight_decay": 0.0,
     "seed": 0,
+    "threads": 1,  # CPU threads while training: the weights depend on it (see `fit`)
 }
 
 
@@ -86,6 +89,7 @@ def train(
         lr=lr,
         batch_size=batch_size,
         weight_decay=CONFIG["weight_decay"],
+        threads=CONFIG["threads"],
     )
 
 

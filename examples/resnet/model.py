@@ -27,6 +27,7 @@ CONFIG = {
     "batch_size": 32,
     "weight_decay": 0.0,
     "seed": 0,
+    "threads": 1,  # CPU threads while training: the weights depend on it (see `fit`)
 }
 
 
@@ -63,6 +64,7 @@ def train(
         lr=lr,
         batch_size=batch_size,
         weight_decay=CONFIG["weight_decay"],
+        threads=CONFIG["threads"],
     )
 
 
