@@ -248,3 +248,35 @@ def test_cuda_audits_a_moved_copy(tiny_project: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1)
     (record,) = json.loads((tiny_project.path / "r.json").read_text())["records"]
     assert record["device"].startswith("cuda:")
+
+
+def test_strict_xfail_mark_shows_as_expected_failure_in_the_table(
+    tiny_project: pytest.Pytester,
+) -> None:
+    tiny_project.makepyfile(
+        """
+        import pytest
+        import tinynet
+
+        @pytest.mark.xfail(strict=True, raises=AssertionError)
+        @pytest.mark.saliency(methods=["gradient"], max_similarity=-0.99)
+        def test_audit(saliency, saliency_method):
+            model, x = tinynet.make_model(), tinynet.make_inputs()
+            saliency.assert_output_sensitive(model, x, saliency_method)
+
+        @pytest.mark.xfail(False, reason="condition false: a plain expectation")
+        @pytest.mark.saliency(methods=["gradient"], max_similarity=0.99)
+        def test_not_expected(saliency, saliency_method):
+            model, x = tinynet.make_model(), tinynet.make_inputs()
+            saliency.assert_output_sensitive(model, x, saliency_method)
+        """
+    )
+    result = tiny_project.runpytest()
+    assert result.ret == pytest.ExitCode.OK
+    result.assert_outcomes(xfailed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_audit[[]gradient]*output_sensitivity*xfail",
+            "*test_not_expected[[]gradient]*output_sensitivity*pass",
+        ]
+    )
