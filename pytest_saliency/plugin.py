@@ -299,7 +299,10 @@ def _id_value(value: object) -> str:
 def method_id(spec: object, *, validate: bool = False) -> str:
     """The readable id of a method: its ``id``, else its name plus its non-default options.
 
-    ``layer`` comes last, as in suites (``gradcam++-positive=false-layer=features.10``).
+    ``layer`` is not a method option and stays out of it, as in suites: a gradcam++ entry
+    with ``positive=False`` and ``layer="features.10"`` is ``gradcam++-positive=false``.
+
+
     ``validate=True`` also checks the method's options (a SaliencyError naming the valid ones).
     """
     from .bundled.registry import get_method
@@ -316,17 +319,32 @@ def method_id(spec: object, *, validate: bool = False) -> str:
         for key, value in own.items()
         if key not in method.defaults or method.defaults[key] != value
     ]
-    if "layer" in options:
-        extra.append(f"layer={_id_value(options['layer'])}")
     return "-".join([name, *extra])
+
+
+def marker_kwargs(node: pytest.Item) -> dict[str, Any]:
+    """The kwargs of every ``saliency`` mark on ``node``, the closest winning per key (a
+    module's ``methods`` and a test's ``max_similarity`` combine). Positional args are errors."""
+    merged: dict[str, Any] = {}
+    for mark in node.iter_markers("saliency"):
+        if mark.args:
+            raise SaliencyError(
+                f"@pytest.mark.saliency takes keyword arguments only, got {mark.args!r}; "
+                "write @pytest.mark.saliency(methods=[...])"
+            )
+        for key, value in mark.kwargs.items():
+            merged.setdefault(key, value)
+    return merged
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "saliency_method" not in metafunc.fixturenames:
         return
     where = metafunc.definition.nodeid
-    marker = metafunc.definition.get_closest_marker("saliency")
-    methods = marker.kwargs.get("methods") if marker is not None else None
+    try:
+        methods = marker_kwargs(metafunc.definition).get("methods")
+    except SaliencyError as exc:
+        pytest.fail(f"{where}: {exc}", pytrace=False)
     if not methods:
         pytest.fail(
             f"{where} uses the saliency_method fixture but has no methods to run: mark it with "
@@ -479,8 +497,7 @@ def _check_threshold(value: object, what: str) -> None:
 @pytest.fixture
 def saliency(request: pytest.FixtureRequest) -> Auditor:
     """An auditor bound to the run's device, seed, metric and threshold (marker kwargs win)."""
-    marker = request.node.get_closest_marker("saliency")
-    kwargs = dict(marker.kwargs) if marker is not None else {}
+    kwargs = marker_kwargs(request.node)
     for key in kwargs:
         if key not in MARKER_KEYS:
             raise SaliencyError(

@@ -22,7 +22,7 @@ Schema (keys other than these are errors)::
       guided_backprop: fail        # strict: xfailed while failing, a failure once it passes
 
 One item per (method, check), ``<file>::<check>[<method id>]``; the id is the ``id`` key, else
-the name plus its non-default options (``rectgrad-positive=false``, ``gradcam-layer=features.10``).
+the name plus its non-default options (``rectgrad-positive=false``; the layer is not part of it).
 
 Every mistake is a collection error naming the file, the line, the key path and what was
 expected. The model, inputs and targets are imported once per file per process, at collection
@@ -34,6 +34,7 @@ model as well.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import math
@@ -98,6 +99,8 @@ def load_yaml(text: str, name: str) -> tuple[Any, dict[KeyPath, int]]:
         mark = exc.problem_mark or exc.context_mark
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
         what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        if "'\\t'" in what:
+            what += " (YAML indents with spaces, not tabs)"
         raise SuiteError(f"{where}: malformed YAML: {what}") from None
     except yaml.YAMLError as exc:
         raise SuiteError(f"{name}: malformed YAML: {exc}") from None
@@ -168,7 +171,7 @@ class Suite:
         probe = tuple(path)
         while probe not in self.lines and probe:
             probe = probe[:-1]
-        line = self.lines.get(probe)
+        line = self.lines.get(probe, 1)  # 1: an empty file has no nodes
         loc = f"{self.label}:{line}" if line else self.label
         return f"{loc}: {fmt_path(path)}"
 
@@ -284,9 +287,9 @@ def _method_entry(p: _Problems, index: int, entry: Any) -> MethodEntry | None:
     except SaliencyError as exc:
         p.add(path, str(exc))
         return None
+    # The layer is where a CAM method reads, not an option of the method: it stays out of the
+    # id (two entries differing only by layer need an explicit ``id``).
     extras = [f"{k}={_fmt_value(v)}" for k, v in options.items() if v != spec.defaults[k]]
-    if layer is not None:
-        extras.append(f"layer={layer}")
     method_id = given_id or "-".join([name, *extras])
     return MethodEntry(name, options, layer, method_id, path)
 
@@ -329,6 +332,11 @@ def _expect(p: _Problems, raw: Any, ids: list[str], checks: list[str]) -> dict:
         if method_id not in ids:
             p.unknown(("expect", method_id), "method id", method_id, ids)
             continue
+        if not isinstance(value, dict) and value not in outcomes:  # one message, not one per check
+            p.add(
+                ("expect", method_id), f"expected 'fail', 'pass' or {{check: fail}}, got {value!r}"
+            )
+            continue
         per_check = value if isinstance(value, dict) else dict.fromkeys(checks, value)
         for check, outcome in per_check.items():
             path = ("expect", method_id) + ((check,) if isinstance(value, dict) else ())
@@ -349,6 +357,9 @@ def _source(p: _Problems, key: str, value: Any, *, allow_list: bool = False) -> 
     if allow_list and isinstance(value, list) and value and all(type(v) is int for v in value):
         return
     forms = "'package.module:attribute'"
+    if isinstance(value, str) and ":" not in value and "." in value.strip("."):
+        module, _, attr = value.rpartition(".")
+        forms += f" (did you mean '{module}:{attr}'?)"
     if key != "model":
         forms += " or a path to a .pt file (relative to the suite file)"
     if allow_list:
@@ -381,7 +392,11 @@ def parse_suite(data: Any, lines: dict[KeyPath, int], file: Path, label: str) ->
     entries: list[MethodEntry] = []
     raw_methods = data.get("methods")
     if raw_methods is not None and (not isinstance(raw_methods, list) or not raw_methods):
-        p.add(("methods",), "expected a non-empty list of methods (names or mappings)")
+        hint = f" (write methods: [{raw_methods}])" if isinstance(raw_methods, str) else ""
+        p.add(
+            ("methods",),
+            f"expected a non-empty list of methods (names or mappings), got {raw_methods!r}{hint}",
+        )
     elif raw_methods:
         for i, raw in enumerate(raw_methods):
             entry = _method_entry(p, i, raw)
@@ -421,17 +436,25 @@ def _user_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{at}"
 
 
-def _import_object(spec: str, search: list[str]) -> Any:
-    module_name, _, attr = spec.partition(":")
+@contextlib.contextmanager
+def _search_path(search: list[str]) -> Iterator[None]:
+    """``search`` on ``sys.path`` for the block: imports, and factories that import lazily."""
     added = [p for p in search if p not in sys.path]
     sys.path[:0] = added
     try:
-        obj = importlib.import_module(module_name)
-    except BaseException as exc:
-        raise SaliencyError(f"could not import {module_name!r}: {_user_error(exc)}") from None
+        yield
     finally:
         for entry in added:
             sys.path.remove(entry)
+
+
+def _import_object(spec: str, search: list[str]) -> Any:
+    module_name, _, attr = spec.partition(":")
+    try:
+        with _search_path(search):
+            obj = importlib.import_module(module_name)
+    except BaseException as exc:
+        raise SaliencyError(f"could not import {module_name!r}: {_user_error(exc)}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             near = closest(part, [n for n in dir(obj) if not n.startswith("_")])
@@ -518,6 +541,34 @@ def load_objects(suite: Suite, search: list[str]) -> Loaded:
     return Loaded(model, inputs, targets)
 
 
+def check_forward(suite: Suite, loaded: Loaded) -> None:
+    """One input through the model (eval mode, no grad, flags restored), so inputs the model
+    cannot take, or targets it has no class for, are one collection error, not a traceback
+    in every item."""
+    import torch
+
+    from .engine.state import eval_mode, model_device_dtype
+
+    model, inputs = loaded.model, loaded.inputs
+    device, dtype = model_device_dtype(model, inputs)
+    try:
+        with eval_mode(model), torch.no_grad():
+            out = model(inputs[:1].to(device=device, dtype=dtype))
+    except Exception as exc:
+        raise SuiteError(
+            f"{suite.where(('inputs',))}: the model cannot run on {suite.inputs} (shape "
+            f"{list(inputs.shape)}): {_user_error(exc)}"
+        ) from None
+    targets = loaded.targets
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and targets is not None:
+        classes = out.shape[1]
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
+            raise SuiteError(
+                f"{suite.where(('targets',))}: class indices must be in [0, {classes - 1}] "
+                f"(the model has {classes} outputs), got {targets.tolist()}"
+            )
+
+
 def _as_targets(raw: Any, n: int) -> Any:
     import torch
 
@@ -579,7 +630,9 @@ class SuiteFile(pytest.File):
         data, lines = load_yaml(self.path.read_text(encoding="utf-8"), label)
         self.suite = parse_suite(data, lines, self.path, label)
         search = [str(self.config.rootpath)] + [str(p) for p in self.config.getini("pythonpath")]
-        self.loaded = load_objects(self.suite, search)
+        with _search_path(search):  # factories and forwards may import lazily
+            self.loaded = load_objects(self.suite, search)
+            check_forward(self.suite, self.loaded)
         check_layers(self.suite, self.loaded.model)
         self._placed: dict[str, tuple] = {}
         self._shared: dict[str, dict[str, Any]] = {}  # audit key -> {method id: result}

@@ -44,7 +44,10 @@ NORM_STABILIZER = 1e-6  # zennit's default for Norm, ZPlus and AlphaBeta
 
 def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     """``z + epsilon * sign(z)`` with ``sign(0) = +1`` (zennit's stabilizer)."""
-    return torch.where(z >= 0, z + epsilon, z - epsilon)
+    # Bitwise equal to ``where(z >= 0, z + eps, z - eps)`` in fewer full-size passes: the
+    # offset is 1 * 2eps - eps = eps or 0 * 2eps - eps = -eps, both exact.
+    offset = (z >= 0).to(z.dtype).mul_(2 * epsilon).sub_(epsilon)
+    return offset.add_(z)
 
 
 _CONV_INPUT_GRAD = {
@@ -97,11 +100,11 @@ class EpsilonRule:
         self.epsilon = epsilon
 
     def prepare(self, x, layer: Affine, z):
-        return (stabilize(z, self.epsilon),)
+        # z itself is needed, and a later in-place op (ReLU) may overwrite it: stabilise now.
+        return stabilize(z, self.epsilon)
 
     def relevance(self, x, layer: Affine, r, prepared):
-        (denominator,) = prepared
-        return x * layer.transpose(r / denominator, layer.weight, x.shape)
+        return x * layer.transpose(r / prepared, layer.weight, x.shape)
 
 
 class AlphaBetaRule:
@@ -119,30 +122,31 @@ class AlphaBetaRule:
         self.stabilizer = stabilizer
 
     def prepare(self, x, layer: Affine, z):
-        xp, xn = x.clamp(min=0), x.clamp(max=0)
-        wp, wn = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
-        b = layer.bias
-        positive = layer(xp, wp, None if b is None else b.clamp(min=0)) + layer(xn, wn, None)
-        if not self.beta:
-            return stabilize(positive, self.stabilizer), None
-        negative = layer(xp, wn, None if b is None else b.clamp(max=0)) + layer(xn, wp, None)
-        return stabilize(positive, self.stabilizer), stabilize(negative, self.stabilizer)
+        # z+ and z- depend on x alone, so they are made in the backward pass: a layer whose
+        # BatchNorm gets folded in is never propagated through and costs nothing extra.
+        return None
 
     def relevance(self, x, layer: Affine, r, prepared):
-        # The clamped weights are made again here rather than kept from the forward pass:
-        # keeping them would hold two extra copies of every layer's weights for the whole pass.
-        positive, negative = prepared
-        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        # After a ReLU the input has no negative part: every x- term is exactly zero, so its
+        # convolutions are skipped (the sums are unchanged up to the sign of zero).
+        signed = bool((x < 0).any())
+        xp, xn = (x.clamp(min=0), x.clamp(max=0)) if signed else (x, None)
         wp, wn = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
-        s = r / positive
-        out = xp * layer.transpose(s, wp, x.shape) + xn * layer.transpose(s, wn, x.shape)
-        if self.alpha != 1:
-            out = self.alpha * out
-        if negative is not None:
-            s = r / negative
-            out = out - self.beta * (
-                xp * layer.transpose(s, wn, x.shape) + xn * layer.transpose(s, wp, x.shape)
-            )
+        b = layer.bias
+
+        def part(w_x, w_xn, bias, scale):
+            z = layer(xp, w_x, bias)
+            if signed:
+                z = z + layer(xn, w_xn, None)
+            s = r / stabilize(z, self.stabilizer)
+            out = xp * layer.transpose(s, w_x, x.shape)
+            if signed:
+                out = out + xn * layer.transpose(s, w_xn, x.shape)
+            return out if scale == 1 else scale * out
+
+        out = part(wp, wn, None if b is None else b.clamp(min=0), self.alpha)
+        if self.beta:
+            out = out - part(wn, wp, None if b is None else b.clamp(max=0), self.beta)
         return out
 
 

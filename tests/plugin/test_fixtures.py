@@ -92,7 +92,7 @@ def test_method_ids_are_readable_and_selectable(pytester: pytest.Pytester) -> No
             {"name": "gradcam++", "positive": False},
             {"name": "gradcam++", "positive": True},
             {"name": "gradcam", "layer": "2", "id": "cam-early"},
-            {"name": "gradcam++", "layer": "2", "positive": False},
+            {"name": "gradcam", "layer": "2", "positive": True},  # the layer is not in the id
         ]
 
         @pytest.mark.saliency(methods=METHODS)
@@ -108,7 +108,7 @@ def test_method_ids_are_readable_and_selectable(pytester: pytest.Pytester) -> No
             "test_*.py::test_ids[[]gradcam++-positive=false]",
             "test_*.py::test_ids[[]gradcam++]",  # a default option is not part of the id
             "test_*.py::test_ids[[]cam-early]",
-            "test_*.py::test_ids[[]gradcam++-positive=false-layer=2]",
+            "test_*.py::test_ids[[]gradcam-positive=true]",
         ]
     )
     selected = pytester.runpytest("-k", "gradcam", "-s")

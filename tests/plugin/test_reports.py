@@ -66,8 +66,8 @@ def test_json_report_records_and_meta(tiny_project: pytest.Pytester) -> None:
     records = doc["records"]
     keys = [(r["nodeid"].split("::")[1], r["check"]) for r in records]
     assert keys == [
-        ("test_audit[gradcam-layer=2]", "output_sensitivity"),
-        ("test_audit[gradcam-layer=2]", "parameter_randomization"),
+        ("test_audit[gradcam]", "output_sensitivity"),
+        ("test_audit[gradcam]", "parameter_randomization"),
         ("test_audit[gradient]", "output_sensitivity"),
         ("test_audit[gradient]", "parameter_randomization"),
     ]
