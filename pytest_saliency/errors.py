@@ -31,6 +31,8 @@ def unknown(kind: str, name: object, choices: Iterable[str], *, limit: int = 40)
     msg = f"unknown {kind} {name!r}"
     if near:
         msg += f"; did you mean {', '.join(repr(c) for c in near)}?"
+    else:
+        msg += "."
     shown = ", ".join(repr(c) for c in choices[:limit])
     if len(choices) > limit:
         shown += f", ... ({len(choices) - limit} more)"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,7 +49,10 @@ def check_target(target: object, n: int) -> Any:
     """Tensors and lists become a LongTensor [N] (range is checked against the model's output)."""
     if target is None or (isinstance(target, int) and not isinstance(target, bool)):
         return target
-    if isinstance(target, (list, tuple, torch.Tensor)):
+    # numpy integers (e.g. from ``logits.argmax().item()`` on an array) are ints too.
+    if isinstance(target, numbers.Integral) and not isinstance(target, (bool, np.bool_)):
+        return int(target)
+    if isinstance(target, (list, tuple, torch.Tensor, np.ndarray)):
         t = torch.as_tensor(target)
         if t.is_floating_point() or t.dtype == torch.bool:
             raise SaliencyError(f"target must hold integer class indices, got dtype {t.dtype}")
@@ -63,11 +68,45 @@ def check_target(target: object, n: int) -> Any:
     )
 
 
+_PLANAR = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+_LINEAR_AXIS = (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d)
+
+
+def check_rank(model: nn.Module, inputs: torch.Tensor) -> None:
+    """A 3-D batch fed to an image model is usually one [C, H, W] image without its batch axis.
+
+    Such a batch is valid [N, C, L] input, so only a model with 2-D layers and no 1-D ones is
+    tried, on one sample (a no-grad forward in eval mode); if it fails, the error says why.
+    """
+    modules = list(model.modules())
+    if inputs.dim() != 3 or not any(isinstance(m, _PLANAR) for m in modules):
+        return
+    if any(isinstance(m, _LINEAR_AXIS) for m in modules):
+        return
+    hint = (
+        f"inputs have shape {tuple(inputs.shape)}, read as [N, C, L], but "
+        f"{type(model).__name__} has 2-D layers (e.g. Conv2d) and {{what}}; if this is one "
+        "image [C, H, W], add a batch axis with inputs.unsqueeze(0) (expected [N, C, H, W])"
+    )
+    device, dtype = model_device_dtype(model, inputs)
+    try:
+        with eval_mode(model), torch.no_grad():
+            output = model(inputs[:1].detach().to(device=device, dtype=dtype))
+    except SaliencyError:
+        raise
+    except Exception as exc:
+        raise SaliencyError(hint.format(what=f"fails on it ({type(exc).__name__}: {exc})")) from exc
+    if isinstance(output, torch.Tensor) and (output.dim() != 2 or output.shape[0] != 1):
+        shape = tuple(output.shape)
+        raise SaliencyError(hint.format(what=f"returns shape {shape} for one such sample"))
+
+
 def prepare(model, inputs, method, layer, batch_size, options):
     """Validate a call and resolve the method, its options and its layer."""
     model = check_model(model)
     inputs = check_inputs(inputs)
     batch_size = check_batch_size(batch_size)
+    check_rank(model, inputs)
     spec = get_method(method)
     opts = spec.bind(options)
     if spec.needs_layer:
@@ -87,6 +126,12 @@ def prepare(model, inputs, method, layer, batch_size, options):
     return model, inputs, batch_size, spec, opts, resolved
 
 
+# Autograd is off inside ``torch.inference_mode()``; every method needs it, so a call made there
+# leaves inference mode for its own duration (as ``torch.enable_grad`` does for ``no_grad``).
+allow_grad = torch.inference_mode(False)
+
+
+@allow_grad
 def explain(
     model: nn.Module,
     inputs: torch.Tensor,

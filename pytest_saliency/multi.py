@@ -20,7 +20,7 @@ from .engine.layers import default_layer
 from .engine.passes import Record, chunked, forward_backward
 from .engine.state import eval_mode, model_device_dtype
 from .errors import SaliencyError
-from .explainer import check_target, prepare
+from .explainer import allow_grad, check_target, prepare
 
 
 @dataclass
@@ -101,6 +101,7 @@ def _shared_pass(model, bound: Sequence[_Bound], inputs, target, batch_size):
     return chunked(one, inputs, targets, batch_size)
 
 
+@allow_grad
 def explain_many(
     model: nn.Module,
     inputs: torch.Tensor,

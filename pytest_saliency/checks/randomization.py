@@ -14,7 +14,7 @@ from torch import nn
 from ..engine.state import eval_mode, removable_hooks
 from ..engine.targets import resolve_targets
 from ..errors import SaliencyError, unknown
-from ..explainer import check_target
+from ..explainer import allow_grad, check_target
 from ..multi import Request, explain_many
 from .common import (
     cam_layer,
@@ -210,6 +210,7 @@ def randomize(step: Step, seed: int, model: nn.Module) -> None:
                 module.reset_running_stats()
 
 
+@allow_grad
 def parameter_randomization(
     model: nn.Module,
     inputs: torch.Tensor,

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..engine.targets import resolve_targets
 from ..errors import SaliencyError
-from ..explainer import check_target
+from ..explainer import allow_grad, check_target
 from ..multi import Request, explain_many
 from .common import (
     cam_layer,
@@ -52,6 +52,7 @@ def other_classes(
     return torch.full((n,), -1, dtype=torch.long)
 
 
+@allow_grad
 def output_sensitivity(
     model: nn.Module,
     inputs: torch.Tensor,
