@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pytest_saliency as ps
-from pytest_saliency.errors import UnsupportedActivationError
+from pytest_saliency.errors import SaliencyError, UnsupportedActivationError
 from tests._models import (
     assert_unchanged,
     conv1d_net,
@@ -304,3 +304,20 @@ def test_public_functions_survive_submodule_imports():
                  "parameter_randomization"):  # fmt: skip
         assert inspect.isfunction(getattr(ps, name)), name
     assert "gradient" in ps.methods()
+
+
+def test_a_failure_inside_the_model_names_the_call_and_the_inputs():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 8, 8))  # materialise the lazy layer
+    x = torch.zeros(2, 3, 8, 8)  # 3 channels for a 1-channel model
+    for call in (
+        lambda: ps.explain(model, x, "gradient"),
+        lambda: ps.explain(model, x, "gradcam"),
+        lambda: ps.output_sensitivity(model, x, "gradient"),
+        lambda: ps.parameter_randomization(model, x, "gradient"),
+    ):
+        with pytest.raises(
+            SaliencyError, match=r"model Sequential failed on inputs of shape"
+        ) as info:
+            call()
+        assert isinstance(info.value.__cause__, RuntimeError)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..engine.passes import Record, chunked, forward_backward
 from ..engine.rules import RuleSet
-from ..engine.targets import check_logits
+from ..engine.targets import call_model, check_logits
 from ..errors import SaliencyError, unknown
 
 PLAIN = RuleSet("autograd")
@@ -50,7 +50,7 @@ class Context:
 
         def one(x, _):
             with torch.no_grad():
-                output = self.model(x)
+                output = call_model(self.model, x)
             return check_logits(output, type(self.model).__name__, x.shape[0]).argmax(dim=1)
 
         return chunked(one, inputs, None, self.batch_size)

@@ -10,6 +10,7 @@ from torch import nn
 from ..engine.layers import default_layer
 from ..engine.passes import chunked
 from ..engine.state import eval_mode, model_device_dtype, removable_hooks
+from ..engine.targets import call_model, check_logits
 from ..errors import SaliencyError, unknown
 from ..explainer import prepare
 
@@ -81,11 +82,11 @@ def cam_layer(model: nn.Module, x: torch.Tensor, spec, layer_label: str | None) 
 
 def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
     """Class scores [N, classes] from a no-grad forward in eval mode (chunked)."""
-    from ..engine.targets import check_logits
 
     def one(chunk, _):
         with torch.no_grad():
-            return check_logits(model(chunk), type(model).__name__, chunk.shape[0])
+            output = call_model(model, chunk)
+            return check_logits(output, type(model).__name__, chunk.shape[0])
 
     with eval_mode(model):
         return chunked(one, x, None, batch_size)
@@ -142,7 +143,7 @@ def layer_spatial_size(model: nn.Module, x: torch.Tensor, name: str) -> tuple[in
                 shapes.append(tuple(output.shape[2:]))
 
         handles.append(module.register_forward_hook(hook))
-        model(x[:1])
+        call_model(model, x[:1])
     return shapes[0] if shapes else None
 
 

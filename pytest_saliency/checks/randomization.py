@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..engine.state import eval_mode, removable_hooks
-from ..engine.targets import resolve_targets
+from ..engine.targets import call_model, resolve_targets
 from ..errors import SaliencyError, unknown
 from ..explainer import allow_grad, check_target
 from ..multi import Request, explain_many
@@ -55,7 +55,7 @@ def forward_order(model: nn.Module, x: torch.Tensor) -> list[str]:
                     seen.append(name)
 
             handles.append(module.register_forward_pre_hook(hook))
-        model(x[:1])
+        call_model(model, x[:1])
     return seen
 
 

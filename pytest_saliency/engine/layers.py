@@ -54,6 +54,7 @@ def _is_spatial(output: object, input_rank: int) -> bool:
 def spatial_layers(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
     """Modules whose output is spatial, in the order their forward calls finish (a dry forward)."""
     from .state import removable_hooks
+    from .targets import call_model
 
     found: list[tuple[str, tuple[int, ...]]] = []
     seen: set[str] = set()
@@ -69,7 +70,7 @@ def spatial_layers(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, tu
 
             handles.append(module.register_forward_hook(hook))
         with torch.no_grad():
-            model(inputs[:1])
+            call_model(model, inputs[:1])
     return found
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from .rules import RuleSet
 from .state import removable_hooks
-from .targets import check_logits, resolve_targets
+from .targets import call_model, check_logits, resolve_targets
 
 
 @dataclass
@@ -76,7 +76,7 @@ def forward_backward(
                 tap = _tap(name, keep, input_grad, store, tensor_hooks)
                 handles.append(module.register_forward_hook(tap))
             with rules.applied(model, method):
-                output = model(x)
+                output = call_model(model, x)
         logits = check_logits(output, type(model).__name__, x.shape[0])
         targets = resolve_targets(target, logits)
         tapped = [o for calls in store.values() for o, _ in calls if isinstance(o, torch.Tensor)]

@@ -7,6 +7,21 @@ import torch
 from ..errors import SaliencyError
 
 
+def call_model(model: torch.nn.Module, inputs: torch.Tensor) -> object:
+    """``model(inputs)``; a failure inside the user's model becomes an error that says which
+    call failed and on what (the original exception stays chained for the traceback)."""
+    try:
+        return model(inputs)
+    except SaliencyError:
+        raise
+    except Exception as exc:
+        raise SaliencyError(
+            f"model {type(model).__name__} failed on inputs of shape {tuple(inputs.shape)} "
+            f"({inputs.dtype}, {inputs.device}): {type(exc).__name__}: {exc}. Check that the "
+            "inputs have the shape, channels, dtype and device the model expects"
+        ) from exc
+
+
 def check_logits(output: object, model_name: str, n: int) -> torch.Tensor:
     """The model's output as class scores [N, classes], or a clear error."""
     if not isinstance(output, torch.Tensor):
