@@ -19,8 +19,10 @@ maps' device. Scores follow scipy / scikit-image on the same arrays:
 
 Conventions:
 
-* Work is done in float64 (float32 on devices without float64, e.g. MPS). The result is float64
-  when either input is float64, float32 otherwise. Scores are computed without autograd.
+* Work is done in float64 (float32 on devices without float64, e.g. MPS), except ``ssim`` on
+  float32 maps, which works in float32 on centred maps (within 1e-6 of the float64 formula). The
+  result is float64 when either input is float64, float32 otherwise. Scores are computed
+  without autograd.
 * Nothing loops over samples in Python, except that on CPU the batch goes in cache-sized chunks,
   and CPU rank sorts use numpy's (vectorised) argsort.
 * A sample whose map is constant in ``a`` or ``b`` has no defined similarity: its score is NaN
@@ -131,9 +133,9 @@ def constant_samples(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (lo_a == hi_a) | (lo_b == hi_b)
 
 
-def _minmax(x: torch.Tensor) -> torch.Tensor:
+def _minmax(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-sample min-max normalisation to [0, 1] (constant maps give NaN, masked later)."""
-    lo, hi = (v.to(_work_dtype(x.device))[:, None, None] for v in _range(x))
+    lo, hi = (v.to(dtype or _work_dtype(x.device))[:, None, None] for v in _range(x))
     return (x.to(lo.dtype) - lo) / (hi - lo)
 
 
@@ -220,37 +222,63 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, win_size: int = 7) -> torch.Tensor
             "(scikit-image refuses them too); pass an odd win_size <= the smaller side, "
             "or use 'spearman', 'pearson' or 'topk_iou'"
         )
-    score = _batched(lambda x, y: _ssim_core(_minmax(x), _minmax(y), win_size), a, b, 2**16)
+    dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    if a.device.type == "mps":
+        dtype = torch.float32
+
+    def score_chunk(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # Centred on 0 ([-0.5, 0.5]): the second moments are 4x smaller, and so is the float32
+        # rounding left after the variance subtraction. Worst error seen against the float64
+        # formula on smooth, blocky and noisy maps: 6e-7.
+        return _ssim_core(_minmax(x, dtype).sub_(0.5), _minmax(y, dtype).sub_(0.5), win_size)
+
+    score = _batched(score_chunk, a, b, 2**17)
     return _finish(score, a, b)
 
 
-def _window_sums(t: torch.Tensor, win: int) -> torch.Tensor:
-    """Sums over every full ``win`` x ``win`` window of [n, H, W] maps: [n, H-win+1, W-win+1].
+def _window_sums(t: torch.Tensor, win: int, dim: int) -> torch.Tensor:
+    """Sums of every ``win`` consecutive values along ``dim`` (only full windows are kept).
 
-    Running sums (cumsum, then differences) along each axis: two adds per pixel and axis
-    instead of ``win``; in float64 on values in [0, 1] their rounding stays below 1e-12.
+    Built by doubling: sums of 2, 4, 8... neighbours, added up along the binary digits of
+    ``win`` (4 adds for a window of 7, not 6). Short sums keep float32 rounding small, unlike a
+    running cumsum over the whole row.
     """
-    for dim in (1, 2):
-        c = t.cumsum(dim)
-        t = c.narrow(dim, win - 1, c.shape[dim] - win + 1).clone()
-        t.narrow(dim, 1, t.shape[dim] - 1).sub_(c.narrow(dim, 0, c.shape[dim] - win))
-    return t
+    out = t.shape[dim] - win + 1
+    acc: torch.Tensor | None = None
+    span, offset, rest = t, 0, win
+    width = 1
+    while rest:
+        if rest & 1:
+            part = span.narrow(dim, offset, out)
+            acc = part.clone() if acc is None else acc.add_(part)
+            offset += width
+        rest >>= 1
+        if rest:
+            m = span.shape[dim] - width
+            span = span.narrow(dim, 0, m) + span.narrow(dim, width, m)
+            width *= 2
+    assert acc is not None
+    return acc
 
 
 def _ssim_core(x: torch.Tensor, y: torch.Tensor, win: int) -> torch.Tensor:
-    """skimage's SSIM formula on [n, H, W] maps in [0, 1], averaged over full windows only.
+    """skimage's SSIM formula on [n, H, W] maps in [-0.5, 0.5], averaged over full windows.
 
-    Only "valid" windows are computed: exactly the pixels skimage keeps after cropping.
+    The maps are the min-max normalised maps minus 0.5: variances and covariance do not change,
+    and the means get their 0.5 back for the luminance term. Only "valid" windows are computed:
+    exactly the pixels skimage keeps after cropping.
     """
-    stats = torch.cat([x, y, x * x, y * y, x * y]) / (win * win)
-    ux, uy, uxx, uyy, uxy = _window_sums(stats, win).chunk(5)
+    stats = torch.stack([x, y, x * x + y * y, x * y])
+    stats = _window_sums(_window_sums(stats, win, 2), win, 3).mul_(1.0 / (win * win))
+    ux, uy, uss, uxy = stats.unbind(0)
     cov_norm = win * win / (win * win - 1)
-    vx = cov_norm * (uxx - ux * ux)
-    vy = cov_norm * (uyy - uy * uy)
-    vxy = cov_norm * (uxy - ux * uy)
     c1, c2 = 0.01**2, 0.03**2
-    s = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.mean(dim=(1, 2))
+    mx, my = ux + 0.5, uy + 0.5
+    luminance = (2 * mx * my + c1) / (mx * mx + my * my + c1)
+    uxuy = ux * uy
+    sq = ux * ux + uy * uy
+    contrast = (2 * cov_norm * (uxy - uxuy) + c2) / (cov_norm * (uss - sq) + c2)
+    return (luminance * contrast).mean(dim=(1, 2))
 
 
 @torch.no_grad()

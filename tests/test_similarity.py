@@ -102,6 +102,28 @@ def test_matches_peer(metric, kind, dtype):
     np.testing.assert_allclose(got.double().numpy(), reference(metric, a, b), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["upsampled", "blocky", "near_identical", "offset", "relu"])
+def test_float32_ssim_keeps_skimage_precision_on_smooth_maps(kind):
+    """float32 ssim works in float32: maps with tiny local variance are where rounding shows."""
+    g = torch.Generator().manual_seed(3)
+    up = torch.nn.functional.interpolate
+
+    def coarse(n, mode):
+        return up(torch.rand(6, 1, n, n, generator=g), size=96, mode=mode)[:, 0]
+
+    a = coarse(7, "bilinear")
+    b = {
+        "upsampled": lambda: coarse(7, "bilinear"),
+        "blocky": lambda: a + 1e-2 * coarse(12, "nearest"),
+        "near_identical": lambda: a + 1e-4 * coarse(14, "bicubic"),
+        "offset": lambda: 1000 + 1e-3 * coarse(7, "bilinear"),
+        "relu": lambda: (coarse(7, "bilinear") - 0.5).relu(),
+    }[kind]()
+    got = ssim(a, b)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.double().numpy(), reference("ssim", a, b), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("metric", ALL)
 def test_one_sample_square(metric):
     a, b = make_maps("smooth", (1, 32, 32))
