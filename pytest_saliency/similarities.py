@@ -41,6 +41,7 @@ import torch
 from .errors import SaliencyError, unknown
 
 __all__ = [
+    "Reference",
     "constant_samples",
     "hog",
     "hog_features",
@@ -57,20 +58,29 @@ __all__ = [
 # --- input checks and shared helpers ---------------------------------------------------------
 
 
+def _check_maps(t: object, metric: str, name: str = "a", *, spatial: bool = False) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise SaliencyError(
+            f"similarity {metric!r}: {name} must be a torch.Tensor of maps [N, H, W] "
+            f"or [N, L], got {type(t).__name__}"
+        )
+    if t.is_complex():
+        raise SaliencyError(f"similarity {metric!r}: {name} has complex dtype {t.dtype}")
+    if t.dim() not in (2, 3) or t.shape[0] == 0 or t.numel() == 0:
+        raise SaliencyError(
+            f"similarity {metric!r}: {name} has shape {tuple(t.shape)}; expected a non-empty "
+            "batch of maps [N, H, W] or [N, L] (add a batch axis with .unsqueeze(0))"
+        )
+    if spatial and t.dim() != 3:
+        raise SaliencyError(
+            f"similarity {metric!r} compares 2-D maps [N, H, W], got shape {tuple(t.shape)}; "
+            "for 1-D maps use 'spearman', 'spearman_abs', 'pearson' or 'topk_iou'"
+        )
+
+
 def _check_pair(a: object, b: object, metric: str, *, spatial: bool = False) -> None:
-    for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, torch.Tensor):
-            raise SaliencyError(
-                f"similarity {metric!r}: {name} must be a torch.Tensor of maps [N, H, W] "
-                f"or [N, L], got {type(t).__name__}"
-            )
-        if t.is_complex():
-            raise SaliencyError(f"similarity {metric!r}: {name} has complex dtype {t.dtype}")
-        if t.dim() not in (2, 3) or t.shape[0] == 0 or t.numel() == 0:
-            raise SaliencyError(
-                f"similarity {metric!r}: {name} has shape {tuple(t.shape)}; expected a non-empty "
-                "batch of maps [N, H, W] or [N, L] (add a batch axis with .unsqueeze(0))"
-            )
+    _check_maps(a, metric, "a", spatial=spatial)
+    _check_maps(b, metric, "b", spatial=spatial)
     if a.shape != b.shape:
         raise SaliencyError(
             f"similarity {metric!r}: maps have different shapes {tuple(a.shape)} and "
@@ -80,20 +90,11 @@ def _check_pair(a: object, b: object, metric: str, *, spatial: bool = False) -> 
         raise SaliencyError(
             f"similarity {metric!r}: maps are on different devices ({a.device} and {b.device})"
         )
-    if spatial and a.dim() != 3:
-        raise SaliencyError(
-            f"similarity {metric!r} compares 2-D maps [N, H, W], got shape {tuple(a.shape)}; "
-            "for 1-D maps use 'spearman', 'spearman_abs', 'pearson' or 'topk_iou'"
-        )
 
 
 def _work_dtype(device: torch.device) -> torch.dtype:
     # MPS has no float64; everywhere else float64 keeps us within 1e-5 of scipy/skimage.
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _out_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -115,13 +116,6 @@ def _undefined(x: torch.Tensor) -> torch.Tensor:
     return (lo == hi) | ~(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _finish(score: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Score in the output dtype, NaN where either map is constant or not finite."""
-    bad = _undefined(a) | _undefined(b)
-    score = torch.where(bad, torch.full_like(score, math.nan), score)
-    return score.to(_out_dtype(a, b))
-
-
 def constant_samples(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Which samples have a constant map (max == min) in ``a`` or in ``b``.
 
@@ -139,30 +133,10 @@ def _minmax(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return (x.to(lo.dtype) - lo) / (hi - lo)
 
 
-def _batched(
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    a: torch.Tensor,
-    b: torch.Tensor,
-    budget: int = 2**18,
-) -> torch.Tensor:
-    """``fn`` over the batch; on CPU in chunks of about ``budget`` pixels per map set.
-
-    Chunks keep a metric's temporaries in cache (1.5-2x faster on CPU); accelerators take the
-    whole batch at once.
-    """
-    n = a.shape[0]
-    step = max(1, budget // a[0].numel()) if a.device.type == "cpu" else n
-    if step >= n:
-        return fn(a, b)
-    return torch.cat([fn(a[i : i + step], b[i : i + step]) for i in range(0, n, step)])
-
-
-def _correlate(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Row-wise Pearson correlation of [N, P] tensors."""
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows of [N, P] centred and scaled to unit length: their dot products are correlations."""
     x = x - x.mean(dim=1, keepdim=True)
-    y = y - y.mean(dim=1, keepdim=True)
-    r = (x * y).sum(dim=1) / torch.sqrt((x * x).sum(dim=1) * (y * y).sum(dim=1))
-    return r.clamp(-1.0, 1.0)
+    return x / torch.sqrt((x * x).sum(dim=1, keepdim=True))
 
 
 def _argsort_rows(x: torch.Tensor) -> torch.Tensor:
@@ -192,25 +166,125 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x).scatter_(1, order, (first + last) / 2)
 
 
-# --- metrics --------------------------------------------------------------------------------
+# --- prepared references -------------------------------------------------------------------
 
 
-@torch.no_grad()
-def ssim(a: torch.Tensor, b: torch.Tensor, *, win_size: int = 7) -> torch.Tensor:
-    """Mean structural similarity of min-max normalised maps, as scikit-image computes it.
+class Reference:
+    """Reference maps prepared once, then compared with many sets of maps.
 
-    Matches ``structural_similarity(x, y, data_range=1)`` with its defaults: a uniform
-    ``win_size`` window, K1=0.01, K2=0.03, sample covariance, and the mean taken over the
-    pixels at least ``(win_size - 1) // 2`` from the border (so only full windows count).
-
-    Args:
-        a, b: maps ``[N, H, W]``, each side at least ``win_size``.
-        win_size: odd side of the sliding window (>= 3).
-
-    Returns:
-        ``[N]`` scores in [-1, 1]; NaN for constant maps.
+    ``Reference(a, metric, **options)(b)`` equals ``similarity(a, b, metric, **options)``; what
+    depends on ``a`` alone (its ranks, normalised map, window sums, HOG features, top pixels,
+    which samples are constant) is computed once. The audits compare each sample's map on the
+    trained model with one map per randomization step this way.
     """
-    _check_pair(a, b, "ssim", spatial=True)
+
+    def __init__(self, a: torch.Tensor, metric: str = "ssim", **options: object) -> None:
+        fn, valid = _lookup(metric, options)
+        _check_maps(a, metric, spatial=metric in ("ssim", "hog"))
+        self.metric = metric
+        self.shape, self.device, self.dtype = a.shape, a.device, a.dtype
+        self._kind = _KINDS[metric](a, **options)
+        self._undefined = _undefined(self._kind.view(a))
+
+    @torch.no_grad()
+    def __call__(self, b: torch.Tensor) -> torch.Tensor:
+        _check_maps(b, self.metric, "b")
+        if b.shape != self.shape:
+            raise SaliencyError(
+                f"similarity {self.metric!r}: maps have different shapes {tuple(self.shape)} and "
+                f"{tuple(b.shape)}; a and b must hold the same number of same-sized maps"
+            )
+        if b.device != self.device:
+            raise SaliencyError(
+                f"similarity {self.metric!r}: maps are on different devices ({self.device} and "
+                f"{b.device})"
+            )
+        kind = self._kind
+        n = b.shape[0]
+        step = max(1, kind.budget // b[0].numel()) if b.device.type == "cpu" else n
+        parts = [kind.score(i, min(n, i + step), b[i : i + step]) for i in range(0, n, step)]
+        score = parts[0] if len(parts) == 1 else torch.cat(parts)
+        bad = self._undefined | _undefined(kind.view(b))
+        score = torch.where(bad, torch.full_like(score, math.nan), score)
+        out = torch.float64 if torch.float64 in (self.dtype, b.dtype) else torch.float32
+        return score.to(out)
+
+
+class _Kind:
+    """One metric's work on the reference (in ``__init__``) and on compared maps (``score``)."""
+
+    budget = 2**18  # pixels per CPU chunk: keeps a metric's temporaries in cache
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """The values whose constancy makes a sample undefined (the maps themselves)."""
+        return x
+
+
+class _Correlation(_Kind):
+    """pearson / spearman / spearman_abs: unit-length rows of (ranked) values."""
+
+    def __init__(self, a: torch.Tensor, *, ranked: bool, absolute: bool) -> None:
+        self.ranked, self.absolute = ranked, absolute
+        self.rows = _batched_rows(self._rows, a, self.budget)
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        # |map| can be constant where the map is not (e.g. +-1): that is undefined too.
+        return x.abs() if self.absolute else x
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        x = _flat(x)
+        if self.absolute:
+            x = x.abs()
+        return _rows(_ranks(x) if self.ranked else x)
+
+    def score(self, start: int, stop: int, b: torch.Tensor) -> torch.Tensor:
+        return (self.rows[start:stop] * self._rows(b)).sum(dim=1).clamp(-1.0, 1.0)
+
+
+def _batched_rows(fn, a: torch.Tensor, budget: int) -> torch.Tensor:
+    n = a.shape[0]
+    step = max(1, budget // a[0].numel()) if a.device.type == "cpu" else n
+    parts = [fn(a[i : i + step]) for i in range(0, n, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class _SSIM(_Kind):
+    budget = 2**17
+
+    def __init__(self, a: torch.Tensor, *, win_size: int = 7) -> None:
+        _check_win(win_size, a)
+        self.win = win_size
+        # float32 maps are compared in float32 (float64 inputs in float64): centred on 0
+        # ([-0.5, 0.5]), the second moments are 4x smaller, and so is the float32 rounding left
+        # after the variance subtraction (worst seen against the float64 formula: 6e-7).
+        self.work = torch.float64 if a.dtype == torch.float64 else torch.float32
+        if a.device.type == "mps":
+            self.work = torch.float32
+        self.x = _minmax(a, self.work).sub_(0.5)
+        sums = _window_sums(_window_sums(torch.stack([self.x, self.x * self.x]), self.win, 2),
+                            self.win, 3)  # fmt: skip
+        self.ux, self.uxx = sums.mul_(1.0 / (self.win * self.win)).unbind(0)
+
+    def score(self, start: int, stop: int, b: torch.Tensor) -> torch.Tensor:
+        win = self.win
+        x = self.x[start:stop]
+        y = _minmax(b, self.work).sub_(0.5)
+        if y.dtype != x.dtype:  # float64 maps against a float32 reference
+            x = x.to(y.dtype)
+        sums = _window_sums(_window_sums(torch.stack([y, y * y, x * y]), win, 2), win, 3)
+        uy, uyy, uxy = sums.mul_(1.0 / (win * win)).unbind(0)
+        ux, uxx = self.ux[start:stop].to(uy.dtype), self.uxx[start:stop].to(uy.dtype)
+        cov_norm = win * win / (win * win - 1)
+        c1, c2 = 0.01**2, 0.03**2
+        # The luminance term needs the means of the uncentred maps: the 0.5 goes back.
+        mx, my = ux + 0.5, uy + 0.5
+        luminance = (2 * mx * my + c1) / (mx * mx + my * my + c1)
+        vx, vy = uxx - ux * ux, uyy - uy * uy
+        contrast = (2 * cov_norm * (uxy - ux * uy) + c2) / (cov_norm * (vx + vy) + c2)
+        return (luminance * contrast).mean(dim=(1, 2))
+
+
+def _check_win(win_size: object, a: torch.Tensor) -> None:
     if isinstance(win_size, bool) or not isinstance(win_size, int) or win_size < 3:
         raise SaliencyError(f"ssim: win_size must be an odd int >= 3, got {win_size!r}")
     if win_size % 2 == 0:
@@ -222,18 +296,6 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, win_size: int = 7) -> torch.Tensor
             "(scikit-image refuses them too); pass an odd win_size <= the smaller side, "
             "or use 'spearman', 'pearson' or 'topk_iou'"
         )
-    dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
-    if a.device.type == "mps":
-        dtype = torch.float32
-
-    def score_chunk(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # Centred on 0 ([-0.5, 0.5]): the second moments are 4x smaller, and so is the float32
-        # rounding left after the variance subtraction. Worst error seen against the float64
-        # formula on smooth, blocky and noisy maps: 6e-7.
-        return _ssim_core(_minmax(x, dtype).sub_(0.5), _minmax(y, dtype).sub_(0.5), win_size)
-
-    score = _batched(score_chunk, a, b, 2**17)
-    return _finish(score, a, b)
 
 
 def _window_sums(t: torch.Tensor, win: int, dim: int) -> torch.Tensor:
@@ -261,49 +323,114 @@ def _window_sums(t: torch.Tensor, win: int, dim: int) -> torch.Tensor:
     return acc
 
 
-def _ssim_core(x: torch.Tensor, y: torch.Tensor, win: int) -> torch.Tensor:
-    """skimage's SSIM formula on [n, H, W] maps in [-0.5, 0.5], averaged over full windows.
+class _HOG(_Kind):
+    def __init__(
+        self,
+        a: torch.Tensor,
+        *,
+        pixels_per_cell: int | tuple[int, int] = (8, 8),
+        correlation: str = "spearman",
+    ) -> None:
+        self.cell = _cells(pixels_per_cell)
+        if correlation not in ("spearman", "pearson"):
+            raise SaliencyError(
+                f"hog: correlation must be 'spearman' or 'pearson', got {correlation!r}"
+            )
+        h, w = a.shape[1:]
+        cr, cc = self.cell
+        if h < 3 * cr or w < 3 * cc:
+            raise SaliencyError(
+                f"hog: maps of {h}x{w} hold fewer than 3x3 cells of {cr}x{cc} pixels; they "
+                f"need at least {3 * cr}x{3 * cc} (or pass a smaller pixels_per_cell)"
+            )
+        self.ranked = correlation == "spearman"
+        self.rows = _batched_rows(self._rows, a, self.budget)
 
-    The maps are the min-max normalised maps minus 0.5: variances and covariance do not change,
-    and the means get their 0.5 back for the luminance term. Only "valid" windows are computed:
-    exactly the pixels skimage keeps after cropping.
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        features = hog_features(_minmax(x), self.cell)
+        return _rows(_ranks(features) if self.ranked else features)
+
+    def score(self, start: int, stop: int, b: torch.Tensor) -> torch.Tensor:
+        return (self.rows[start:stop] * self._rows(b)).sum(dim=1).clamp(-1.0, 1.0)
+
+
+class _TopK(_Kind):
+    def __init__(self, a: torch.Tensor, *, k: float = 10) -> None:
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 100:
+            raise SaliencyError(f"topk_iou: k is a percentage in (0, 100], got {k!r}")
+        self.p = a[0].numel()
+        self.count = max(1, math.ceil(k * self.p / 100))
+        self.top_a = _batched_rows(self._top, a, self.budget)
+
+    def _top(self, x: torch.Tensor) -> torch.Tensor:
+        # Everything above the count-th largest value, then the tied values at it in index
+        # order: the same set as a stable descending argsort, without sorting whole maps.
+        t = _flat(x).abs()
+        threshold = t.kthvalue(self.p - self.count + 1, dim=1, keepdim=True).values
+        above = t > threshold
+        tied = t == threshold
+        room = self.count - above.sum(dim=1, keepdim=True)
+        return above | (tied & (tied.cumsum(dim=1) <= room))
+
+    def score(self, start: int, stop: int, b: torch.Tensor) -> torch.Tensor:
+        inter = (self.top_a[start:stop] & self._top(b)).sum(dim=1)
+        return inter.to(_work_dtype(b.device)) / (2 * self.count - inter)
+
+
+_KINDS: dict[str, Callable[..., _Kind]] = {
+    "ssim": _SSIM,
+    "spearman": lambda a: _Correlation(a, ranked=True, absolute=False),
+    "spearman_abs": lambda a: _Correlation(a, ranked=True, absolute=True),
+    "pearson": lambda a: _Correlation(a, ranked=False, absolute=False),
+    "hog": _HOG,
+    "topk_iou": _TopK,
+}
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def ssim(a: torch.Tensor, b: torch.Tensor, *, win_size: int = 7) -> torch.Tensor:
+    """Mean structural similarity of min-max normalised maps, as scikit-image computes it.
+
+    Matches ``structural_similarity(x, y, data_range=1)`` with its defaults: a uniform
+    ``win_size`` window, K1=0.01, K2=0.03, sample covariance, and the mean taken over the
+    pixels at least ``(win_size - 1) // 2`` from the border (so only full windows count).
+    float32 maps are compared in float32, float64 maps in float64.
+
+    Args:
+        a, b: maps ``[N, H, W]``, each side at least ``win_size``.
+        win_size: odd side of the sliding window (>= 3).
+
+    Returns:
+        ``[N]`` scores in [-1, 1]; NaN for constant maps.
     """
-    stats = torch.stack([x, y, x * x + y * y, x * y])
-    stats = _window_sums(_window_sums(stats, win, 2), win, 3).mul_(1.0 / (win * win))
-    ux, uy, uss, uxy = stats.unbind(0)
-    cov_norm = win * win / (win * win - 1)
-    c1, c2 = 0.01**2, 0.03**2
-    mx, my = ux + 0.5, uy + 0.5
-    luminance = (2 * mx * my + c1) / (mx * mx + my * my + c1)
-    uxuy = ux * uy
-    sq = ux * ux + uy * uy
-    contrast = (2 * cov_norm * (uxy - uxuy) + c2) / (cov_norm * (uss - sq) + c2)
-    return (luminance * contrast).mean(dim=(1, 2))
+    _check_pair(a, b, "ssim", spatial=True)
+    if b.dtype == torch.float64 and a.dtype != torch.float64:
+        a = a.double()  # work in float64 when either side is float64
+    return Reference(a, "ssim", win_size=win_size)(b)
 
 
 @torch.no_grad()
 def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of the flattened maps, per sample (``scipy.stats.pearsonr``)."""
     _check_pair(a, b, "pearson")
-    return _finish(_batched(lambda x, y: _correlate(_flat(x), _flat(y)), a, b), a, b)
+    return Reference(a, "pearson")(b)
 
 
 @torch.no_grad()
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Spearman rank correlation of the flattened signed maps, ties averaged (scipy)."""
     _check_pair(a, b, "spearman")
-    score = _batched(lambda x, y: _correlate(_ranks(_flat(x)), _ranks(_flat(y))), a, b)
-    return _finish(score, a, b)
+    return Reference(a, "spearman")(b)
 
 
 @torch.no_grad()
 def spearman_abs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Spearman rank correlation of the absolute maps (Adebayo et al.'s 'absolute value')."""
     _check_pair(a, b, "spearman_abs")
-    x, y = _flat(a).abs(), _flat(b).abs()
-    score = _batched(lambda x, y: _correlate(_ranks(x), _ranks(y)), x, y)
-    # |map| can be constant where the map is not (e.g. +-1): that is undefined too.
-    return _finish(score, x, y).to(_out_dtype(a, b))
+    return Reference(a, "spearman_abs")(b)
 
 
 def _cells(pixels_per_cell: object) -> tuple[int, int]:
@@ -388,25 +515,7 @@ def hog(
             Adebayo et al.'s paper).
     """
     _check_pair(a, b, "hog", spatial=True)
-    cell = _cells(pixels_per_cell)
-    if correlation not in ("spearman", "pearson"):
-        raise SaliencyError(
-            f"hog: correlation must be 'spearman' or 'pearson', got {correlation!r}"
-        )
-    h, w = a.shape[1:]
-    if h < 3 * cell[0] or w < 3 * cell[1]:
-        raise SaliencyError(
-            f"hog: maps of {h}x{w} hold fewer than 3x3 cells of {cell[0]}x{cell[1]} pixels; "
-            f"they need at least {3 * cell[0]}x{3 * cell[1]} (or pass a smaller pixels_per_cell)"
-        )
-
-    def score(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        fx, fy = hog_features(_minmax(x), cell), hog_features(_minmax(y), cell)
-        if correlation == "spearman":
-            fx, fy = _ranks(fx), _ranks(fy)
-        return _correlate(fx, fy)
-
-    return _finish(_batched(score, a, b), a, b)
+    return Reference(a, "hog", pixels_per_cell=pixels_per_cell, correlation=correlation)(b)
 
 
 @torch.no_grad()
@@ -418,25 +527,7 @@ def topk_iou(a: torch.Tensor, b: torch.Tensor, *, k: float = 10) -> torch.Tensor
     result deterministic.
     """
     _check_pair(a, b, "topk_iou")
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 100:
-        raise SaliencyError(f"topk_iou: k is a percentage in (0, 100], got {k!r}")
-    p = a[0].numel()
-    count = max(1, math.ceil(k * p / 100))
-
-    def top(t: torch.Tensor) -> torch.Tensor:
-        # Everything above the count-th largest value, then the tied values at it in index
-        # order: the same set as a stable descending argsort, without sorting whole maps.
-        threshold = t.kthvalue(p - count + 1, dim=1, keepdim=True).values
-        above = t > threshold
-        tied = t == threshold
-        room = count - above.sum(dim=1, keepdim=True)
-        return above | (tied & (tied.cumsum(dim=1) <= room))
-
-    def iou(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        inter = (top(_flat(x).abs()) & top(_flat(y).abs())).sum(dim=1)
-        return inter / (2 * count - inter)
-
-    return _finish(_batched(iou, a, b), a, b)
+    return Reference(a, "topk_iou", k=k)(b)
 
 
 # --- dispatch -------------------------------------------------------------------------------
@@ -456,6 +547,20 @@ def metrics() -> list[str]:
     return list(_METRICS)
 
 
+def _lookup(metric: object, options: dict) -> tuple[Callable[..., torch.Tensor], tuple[str, ...]]:
+    if not isinstance(metric, str) or metric not in _METRICS:
+        raise unknown("similarity metric", metric, metrics())
+    fn, valid = _METRICS[metric]
+    extra = sorted(set(options) - set(valid))
+    if extra:
+        takes = ", ".join(repr(o) for o in valid) if valid else "no options"
+        raise SaliencyError(
+            f"similarity {metric!r} got unknown option(s) {', '.join(map(repr, extra))}; "
+            f"it takes {takes}"
+        )
+    return fn, valid
+
+
 def similarity(
     a: torch.Tensor, b: torch.Tensor, metric: str = "ssim", **options: object
 ) -> torch.Tensor:
@@ -471,14 +576,5 @@ def similarity(
         ``[N]`` scores on the maps' device (float64 if an input is float64, else float32),
         NaN for samples with a constant map.
     """
-    if not isinstance(metric, str) or metric not in _METRICS:
-        raise unknown("similarity metric", metric, metrics())
-    fn, valid = _METRICS[metric]
-    extra = sorted(set(options) - set(valid))
-    if extra:
-        takes = ", ".join(repr(o) for o in valid) if valid else "no options"
-        raise SaliencyError(
-            f"similarity {metric!r} got unknown option(s) {', '.join(map(repr, extra))}; "
-            f"it takes {takes}"
-        )
+    fn, _ = _lookup(metric, options)
     return fn(a, b, **options)

@@ -14,6 +14,7 @@ from skimage.metrics import structural_similarity
 import pytest_saliency as ps
 from pytest_saliency.errors import SaliencyError
 from pytest_saliency.similarities import (
+    Reference,
     constant_samples,
     hog,
     hog_features,
@@ -366,3 +367,29 @@ def test_cuda_matches_cpu(metric):
     got = similarity(a.cuda(), b.cuda(), metric)
     assert got.device.type == "cuda"
     torch.testing.assert_close(got.cpu(), similarity(a, b, metric), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("metric", ALL)
+def test_prepared_reference_equals_similarity_for_every_compared_set(metric):
+    """A Reference scores many compared sets against one reference, exactly as similarity."""
+    a, b = make_maps("smooth", (5, 30, 36), torch.float32)
+    _, c = make_maps("ties", (5, 30, 36), torch.float32, seed=4)
+    prepared = Reference(a, metric)
+    for other in (b, c, a):
+        got = prepared(other)
+        assert torch.equal(got.isnan(), similarity(a, other, metric).isnan())
+        torch.testing.assert_close(got, similarity(a, other, metric), rtol=0, atol=1e-12,
+                                   equal_nan=True)  # fmt: skip
+    np.testing.assert_allclose(prepared(b).double().numpy(), reference(metric, a, b), atol=1e-5)
+
+
+def test_prepared_reference_checks_what_it_is_given():
+    a, _ = make_maps("random", (4, 20, 20))
+    with pytest.raises(SaliencyError, match=r"different shapes \(4, 20, 20\) and \(3, 20, 20\)"):
+        Reference(a, "spearman")(a[:3])
+    with pytest.raises(SaliencyError, match="'ssimm'.*'ssim'"):
+        Reference(a, "ssimm")
+    with pytest.raises(SaliencyError, match="unknown option.*'k'"):
+        Reference(a, "spearman", k=3)
+    with pytest.raises(SaliencyError, match="b must be a torch.Tensor"):
+        Reference(a, "pearson")(a.numpy())

@@ -196,6 +196,9 @@ def _fullgrad(record: Record, ctx: Context, opts: dict) -> torch.Tensor:
         size: _psi(inputs * record.input_grad, positive)
     }
     modules = dict(ctx.model.named_modules())
+    # Gradients of one spatial size are normalised and summed in one batched call: _psi works
+    # per (sample, channel), so channels of several layers can sit side by side.
+    grouped: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for tap, calls in record.taps.items():
         if not tap.startswith(_BIAS_TAP):
             continue
@@ -205,9 +208,12 @@ def _fullgrad(record: Record, ctx: Context, opts: dict) -> torch.Tensor:
             # BatchNorm1d on flattened features): no spatial map to bring into input space.
             if gradient is None or gradient.dim() != inputs.dim():
                 continue
-            part = _psi(gradient, positive, bias)
-            key = tuple(part.shape[2:])
-            by_size[key] = by_size[key] + part if key in by_size else part
+            grouped.setdefault(tuple(gradient.shape[2:]), []).append((gradient, bias))
+    for key, parts in grouped.items():
+        gradients = torch.cat([g for g, _ in parts], dim=1) if len(parts) > 1 else parts[0][0]
+        biases = torch.cat([b.reshape(-1).to(gradients.dtype) for _, b in parts])
+        part = _psi(gradients, positive, biases)
+        by_size[key] = by_size[key] + part if key in by_size else part
     total = by_size.pop(size)
     for part in by_size.values():
         total = total + upsample(part, size)

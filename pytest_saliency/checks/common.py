@@ -105,11 +105,13 @@ def is_constant(maps: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
     return ~finite | (spread <= rtol * scale)
 
 
-def compare(
-    reference: torch.Tensor, compared: torch.Tensor, metric: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Similarity [N] (CPU float) of the compared maps to the reference maps, and a bool [N]
-    marking the samples whose compared map was blank (constant).
+class Comparer:
+    """Scores sets of compared maps against fixed reference maps, prepared once.
+
+    Calling it with compared maps gives the similarity [N] (CPU float) to the reference maps,
+    and a bool [N] marking the samples whose compared map was blank (constant). Both run on the
+    maps' device; what depends on the reference alone (ranks, window sums, constancy) is
+    computed once, however many sets are compared.
 
     A constant reference map (the explained class on the trained model) says nothing, so the
     sample's score is NaN: the audit cannot judge it. A constant compared map next to a
@@ -117,15 +119,26 @@ def compare(
     ReLU zeroed for another class or a randomized model), so it shares no structure and scores
     0 instead of the metric's undefined value.
     """
-    from ..similarities import similarity
 
-    scores = torch.as_tensor(similarity(reference, compared, metric)).detach()
-    scores = scores.to("cpu", torch.float32).reshape(-1).clone()
-    flat_ref = is_constant(reference).cpu()
-    blank = is_constant(compared).cpu() & ~flat_ref
-    scores[blank] = 0.0
-    scores[flat_ref] = math.nan
-    return scores, blank
+    def __init__(self, reference: torch.Tensor, metric: str) -> None:
+        from ..similarities import Reference
+
+        self._reference = Reference(reference.detach(), metric)
+        self._flat = is_constant(reference).cpu()
+
+    def __call__(self, compared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self._reference(compared.detach()).to("cpu", torch.float32).reshape(-1).clone()
+        blank = is_constant(compared).cpu() & ~self._flat
+        scores[blank] = 0.0
+        scores[self._flat] = math.nan
+        return scores, blank
+
+
+def compare(
+    reference: torch.Tensor, compared: torch.Tensor, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One :class:`Comparer` call: (similarity [N], blank [N])."""
+    return Comparer(reference, metric)(compared)
 
 
 def to_cpu(maps: torch.Tensor) -> torch.Tensor:

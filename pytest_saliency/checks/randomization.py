@@ -17,9 +17,9 @@ from ..errors import SaliencyError, unknown
 from ..explainer import allow_grad, check_target
 from ..multi import Request, explain_many
 from .common import (
+    Comparer,
     cam_layer,
     check_choice,
-    compare,
     constant_cause,
     describe_blank,
     describe_constant,
@@ -278,19 +278,33 @@ def parameter_randomization(
     ]
 
     def maps_now() -> list[torch.Tensor]:
-        found = explain_many(work, x, shared, target=targets, batch_size=batch_size)
-        return [to_cpu(m) for m in found]
+        return explain_many(work, x, shared, target=targets, batch_size=batch_size)
 
-    maps = [{"original": m} for m in maps_now()]
+    first = maps_now()
+    maps = [{"original": to_cpu(m)} for m in first]
+    # Methods whose maps have the same shape are scored together, in one batched call per step,
+    # on the maps' device; each reference is prepared once.
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(first):
+        groups.setdefault((tuple(m.shape), m.dtype), []).append(i)
+    comparers = {key: Comparer(torch.cat([first[i] for i in idx]), metric)
+                 for key, idx in groups.items()}  # fmt: skip
+    del first
+    n = x.shape[0]
     rows: list[list[torch.Tensor]] = [[] for _ in specs]
     blanks: list[dict] = [{} for _ in specs]
     for k, step in enumerate(steps):
         saved = _own_state(step.modules) if mode == "independent" else None
         randomize(step, seed + k, work)
-        for i, now in enumerate(maps_now()):
-            maps[i][step.name] = now
-            row, blanks[i][step.name] = compare(maps[i]["original"], now, metric)
-            rows[i].append(row)
+        now = maps_now()
+        for key, idx in groups.items():
+            scores, blank = comparers[key](torch.cat([now[i] for i in idx]))
+            for j, i in enumerate(idx):
+                rows[i].append(scores[j * n : (j + 1) * n])
+                blanks[i][step.name] = blank[j * n : (j + 1) * n]
+        for i, m in enumerate(now):
+            maps[i][step.name] = to_cpu(m)
+        del now
         if saved is not None:
             _restore(step.modules, saved)
     results = []
