@@ -17,6 +17,11 @@ Both sides score with Spearman rank correlation. Each configuration runs ``--rep
 interleaved, and the median is reported.
 
     OMP_NUM_THREADS=2 python benchmarks/audit.py --repeats 3
+    python benchmarks/audit.py --device cuda --no-quantus --phases
+
+``--phases`` adds one more run of the five methods together, timed phase by phase (the GPU is
+synchronised around each phase, so the phases add up to a little more than an untimed run).
+On CUDA, every configuration runs with cuDNN deterministic and TF32 off, as the audits do.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import io
 import statistics
 import time
 import warnings
+from collections import defaultdict
 from collections.abc import Callable
 
 import numpy as np
@@ -38,10 +44,57 @@ import pytest_saliency as ps
 METHODS = ["gradient", "input_x_gradient", "gradcam", "gradcam++", "fullgrad"]
 
 
+def sync() -> None:
+    """Wait for the GPU (if any): a timer must not stop before the work it times."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def seconds(fn: Callable[[], object]) -> float:
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
+
+
+def phase_seconds(run: Callable[[], object]) -> dict[str, float]:
+    """One call of ``run`` (an audit), its wall time split by phase."""
+    from pytest_saliency.checks import randomization as audit
+
+    totals: dict[str, float] = defaultdict(float)
+
+    def timed(label, fn):
+        def wrapper(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            totals[label] += time.perf_counter() - start
+            return out
+
+        return wrapper
+
+    base = audit.Comparer
+
+    class TimedComparer(base):
+        __init__ = timed("similarity: prepare the reference maps", base.__init__)
+        __call__ = timed("similarity: score each step's maps", base.__call__)
+
+    saved = {name: getattr(audit, name) for name in ("randomize", "explain_many", "to_cpu")}
+    audit.randomize = timed("re-initialise the weights", audit.randomize)
+    audit.explain_many = timed("maps: forward+backward+readouts", audit.explain_many)
+    audit.to_cpu = timed("copy maps to host memory", audit.to_cpu)
+    audit.Comparer = TimedComparer
+    try:
+        total = seconds(run)
+    finally:
+        for name, value in saved.items():
+            setattr(audit, name, value)
+        audit.Comparer = base
+    totals["the rest (copy of the model, plan, results)"] = total - sum(totals.values())
+    totals["total"] = total
+    return dict(totals)
 
 
 def forward_backward(model, x, targets) -> Callable[[], object]:
@@ -138,12 +191,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-quantus", action="store_true", help="skip the quantus runs")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--phases", action="store_true", help="time each phase of one audit")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    device = torch.device(args.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = torchvision.models.resnet18(weights=None).eval()
         x = torch.randn(args.batch, 3, args.size, args.size)
+    model, x = model.to(device), x.to(device)
+    if device.type == "cuda":
+        exact_gpu_kernels()
     with torch.no_grad():
         targets = model(x).argmax(dim=1)
 
@@ -162,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         "ours, 5 methods one at a time": one_at_a_time,
     }
     note = "quantus skipped (--no-quantus)"
-    if not args.no_quantus:
+    if not args.no_quantus and device.type != "cpu":
+        note = "quantus skipped (its MPRT runs here on CPU inputs only)"
+    elif not args.no_quantus:
         found, note = quantus_runs(model, x, targets)
         if found:
             runs["quantus MPRT, 5 calls (one per method)"] = lambda: [r() for r in found.values()]
@@ -173,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
             times[name].append(seconds(run))
     median = {name: statistics.median(t) for name, t in times.items()}
 
-    print(f"resnet18 (weights=None, eval), batch {args.batch}x3x{args.size}x{args.size}, CPU, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"resnet18 (weights=None, eval), batch {args.batch}x3x{args.size}x{args.size}, {where}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; cascading top-down "
           f"over {steps} modules, spearman; median of {args.repeats}; {note}")  # fmt: skip
     print(f"methods: {', '.join(METHODS)}\n")
@@ -192,6 +254,21 @@ def main(argv: list[str] | None = None) -> None:
         speedup = median[quantus_name] / ours
         print(f"target: quantus MPRT / ours together >= 3x: {speedup:.1f}x "
               f"({verdict[speedup >= 3]})")  # fmt: skip
+    if args.phases:
+        phases = phase_seconds(together)
+        total = phases.pop("total")
+        print(f"\nphases of one audit, 5 methods together ({total:.3f} s in all):")
+        for label, value in phases.items():
+            print(f"  {label:<46}{value:8.3f} s {100 * value / total:5.1f}%")
+
+
+def exact_gpu_kernels() -> None:
+    """cuDNN deterministic and no TF32 for every configuration, as inside our audits."""
+    from pytest_saliency.engine.state import _tf32_settings
+
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    for owner, attr, exact in _tf32_settings():
+        setattr(owner, attr, exact)
 
 
 if __name__ == "__main__":

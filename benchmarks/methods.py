@@ -36,9 +36,17 @@ import pytest_saliency as ps
 Run = Callable[[], object]
 
 
+def sync() -> None:
+    """Wait for the GPU (if any): a timer must not stop before the work it times."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def seconds(fn: Run) -> float:
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -154,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=224, help="image side in pixels (224)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per method (3)")
     parser.add_argument("--methods", default="", help="comma-separated subset of ps.methods()")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     args = parser.parse_args(argv)
     methods = ps.methods()
     if args.methods:
@@ -169,6 +178,18 @@ def main(argv: list[str] | None = None) -> None:
         model = torchvision.models.resnet18(weights=None).eval()
         x = torch.randn(args.batch, 3, args.size, args.size)
     targets = torch.arange(args.batch) % 1000
+    device = torch.device(args.device)
+    model, x, targets = model.to(device), x.to(device), targets.to(device)
+    where = "CPU"
+    if device.type == "cuda":
+        # Everyone (baseline, peers, ours) in exact float32 with deterministic cuDNN, as
+        # inside our calls; TF32 would make the others' convolutions cheaper, not ours.
+        from pytest_saliency.engine.state import _tf32_settings
+
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        for owner, attr, exact in _tf32_settings():
+            setattr(owner, attr, exact)
+        where = f"{torch.cuda.get_device_name(device)}, deterministic cuDNN, no TF32"
 
     base_run = baseline(model, x, targets)
     base_run()
@@ -178,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, entries in found(model, x, targets).items():
             peers.setdefault(name, []).extend(entries)
 
-    print(f"resnet18 (weights=None, eval), batch {args.batch}x3x{args.size}x{args.size}, CPU, "
+    print(f"resnet18 (weights=None, eval), batch {args.batch}x3x{args.size}x{args.size}, {where}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved ratios")  # fmt: skip
     print(f"baseline (forward + target logits + autograd.grad w.r.t. input): {base:.3f} s\n")

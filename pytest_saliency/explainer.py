@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -11,8 +13,11 @@ from torch import nn
 
 from .bundled.registry import Context, get_method
 from .engine.layers import default_layer, resolve_layer
-from .engine.state import eval_mode, model_device_dtype
+from .engine.state import eval_mode, exact_kernels, model_device_dtype
 from .errors import SaliencyError
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def check_model(model: object) -> nn.Module:
@@ -128,9 +133,20 @@ def prepare(model, inputs, method, layer, batch_size, options):
     return model, inputs, batch_size, spec, opts, resolved
 
 
-# Autograd is off inside ``torch.inference_mode()``; every method needs it, so a call made there
-# leaves inference mode for its own duration (as ``torch.enable_grad`` does for ``no_grad``).
-allow_grad = torch.inference_mode(False)
+def allow_grad(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a public entry point: autograd available, exact and deterministic GPU kernels.
+
+    Autograd is off inside ``torch.inference_mode()``; every method needs it, so a call made
+    there leaves inference mode for its own duration (as ``torch.enable_grad`` does for
+    ``no_grad``). See :func:`exact_kernels` for the cuDNN / TF32 settings.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with torch.inference_mode(False), exact_kernels():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @allow_grad

@@ -540,3 +540,38 @@ def test_on_cuda_rng_untouched_and_numbers_match_cpu():
     assert gpu.scores.device.type == "cpu" and sens.scores.device.type == "cpu"
     assert gpu.layers == cpu.layers and torch.isfinite(gpu.scores).all()
     assert torch.equal(gpu.targets, cpu.targets)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_same_seed_gives_the_same_numbers_and_memory_stays_flat(monkeypatch):
+    """Twice the same audit on a GPU: bit-equal scores and maps; no growth across steps."""
+    model = copy.deepcopy(torchvision_model("resnet18")).cuda()  # the shared one stays on CPU
+    x = randn(4, 3, 64, 64, seed=24).cuda()
+    methods = ["gradient", "gradcam", "fullgrad", "guided_backprop", "lrp_epsilon"]
+    allocated = []
+    measured_call = randomization_module.explain_many
+
+    def measured(*args, **kwargs):
+        maps = measured_call(*args, **kwargs)
+        torch.cuda.synchronize()
+        allocated.append(torch.cuda.memory_allocated())
+        return maps
+
+    torch.backends.cudnn.benchmark = True  # a user setting the audit must neither need nor keep
+    try:
+        first = parameter_randomization(model, x, methods, layers="blocks", seed=5)
+        monkeypatch.setattr(randomization_module, "explain_many", measured)
+        second = parameter_randomization(model, x, methods, layers="blocks", seed=5)
+        assert torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = False
+    for a, b in zip(first, second):
+        assert torch.equal(a.scores.nan_to_num(7.0), b.scores.nan_to_num(7.0)), a.method
+        assert all(torch.equal(a.maps[k], b.maps[k]) for k in a.maps), a.method
+    sens = [output_sensitivity(model, x, methods, seed=5) for _ in range(2)]
+    for a, b in zip(*sens):
+        assert torch.equal(a.scores.nan_to_num(7.0), b.scores.nan_to_num(7.0)), a.method
+    # One reading per model state: the trained model, then one per block.
+    assert len(allocated) == len(first[0].layers) + 1
+    assert max(allocated[1:]) - allocated[1] <= 1 << 20, allocated

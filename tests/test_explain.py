@@ -321,3 +321,25 @@ def test_a_failure_inside_the_model_names_the_call_and_the_inputs():
         ) as info:
             call()
         assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_gpu_kernel_settings_are_exact_inside_a_call_and_the_users_after():
+    """cuDNN autotuning and TF32 are off while maps are made, and restored after."""
+    cudnn = torch.backends.cudnn
+    seen = []
+
+    class Probe(torch.nn.Linear):
+        def forward(self, x):
+            conv = getattr(cudnn, "conv", None)
+            tf32 = conv.fp32_precision if hasattr(conv, "fp32_precision") else cudnn.allow_tf32
+            seen.append((cudnn.deterministic, cudnn.benchmark, tf32))
+            return super().forward(x)
+
+    before = (cudnn.deterministic, cudnn.benchmark)
+    cudnn.benchmark = True
+    try:
+        ps.explain(Probe(4, 3), randn(2, 4), "gradient")
+        assert (cudnn.deterministic, cudnn.benchmark) == (before[0], True)
+    finally:
+        cudnn.deterministic, cudnn.benchmark = before
+    assert seen and all(s[:2] == (True, False) and s[2] in ("ieee", False) for s in seen)
