@@ -130,6 +130,7 @@ def explain_many(
             target = target.to(device)
         default = None
         groups: dict[object, list[tuple[int, _Bound]]] = {}
+        alive = []
         for i, (spec, opts, resolved) in enumerate(bound_specs):
             if spec.needs_layer and resolved is None:
                 default = default or default_layer(model, x, spec.name)
@@ -140,7 +141,11 @@ def explain_many(
                 results[i] = spec(ctx, x, target, opts)
                 continue
             rules = spec.rules(opts)
+            # Plain autograd is one pass for all. Any other rule set is its own group, keyed by
+            # the object: kept alive in ``alive``, its id() cannot be reused by the next
+            # method's freshly built rule set (which would merge two methods into one pass).
             key = rules.name if rules.is_plain else id(rules)
+            alive.append(rules)
             groups.setdefault(key, []).append((i, b))
         for members in groups.values():
             maps = _shared_pass(model, [b for _, b in members], x, target, batch_size)

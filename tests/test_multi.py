@@ -101,3 +101,23 @@ def test_list_of_methods_audit_equals_single_audits(audit, kwargs):
         options.pop("name", None)
         alone = audit(model, x, name, similarity="spearman", **kwargs, **options)
         assert_same_scores(together, alone)
+
+
+def test_methods_whose_rules_are_built_per_call_never_share_a_pass():
+    """Rule sets built afresh per call (rectgrad, LRP) are told apart by the objects themselves:
+    a freed rule set's id() can come back for the next one, which must not merge two methods."""
+    model = bn_net()
+    x = randn(2, 3, 8, 8, seed=5)
+    specs = [
+        {"name": "rectgrad"},
+        {"name": "lrp_epsilon"},
+        {"name": "rectgrad", "percentile": 50},
+        {"name": "lrp_zplus"},
+        {"name": "lrp_epsilon", "epsilon": 0.1},
+        {"name": "lrp_alpha_beta"},
+        {"name": "rectgrad", "percentile": 80},
+    ]
+    many = explain_many(model, x, specs, target=0)
+    for spec, got in zip(specs, many):
+        options = {k: v for k, v in spec.items() if k != "name"}
+        assert torch.equal(got, ps.explain(model, x, spec["name"], target=0, **options)), spec

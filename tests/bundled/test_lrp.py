@@ -103,9 +103,10 @@ def seeded(model: nn.Module, seed: int, scale: float = 1.0) -> nn.Module:
 def randomize_batch_norms(model: nn.Module, seed: int = 1) -> nn.Module:
     """Non-trivial BatchNorm statistics, so that folding matters.
 
-    ``eps`` is set to 0: zennit's merge leaves each BatchNorm as x / sqrt(1 + eps) (it resets the
-    statistics to mean 0, var 1 but keeps eps), a 5e-6 rescaling that the epsilon rule can amplify
-    to ~1e-2 on deep nets; with eps = 0 both foldings are exact and comparable.
+    ``eps`` is set to 1e-30: zennit's merge leaves each BatchNorm as x / sqrt(1 + eps) (it resets
+    the statistics to mean 0, var 1 but keeps eps), a 5e-6 rescaling that the epsilon rule can
+    amplify to ~1e-2 on deep nets; with eps below float64's resolution next to 1 both foldings
+    are exact and comparable (torch 2.11 refuses eps = 0 itself).
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -116,7 +117,7 @@ def randomize_batch_norms(model: nn.Module, seed: int = 1) -> nn.Module:
                 m.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
                 m.weight.copy_(torch.rand(c, generator=generator) + 0.5)
                 m.bias.copy_(torch.randn(c, generator=generator) * 0.2)
-                m.eps = 0.0
+                m.eps = 1e-30
     return model
 
 

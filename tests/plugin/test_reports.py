@@ -61,8 +61,10 @@ def test_json_report_records_and_meta(tiny_project: pytest.Pytester) -> None:
     doc = json.loads(path.read_text())
     assert doc["schema"] == report.SCHEMA
     meta = doc["meta"]
-    assert meta["seed"] == 2 and meta["device"] == "cpu" and meta["settings"]["seed"] == 2
-    assert meta["torch"] == __import__("torch").__version__
+    torch = __import__("torch")
+    auto = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    assert meta["seed"] == 2 and meta["device"] == auto and meta["settings"]["seed"] == 2
+    assert meta["torch"] == torch.__version__
     records = doc["records"]
     keys = [(r["nodeid"].split("::")[1], r["check"]) for r in records]
     assert keys == [
