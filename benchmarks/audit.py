@@ -79,7 +79,7 @@ def phase_seconds(run: Callable[[], object]) -> dict[str, float]:
 
     class TimedComparer(base):
         __init__ = timed("similarity: prepare the reference maps", base.__init__)
-        __call__ = timed("similarity: score each step's maps", base.__call__)
+        score = timed("similarity: score each step's maps", base.score)
 
     saved = {name: getattr(audit, name) for name in ("randomize", "explain_many", "to_cpu")}
     audit.randomize = timed("re-initialise the weights", audit.randomize)

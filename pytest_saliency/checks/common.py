@@ -126,12 +126,24 @@ class Comparer:
         self._reference = Reference(reference.detach(), metric)
         self._flat = is_constant(reference).cpu()
 
+    @property
+    def constant_reference(self) -> torch.Tensor:
+        """A bool [N] (CPU): which reference maps are constant."""
+        return self._flat
+
     def __call__(self, compared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, blank, _ = self.score(compared)
+        return scores, blank
+
+    def score(self, compared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(similarity [N], blank [N], constant [N]): ``constant`` marks every constant
+        compared map, ``blank`` those next to a structured reference."""
         scores = self._reference(compared.detach()).to("cpu", torch.float32).reshape(-1).clone()
-        blank = is_constant(compared).cpu() & ~self._flat
+        constant = is_constant(compared).cpu()
+        blank = constant & ~self._flat
         scores[blank] = 0.0
         scores[self._flat] = math.nan
-        return scores, blank
+        return scores, blank, constant
 
 
 def compare(
@@ -182,10 +194,21 @@ def constant_cause(model: nn.Module, x: torch.Tensor, spec, layer: str | None) -
     )
 
 
-def describe_constant(named_maps: dict[str, torch.Tensor], scores: torch.Tensor) -> dict:
-    """For each degenerate (NaN) sample, the names of its maps that were constant."""
+def describe_constant(
+    named_maps: dict[str, torch.Tensor],
+    scores: torch.Tensor,
+    flags: dict[str, torch.Tensor] | None = None,
+) -> dict:
+    """For each degenerate (NaN) sample, the names of its maps that were constant.
+
+    ``flags`` gives each map's constancy ([N] bool) where it is already known, so the maps need
+    not be read again.
+    """
     bad = torch.isnan(scores.reshape(-1, scores.shape[-1])).any(dim=0)
-    flags = {name: is_constant(m) for name, m in named_maps.items()}
+    if not bool(bad.any()):
+        return {}
+    if flags is None:
+        flags = {name: is_constant(m) for name, m in named_maps.items()}
     return {
         int(i): [name for name, flag in flags.items() if bool(flag[i])]
         for i in bad.nonzero().flatten()

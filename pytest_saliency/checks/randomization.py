@@ -293,15 +293,22 @@ def parameter_randomization(
     n = x.shape[0]
     rows: list[list[torch.Tensor]] = [[] for _ in specs]
     blanks: list[dict] = [{} for _ in specs]
+    # Which maps are constant, per method and model state: read off on the maps' device while
+    # scoring, so the report of degenerate samples never reads every kept map again.
+    flags: list[dict[str, torch.Tensor]] = [{} for _ in specs]
+    for key, idx in groups.items():
+        for j, i in enumerate(idx):
+            flags[i]["original"] = comparers[key].constant_reference[j * n : (j + 1) * n]
     for k, step in enumerate(steps):
         saved = _own_state(step.modules) if mode == "independent" else None
         randomize(step, seed + k, work)
         now = maps_now()
         for key, idx in groups.items():
-            scores, blank = comparers[key](torch.cat([now[i] for i in idx]))
+            scores, blank, constant = comparers[key].score(torch.cat([now[i] for i in idx]))
             for j, i in enumerate(idx):
                 rows[i].append(scores[j * n : (j + 1) * n])
                 blanks[i][step.name] = blank[j * n : (j + 1) * n]
+                flags[i][step.name] = constant[j * n : (j + 1) * n]
         for i, m in enumerate(now):
             maps[i][step.name] = to_cpu(m)
         del now
@@ -310,7 +317,7 @@ def parameter_randomization(
     results = []
     for i, (spec, request, layer_name) in enumerate(zip(specs, requests, layer_names)):
         scores = torch.stack(rows[i])
-        constant = describe_constant(maps[i], scores)
+        constant = describe_constant(maps[i], scores, flags[i])
         # The layer's spatial size does not depend on the weights, so the randomized copy serves.
         cause = constant_cause(work, x, spec, layer_name) if constant else ""
         results.append(
