@@ -81,9 +81,9 @@ def phase_seconds(run: Callable[[], object]) -> dict[str, float]:
         __init__ = timed("similarity: prepare the reference maps", base.__init__)
         score = timed("similarity: score each step's maps", base.score)
 
-    saved = {name: getattr(audit, name) for name in ("randomize", "explain_many", "to_cpu")}
+    saved = {name: getattr(audit, name) for name in ("randomize", "explain_step", "to_cpu")}
     audit.randomize = timed("re-initialise the weights", audit.randomize)
-    audit.explain_many = timed("maps: forward+backward+readouts", audit.explain_many)
+    audit.explain_step = timed("maps: forward+backward+readouts", audit.explain_step)
     audit.to_cpu = timed("copy maps to host memory", audit.to_cpu)
     audit.Comparer = TimedComparer
     try:

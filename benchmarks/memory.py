@@ -45,7 +45,7 @@ def child(args: argparse.Namespace) -> dict:
     cuda = device.type == "cuda"
     steps: list[float] = []
     if args.config != "load":
-        shared = randomization.explain_many
+        shared = randomization.explain_step
 
         def measured(*a, **kw):  # memory held after each step's maps are made
             maps = shared(*a, **kw)
@@ -54,7 +54,7 @@ def child(args: argparse.Namespace) -> dict:
             steps.append((torch.cuda.memory_allocated(device) if cuda else resident_bytes()) / MB)
             return maps
 
-        randomization.explain_many = measured
+        randomization.explain_step = measured
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         batch_size = None if args.config == "none" else int(args.config)

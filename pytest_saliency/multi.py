@@ -101,6 +101,83 @@ def _shared_pass(model, bound: Sequence[_Bound], inputs, target, batch_size):
     return chunked(one, inputs, targets, batch_size)
 
 
+class Plan:
+    """Methods validated and bound to one model once; each call explains one model state.
+
+    An audit explains the same model object many times while only its weights change; the
+    checks, the default CAM layer and the grouping into shared passes are done here once.
+    Calls must pass inputs of the shape the plan was made with.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        methods: Sequence[str | Mapping[str, Any] | Request],
+        *,
+        batch_size: int | None = None,
+    ) -> None:
+        requests = [as_request(m) for m in methods]
+        bound_specs = []
+        for req in requests:
+            model, _, batch_size, spec, opts, resolved = prepare(
+                model, inputs, req.method, req.layer, batch_size, req.options
+            )
+            bound_specs.append((spec, opts, resolved))
+        self.model, self.batch_size, self.shape = model, batch_size, tuple(inputs.shape)
+        self.computed: list[tuple[int, _Bound]] = []
+        self.groups: list[list[tuple[int, _Bound]]] = []
+        with eval_mode(model):
+            device, dtype = model_device_dtype(model, inputs)
+            x = inputs.detach().to(device=device, dtype=dtype)
+            default = None
+            groups: dict[object, list[tuple[int, _Bound]]] = {}
+            alive = []
+            for i, (spec, opts, resolved) in enumerate(bound_specs):
+                if spec.needs_layer and resolved is None:
+                    default = default or default_layer(model, x, spec.name)
+                    resolved = default
+                ctx = Context(model, spec.name, resolved, batch_size, tuple(x.shape))
+                b = _Bound(spec, opts, ctx)
+                if spec.compute is not None:
+                    self.computed.append((i, b))
+                    continue
+                rules = spec.rules(opts)
+                # Plain autograd is one pass for all. Any other rule set is its own group,
+                # keyed by the object: kept alive in ``alive``, its id() cannot be reused by the
+                # next method's freshly built rule set (which would merge two methods).
+                key = rules.name if rules.is_plain else id(rules)
+                alive.append(rules)
+                groups.setdefault(key, []).append((i, b))
+        self.groups = list(groups.values())
+        self.count = len(requests)
+
+    @allow_grad
+    def __call__(
+        self, inputs: torch.Tensor, target: int | torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """One map per method, in the order given, on the inputs' device and dtype."""
+        if tuple(inputs.shape) != self.shape:
+            raise SaliencyError(
+                f"this plan was made for inputs of shape {self.shape}, got {tuple(inputs.shape)}"
+            )
+        target = check_target(target, inputs.shape[0])
+        model, batch_size = self.model, self.batch_size
+        results: list[torch.Tensor | None] = [None] * self.count
+        with eval_mode(model):
+            device, dtype = model_device_dtype(model, inputs)
+            x = inputs.detach().to(device=device, dtype=dtype)
+            if isinstance(target, torch.Tensor):
+                target = target.to(device)
+            for i, b in self.computed:
+                results[i] = b.spec(b.ctx, x, target, b.opts)
+            for members in self.groups:
+                maps = _shared_pass(model, [b for _, b in members], x, target, batch_size)
+                for (i, _), m in zip(members, maps):
+                    results[i] = m
+        return [m.detach().to(device=inputs.device, dtype=inputs.dtype) for m in results]
+
+
 @allow_grad
 def explain_many(
     model: nn.Module,
@@ -114,41 +191,4 @@ def explain_many(
 
     Each map equals ``explain(model, inputs, method, target=..., layer=..., **options)``.
     """
-    requests = [as_request(m) for m in methods]
-    bound_specs = []
-    for req in requests:
-        model, checked, batch_size, spec, opts, resolved = prepare(
-            model, inputs, req.method, req.layer, batch_size, req.options
-        )
-        bound_specs.append((spec, opts, resolved))
-    target = check_target(target, inputs.shape[0])
-    results: list[torch.Tensor | None] = [None] * len(requests)
-    with eval_mode(model):
-        device, dtype = model_device_dtype(model, inputs)
-        x = inputs.detach().to(device=device, dtype=dtype)
-        if isinstance(target, torch.Tensor):
-            target = target.to(device)
-        default = None
-        groups: dict[object, list[tuple[int, _Bound]]] = {}
-        alive = []
-        for i, (spec, opts, resolved) in enumerate(bound_specs):
-            if spec.needs_layer and resolved is None:
-                default = default or default_layer(model, x, spec.name)
-                resolved = default
-            ctx = Context(model, spec.name, resolved, batch_size, tuple(x.shape))
-            b = _Bound(spec, opts, ctx)
-            if spec.compute is not None:
-                results[i] = spec(ctx, x, target, opts)
-                continue
-            rules = spec.rules(opts)
-            # Plain autograd is one pass for all. Any other rule set is its own group, keyed by
-            # the object: kept alive in ``alive``, its id() cannot be reused by the next
-            # method's freshly built rule set (which would merge two methods into one pass).
-            key = rules.name if rules.is_plain else id(rules)
-            alive.append(rules)
-            groups.setdefault(key, []).append((i, b))
-        for members in groups.values():
-            maps = _shared_pass(model, [b for _, b in members], x, target, batch_size)
-            for (i, _), m in zip(members, maps):
-                results[i] = m
-    return [m.detach().to(device=inputs.device, dtype=inputs.dtype) for m in results]
+    return Plan(model, inputs, methods, batch_size=batch_size)(inputs, target)

@@ -16,7 +16,6 @@ from pytest_saliency import output_sensitivity, parameter_randomization
 from pytest_saliency.checks import RandomizationResult, SensitivityResult
 from pytest_saliency.checks.sensitivity import other_classes
 from pytest_saliency.errors import SaliencyError, UnsupportedActivationError
-from pytest_saliency.multi import explain_many
 from pytest_saliency.similarities import similarity
 
 from ._models import assert_unchanged, randn, small_cnn, snapshot, torchvision_model
@@ -283,20 +282,20 @@ def test_single_layer_score_matches_reinit_under_seed(linear_model):
 
 
 class DiffRecorder:
-    """Stands in for ``explain_many`` in the audit and notes which layers of the copy differ."""
+    """Stands in for ``explain_step`` in the audit and notes which layers of the copy differ."""
 
     def __init__(self, original: nn.Module):
         self.original = {k: v.clone() for k, v in original.state_dict().items()}
         self.calls: list[set[str]] = []
 
-    def __call__(self, model, *args, **kwargs):
+    def __call__(self, plan, x, targets):
         changed = {
             key.rsplit(".", 1)[0]
-            for key, value in model.state_dict().items()
+            for key, value in plan.model.state_dict().items()
             if not torch.equal(value, self.original[key])
         }
         self.calls.append(changed)
-        return explain_many(model, *args, **kwargs)
+        return plan(x, targets)
 
 
 @pytest.mark.parametrize(
@@ -311,7 +310,7 @@ class DiffRecorder:
 def test_step_semantics(monkeypatch, mode, order, expected):
     model, x = chain(), randn(3, 1, 8, 8, seed=11)
     recorder = DiffRecorder(model)
-    monkeypatch.setattr(randomization_module, "explain_many", recorder)
+    monkeypatch.setattr(randomization_module, "explain_step", recorder)
     result = parameter_randomization(model, x, "gradient", mode=mode, order=order)
     assert recorder.calls == expected
     assert result.layers == (["5", "2", "0"] if order == "top_down" else ["0", "2", "5"])
@@ -371,11 +370,12 @@ def test_batchnorm_running_stats_are_reset(monkeypatch):
         model.bn.running_var.fill_(5.0)
     seen = []
 
-    def spy(copy_model, *args, **kwargs):
+    def spy(plan, x, targets):
+        copy_model = plan.model
         seen.append((copy_model.bn.running_mean.clone(), copy_model.bn.running_var.clone()))
-        return explain_many(copy_model, *args, **kwargs)
+        return plan(x, targets)
 
-    monkeypatch.setattr(randomization_module, "explain_many", spy)
+    monkeypatch.setattr(randomization_module, "explain_step", spy)
     parameter_randomization(model, x, "gradient", layers=["bn"])
     assert torch.equal(seen[0][0], torch.full((2,), 3.0))
     assert torch.equal(seen[1][0], torch.zeros(2)) and torch.equal(seen[1][1], torch.ones(2))
@@ -411,7 +411,7 @@ def test_blocks_and_skipped(monkeypatch):
     assert everything.layers == ["head", "body.0", "stem.1", "stem.0"]
     assert everything.skipped == ["body.1"]
     recorder = DiffRecorder(model)
-    monkeypatch.setattr(randomization_module, "explain_many", recorder)
+    monkeypatch.setattr(randomization_module, "explain_step", recorder)
     blocks = parameter_randomization(model, x, "gradient", layers="blocks", mode="independent")
     assert blocks.layers == ["head", "body", "stem"] and blocks.skipped == ["body.1"]
     assert recorder.calls == [set(), {"head"}, {"body.0"}, {"stem.0", "stem.1"}]
@@ -550,10 +550,9 @@ def test_on_cuda_the_same_seed_gives_the_same_numbers_and_memory_stays_flat(monk
     x = randn(4, 3, 64, 64, seed=24).cuda()
     methods = ["gradient", "gradcam", "fullgrad", "guided_backprop", "lrp_epsilon"]
     allocated = []
-    measured_call = randomization_module.explain_many
 
-    def measured(*args, **kwargs):
-        maps = measured_call(*args, **kwargs)
+    def measured(plan, x, targets):
+        maps = plan(x, targets)
         torch.cuda.synchronize()
         allocated.append(torch.cuda.memory_allocated())
         return maps
@@ -561,7 +560,7 @@ def test_on_cuda_the_same_seed_gives_the_same_numbers_and_memory_stays_flat(monk
     torch.backends.cudnn.benchmark = True  # a user setting the audit must neither need nor keep
     try:
         first = parameter_randomization(model, x, methods, layers="blocks", seed=5)
-        monkeypatch.setattr(randomization_module, "explain_many", measured)
+        monkeypatch.setattr(randomization_module, "explain_step", measured)
         second = parameter_randomization(model, x, methods, layers="blocks", seed=5)
         assert torch.backends.cudnn.benchmark
     finally:

@@ -9,6 +9,7 @@ from torch import nn
 import pytest_saliency as ps
 from pytest_saliency.bundled.registry import PLAIN
 from pytest_saliency.engine.passes import forward_backward
+from pytest_saliency.errors import SaliencyError
 from pytest_saliency.multi import explain_many
 
 from ._models import randn, small_cnn
@@ -121,3 +122,21 @@ def test_methods_whose_rules_are_built_per_call_never_share_a_pass():
     for spec, got in zip(specs, many):
         options = {k: v for k, v in spec.items() if k != "name"}
         assert torch.equal(got, ps.explain(model, x, spec["name"], target=0, **options)), spec
+
+
+def test_a_plan_follows_the_models_weights_and_checks_the_input_shape():
+    """A Plan binds methods to the model object once; each call sees its current weights."""
+    from pytest_saliency.multi import Plan
+
+    model = bn_net()
+    x = randn(3, 3, 8, 8, seed=6)
+    plan = Plan(model, x, PLAIN_FIVE, batch_size=2)
+    before = plan(x, torch.tensor([0, 1, 2]))
+    with torch.no_grad():
+        model[3].weight.mul_(-1.5)
+    after = plan(x, torch.tensor([0, 1, 2]))
+    for name, old, new in zip(PLAIN_FIVE, before, after):
+        want = ps.explain(model, x, name, target=torch.tensor([0, 1, 2]), batch_size=2)
+        assert torch.equal(new, want) and not torch.equal(old, new), name
+    with pytest.raises(SaliencyError, match=r"made for inputs of shape \(3, 3, 8, 8\), got \(2,"):
+        plan(x[:2])

@@ -15,7 +15,7 @@ from ..engine.state import eval_mode, removable_hooks
 from ..engine.targets import call_model, resolve_targets
 from ..errors import SaliencyError, unknown
 from ..explainer import allow_grad, check_target
-from ..multi import Request, explain_many
+from ..multi import Plan, Request
 from .common import (
     Comparer,
     cam_layer,
@@ -210,6 +210,12 @@ def randomize(step: Step, seed: int, model: nn.Module) -> None:
                 module.reset_running_stats()
 
 
+def explain_step(plan: Plan, x: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+    """The maps of every audited method on the model's current weights (one shared pass per
+    rule set); ``plan.model`` is the audit's randomized copy."""
+    return plan(x, targets)
+
+
 @allow_grad
 def parameter_randomization(
     model: nn.Module,
@@ -277,8 +283,10 @@ def parameter_randomization(
         Request(spec.name, r.options, name) for spec, r, name in zip(specs, requests, layer_names)
     ]
 
+    plan = Plan(work, x, shared, batch_size=batch_size)  # checks and grouping done once
+
     def maps_now() -> list[torch.Tensor]:
-        return explain_many(work, x, shared, target=targets, batch_size=batch_size)
+        return explain_step(plan, x, targets)
 
     first = maps_now()
     maps = [{"original": to_cpu(m)} for m in first]
