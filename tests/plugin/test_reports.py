@@ -76,7 +76,7 @@ def test_json_report_records_and_meta(tiny_project: pytest.Pytester) -> None:
     for r in records:
         assert REQUIRED <= set(r), REQUIRED - set(r)
         assert "figures" not in r
-        assert r["threshold"] == 0.6 and r["seed"] == 2 and r["device"] == "cpu"
+        assert r["threshold"] == 0.6 and r["seed"] == 2 and r["device"] == auto
         assert r["passed"] == (r["score"] <= 0.6)
         assert r["verdict"] == ("pass" if r["passed"] else "fail")
         assert r["ci"][0] <= r["score"] <= r["ci"][1]
