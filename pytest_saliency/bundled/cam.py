@@ -162,22 +162,26 @@ def _bias_taps(ctx: Context, opts: dict) -> dict:
     return taps
 
 
-def _psi(maps: torch.Tensor, positive: bool, factor: torch.Tensor | None = None) -> torch.Tensor:
+def _psi(
+    maps: torch.Tensor, positive: bool, factor: torch.Tensor | None = None, owned: bool = False
+) -> torch.Tensor:
     """Normalise each (sample, channel) map of ``factor * maps`` and sum over channels:
     [N, 1, *spatial]. ``factor`` is one number per channel (None: 1).
 
     positive: min-max of abs(maps); signed: divide by the max abs. A constant map carries no
     spatial information and becomes 0. A channel factor only survives the normalisation as its
     sign (and as a zero), so it scales the per-channel weights instead of every value.
+    ``owned``: ``maps`` is a temporary of the caller's, which may be overwritten.
     """
     flat = maps.flatten(2)
     if positive:
-        flat = flat.abs()
+        flat = flat.abs_() if owned else flat.abs()
         low = flat.amin(dim=2, keepdim=True)
         span = flat.amax(dim=2, keepdim=True) - low  # = max(flat - low): the order is kept
-        flat = flat - low
+        flat = flat.sub_(low)
     else:
-        span = flat.abs().amax(dim=2, keepdim=True)
+        # max |m| = max(max m, -min m): two reductions, no full-size copy.
+        span = torch.maximum(flat.amax(dim=2, keepdim=True), -flat.amin(dim=2, keepdim=True))
     scale = torch.where(span > 0, 1 / torch.where(span > 0, span, 1), 0)
     if factor is not None:
         sign = factor.reshape(1, -1, 1).ne(0) if positive else factor.sign().reshape(1, -1, 1)
@@ -193,7 +197,7 @@ def _fullgrad(record: Record, ctx: Context, opts: dict) -> torch.Tensor:
     size = tuple(inputs.shape[2:])
     # Upsampling is linear: the maps of one resolution are summed first and upsampled once.
     by_size: dict[tuple[int, ...], torch.Tensor] = {
-        size: _psi(inputs * record.input_grad, positive)
+        size: _psi(inputs * record.input_grad, positive, owned=True)
     }
     modules = dict(ctx.model.named_modules())
     # Gradients of one spatial size are normalised and summed in one batched call: _psi works
@@ -210,9 +214,10 @@ def _fullgrad(record: Record, ctx: Context, opts: dict) -> torch.Tensor:
                 continue
             grouped.setdefault(tuple(gradient.shape[2:]), []).append((gradient, bias))
     for key, parts in grouped.items():
-        gradients = torch.cat([g for g, _ in parts], dim=1) if len(parts) > 1 else parts[0][0]
+        owned = len(parts) > 1  # the concatenation is ours to overwrite
+        gradients = torch.cat([g for g, _ in parts], dim=1) if owned else parts[0][0]
         biases = torch.cat([b.reshape(-1).to(gradients.dtype) for _, b in parts])
-        part = _psi(gradients, positive, biases)
+        part = _psi(gradients, positive, biases, owned)
         by_size[key] = by_size[key] + part if key in by_size else part
     total = by_size.pop(size)
     for part in by_size.values():
