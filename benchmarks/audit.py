@@ -277,11 +277,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def exact_gpu_kernels() -> None:
     """cuDNN deterministic and no TF32 for every configuration, as inside our audits."""
-    from pytest_saliency.engine.state import _tf32_settings
+    from pytest_saliency.engine.state import exact_kernels
 
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    for owner, attr, exact in _tf32_settings():
-        setattr(owner, attr, exact)
+    exact_kernels().__enter__()  # for the rest of the script
 
 
 if __name__ == "__main__":

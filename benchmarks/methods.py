@@ -184,11 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         # Everyone (baseline, peers, ours) in exact float32 with deterministic cuDNN, as
         # inside our calls; TF32 would make the others' convolutions cheaper, not ours.
-        from pytest_saliency.engine.state import _tf32_settings
+        from pytest_saliency.engine.state import exact_kernels
 
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-        for owner, attr, exact in _tf32_settings():
-            setattr(owner, attr, exact)
+        exact_kernels().__enter__()  # for the rest of the script
         where = f"{torch.cuda.get_device_name(device)}, deterministic cuDNN, no TF32"
 
     base_run = baseline(model, x, targets)

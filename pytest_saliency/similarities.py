@@ -186,6 +186,7 @@ class Reference:
     trained model with one map per randomization step this way.
     """
 
+    @torch.no_grad()
     def __init__(self, a: torch.Tensor, metric: str = "ssim", **options: object) -> None:
         fn, valid = _lookup(metric, options)
         _check_maps(a, metric, spatial=metric in ("ssim", "hog"))
@@ -237,10 +238,14 @@ class _Correlation(_Kind):
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
         # |map| can be constant where the map is not (e.g. +-1): that is undefined too.
-        return x.abs() if self.absolute else x
+        if not self.absolute:
+            return x
+        return (x if x.is_floating_point() else x.to(_work_dtype(x.device))).abs()
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(x.shape[0], -1) if self.ranked else _flat(x)
+        x = x.reshape(x.shape[0], -1)
+        if not self.ranked or not x.is_floating_point():  # bool / int maps too
+            x = x.to(_work_dtype(x.device))
         if self.absolute:
             x = x.abs()
         return _rows(_ranks(x) if self.ranked else x)
@@ -262,13 +267,14 @@ class _SSIM(_Kind):
     def __init__(self, a: torch.Tensor, *, win_size: int = 7) -> None:
         _check_win(win_size, a)
         self.win = win_size
-        # float32 maps are compared in float32 (float64 inputs in float64): centred on 0
-        # ([-0.5, 0.5]), the second moments are 4x smaller, and so is the float32 rounding left
-        # after the variance subtraction (worst seen against the float64 formula: 6e-7).
+        # float32 maps are compared in float32 (float64 inputs in float64), each normalised map
+        # minus its own mean: the second moments stay small, and so does the float32 rounding
+        # left after the variance subtraction (worst seen against the float64 formula: 2e-7).
         self.work = torch.float64 if a.dtype == torch.float64 else torch.float32
         if a.device.type == "mps":
             self.work = torch.float32
-        self.x = _batched_rows(lambda t: _minmax(t, self.work).sub_(0.5), a, self.budget)
+        self.x = _batched_rows(lambda t: _centred(t, self.work), a, self.budget)
+        self.ox = _batched_rows(lambda t: _minmax(t, self.work).mean(dim=(1, 2)), a, self.budget)
         sums = _batched_rows(self._sums, self.x, self.budget)  # [n, 2, H', W']
         self.ux, self.uxx = sums[:, 0], sums[:, 1]
 
@@ -281,29 +287,38 @@ class _SSIM(_Kind):
     def score(self, start: int, stop: int, b: torch.Tensor) -> torch.Tensor:
         win = self.win
         x = self.x[start:stop]
-        y = _minmax(b, self.work).sub_(0.5)
-        if y.dtype != x.dtype:  # float64 maps against a float32 reference
-            x = x.to(y.dtype)
+        y_scaled = _minmax(b, self.work)
+        oy = y_scaled.mean(dim=(1, 2))
+        y = y_scaled.sub_(oy[:, None, None])
         sums = _window_sums(_window_sums(torch.stack([y, y * y, x * y]), win, 2), win, 3)
         uy, uyy, uxy = sums.mul_(1.0 / (win * win)).unbind(0)
-        ux, uxx = self.ux[start:stop].to(uy.dtype), self.uxx[start:stop].to(uy.dtype)
-        return _ssim_formula(ux, uy, uxx + uyy, uxy, win)
+        ux, uxx = self.ux[start:stop], self.uxx[start:stop]
+        return _ssim_formula(ux, uy, uxx + uyy, uxy, win, self.ox[start:stop], oy)
 
 
-def _ssim_pair(x: torch.Tensor, y: torch.Tensor, win: int) -> torch.Tensor:
-    """SSIM of centred maps [n, H, W] computed together: 4 window sums instead of 2 + 3."""
+def _centred(t: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """The min-max normalised maps minus each one's mean, in ``work``."""
+    scaled = _minmax(t, work)
+    return scaled.sub_(scaled.mean(dim=(1, 2), keepdim=True))
+
+
+def _ssim_pair(a: torch.Tensor, b: torch.Tensor, win: int, work: torch.dtype) -> torch.Tensor:
+    """SSIM of two sets of maps [n, H, W] computed together: 4 window sums instead of 2 + 3."""
+    x, y = _minmax(a, work), _minmax(b, work)
+    ox, oy = x.mean(dim=(1, 2)), y.mean(dim=(1, 2))
+    x, y = x.sub_(ox[:, None, None]), y.sub_(oy[:, None, None])
     stats = torch.stack([x, y, x * x + y * y, x * y])
     ux, uy, uss, uxy = _window_sums(_window_sums(stats, win, 2), win, 3).mul_(1.0 / (win * win))
-    return _ssim_formula(ux, uy, uss, uxy, win)
+    return _ssim_formula(ux, uy, uss, uxy, win, ox, oy)
 
 
-def _ssim_formula(ux, uy, uss, uxy, win: int) -> torch.Tensor:
+def _ssim_formula(ux, uy, uss, uxy, win: int, ox, oy) -> torch.Tensor:
     """skimage's SSIM averaged over full windows, from the window means of the centred maps x, y
     (``uss`` is the mean of x*x + y*y); sample covariance, K1 = 0.01, K2 = 0.03."""
     cov_norm = win * win / (win * win - 1)
     c1, c2 = 0.01**2, 0.03**2
-    # The luminance term needs the means of the uncentred maps: the 0.5 goes back.
-    mx, my = ux + 0.5, uy + 0.5
+    # The luminance term needs the means of the uncentred maps: each map's mean goes back.
+    mx, my = ux + ox[:, None, None], uy + oy[:, None, None]
     luminance = (2 * mx * my + c1) / (mx * mx + my * my + c1)
     uxuy = ux * uy
     contrast = (2 * cov_norm * (uxy - uxuy) + c2) / (cov_norm * (uss - ux * ux - uy * uy) + c2)
@@ -439,7 +454,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, win_size: int = 7) -> torch.Tensor
         work = torch.float32
 
     def score(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return _ssim_pair(_minmax(x, work).sub_(0.5), _minmax(y, work).sub_(0.5), win_size)
+        return _ssim_pair(x, y, win_size, work)
 
     n = a.shape[0]
     step = max(1, _SSIM.budget // a[0].numel()) if a.device.type == "cpu" else n

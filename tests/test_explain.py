@@ -324,15 +324,13 @@ def test_a_failure_inside_the_model_names_the_call_and_the_inputs():
 
 
 def test_gpu_kernel_settings_are_exact_inside_a_call_and_the_users_after():
-    """cuDNN autotuning and TF32 are off while maps are made, and restored after."""
+    """cuDNN autotuning and TF32 convolutions are off while maps are made, restored after."""
     cudnn = torch.backends.cudnn
     seen = []
 
     class Probe(torch.nn.Linear):
         def forward(self, x):
-            conv = getattr(cudnn, "conv", None)
-            tf32 = conv.fp32_precision if hasattr(conv, "fp32_precision") else cudnn.allow_tf32
-            seen.append((cudnn.deterministic, cudnn.benchmark, tf32))
+            seen.append((cudnn.deterministic, cudnn.benchmark, _conv_tf32_off()))
             return super().forward(x)
 
     before = (cudnn.deterministic, cudnn.benchmark)
@@ -342,4 +340,73 @@ def test_gpu_kernel_settings_are_exact_inside_a_call_and_the_users_after():
         assert (cudnn.deterministic, cudnn.benchmark) == (before[0], True)
     finally:
         cudnn.deterministic, cudnn.benchmark = before
-    assert seen and all(s[:2] == (True, False) and s[2] in ("ieee", False) for s in seen)
+    assert seen and all(s == (True, False, True) for s in seen)
+
+
+def _conv_tf32_off() -> bool:
+    cudnn = torch.backends.cudnn
+    try:
+        return not cudnn.allow_tf32
+    except RuntimeError:  # torch >= 2.9 with legacy and new settings mixed
+        return cudnn.conv.fp32_precision == "ieee"
+
+
+_TF32_PROBE = """
+import sys, torch
+from pytest_saliency.engine.state import exact_kernels
+B = torch.backends
+def read():
+    out = {}
+    getters = {
+        "legacy matmul": lambda: B.cuda.matmul.allow_tf32,
+        "legacy cudnn": lambda: B.cudnn.allow_tf32,
+        "cublas": lambda: torch._C._get_cublas_allow_tf32(),
+        "matmul precision": torch.get_float32_matmul_precision,
+    }
+    for owner in ("", ".cuda.matmul", ".cudnn", ".cudnn.conv", ".cudnn.rnn"):
+        getters["fp32_precision" + owner] = lambda o=owner: eval("B" + o + ".fp32_precision")
+    for name, get in getters.items():
+        try:
+            out[name] = get()
+        except (RuntimeError, AttributeError) as exc:
+            out[name] = type(exc).__name__
+    return out
+exec(sys.argv[1])
+before = read()
+with exact_kernels():
+    inside = read()
+    try:
+        off = not B.cudnn.allow_tf32
+    except RuntimeError:
+        off = B.cudnn.conv.fp32_precision == "ieee"
+after = read()
+broken = [k for k in inside if inside[k] == "RuntimeError" and before[k] != "RuntimeError"]
+print(repr((off, after == before, broken)))
+"""
+
+
+@pytest.mark.parametrize(
+    "user",
+    [
+        "pass",
+        "torch.backends.cuda.matmul.allow_tf32 = True",
+        "torch.set_float32_matmul_precision('high')",
+        "torch.backends.cudnn.allow_tf32 = False",
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+        "torch.backends.cudnn.conv.fp32_precision = 'ieee'",
+    ],
+)
+def test_tf32_settings_of_every_api_read_the_same_after_and_stay_readable(user):
+    """However the user set TF32 (legacy flags or torch >= 2.9's fp32_precision), convolutions
+    run without TF32 inside, no flag that could be read becomes unreadable, and all read as
+    before afterwards. Each case runs in a fresh interpreter: these flags are process-wide."""
+    import subprocess
+    import sys
+
+    if "fp32_precision" in user and not hasattr(torch.backends.cudnn, "conv"):
+        pytest.skip("torch < 2.9 has no fp32_precision settings")
+    done = subprocess.run([sys.executable, "-c", _TF32_PROBE, user], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    off, restored, broken = eval(done.stdout.strip().splitlines()[-1])
+    assert off and restored and broken == [], (off, restored, broken)

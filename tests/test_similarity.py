@@ -103,7 +103,9 @@ def test_matches_peer(metric, kind, dtype):
     np.testing.assert_allclose(got.double().numpy(), reference(metric, a, b), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["upsampled", "blocky", "near_identical", "offset", "relu"])
+@pytest.mark.parametrize(
+    "kind", ["upsampled", "blocky", "near_identical", "offset", "relu", "spike"]
+)
 def test_float32_ssim_keeps_skimage_precision_on_smooth_maps(kind):
     """float32 ssim works in float32: maps with tiny local variance are where rounding shows."""
     g = torch.Generator().manual_seed(3)
@@ -119,12 +121,17 @@ def test_float32_ssim_keeps_skimage_precision_on_smooth_maps(kind):
         "near_identical": lambda: a + 1e-4 * coarse(14, "bicubic"),
         "offset": lambda: 1000 + 1e-3 * coarse(7, "bilinear"),
         "relu": lambda: (coarse(7, "bilinear") - 0.5).relu(),
+        "spike": lambda: (1e-3 * coarse(7, "bilinear")).index_put_(
+            (torch.arange(6), torch.tensor(40), torch.tensor(50)), torch.tensor(1.0)
+        ),
     }[kind]()
     got = ssim(a, b)
     assert got.dtype == torch.float32
-    np.testing.assert_allclose(got.double().numpy(), reference("ssim", a, b), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got.double().numpy(), reference("ssim", a, b), rtol=0, atol=1e-6)
     prepared = Reference(a, "ssim")(b)  # the audits' path: window sums of a made once
-    np.testing.assert_allclose(prepared.double().numpy(), reference("ssim", a, b), atol=1e-5)
+    np.testing.assert_allclose(prepared.double().numpy(), reference("ssim", a, b), atol=1e-6)
+    flipped = Reference(b, "ssim")(a)  # the spike on the reference side too
+    np.testing.assert_allclose(flipped.double().numpy(), reference("ssim", b, a), atol=1e-6)
 
 
 @pytest.mark.parametrize("metric", ALL)
@@ -397,3 +404,13 @@ def test_prepared_reference_checks_what_it_is_given():
         Reference(a, "spearman", k=3)
     with pytest.raises(SaliencyError, match="b must be a torch.Tensor"):
         Reference(a, "pearson")(a.numpy())
+
+
+def test_spearman_abs_takes_bool_and_integer_maps():
+    a = torch.tensor([[1, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    b = torch.tensor([[1, 1, 0, 1, 0, 0]], dtype=torch.bool)
+    np.testing.assert_allclose(similarity(a, b, "spearman_abs").numpy(),
+                               reference("spearman_abs", a, b), atol=1e-12)  # fmt: skip
+    a, b = a.long() - 1, b.long()
+    np.testing.assert_allclose(similarity(a, b, "spearman_abs").numpy(),
+                               reference("spearman_abs", a, b), atol=1e-12)  # fmt: skip

@@ -47,41 +47,44 @@ def model_device_dtype(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.de
 
 @contextlib.contextmanager
 def exact_kernels() -> Iterator[None]:
-    """Reproducible, full-float32 GPU kernels for the block; the user's settings after.
+    """Reproducible, full-float32 cuDNN convolutions for the block; the user's settings after.
 
-    cuDNN may pick a different (and non-deterministic) algorithm per call when
-    ``benchmark`` is on, and by default runs float32 convolutions in TF32 (10-bit mantissa) on
-    Ampere and later GPUs. Maps must not depend on either: the same seed gives the same maps,
-    and GPU maps agree with CPU maps to float32 rounding. Nothing changes on CPU.
+    cuDNN may pick a different (and non-deterministic) algorithm per call when ``benchmark``
+    is on, and by default runs float32 convolutions in TF32 (10-bit mantissa) on Ampere and
+    later GPUs. Maps must not depend on either: the same seed gives the same maps, and GPU
+    maps agree with CPU maps to float32 rounding. Matrix products (``nn.Linear``) keep the
+    user's float32 precision (torch's default is full float32). Nothing changes on CPU.
     """
     cudnn = torch.backends.cudnn
     saved_flags = (cudnn.deterministic, cudnn.benchmark)
-    precision = _tf32_settings()
-    saved_precision = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in precision]
+    owner, attr, exact = _conv_precision_switch()
+    saved = getattr(owner, attr)
     try:
         cudnn.deterministic, cudnn.benchmark = True, False
-        for owner, attr, exact in precision:
-            setattr(owner, attr, exact)
+        setattr(owner, attr, exact)
         yield
     finally:
         cudnn.deterministic, cudnn.benchmark = saved_flags
-        for owner, attr, value in saved_precision:
-            setattr(owner, attr, value)
+        setattr(owner, attr, saved)
 
 
-def _tf32_settings() -> list[tuple[object, str, object]]:
-    """(owner, attribute, exact value) of the switches that let float32 math run in TF32.
+def _conv_precision_switch() -> tuple[object, str, object]:
+    """(owner, attribute, exact value) of the switch that turns TF32 off for cuDNN convolutions.
 
-    torch >= 2.9 has per-backend ``fp32_precision``; mixing it with the older ``allow_tf32``
-    flags is an error there, so only one family is touched.
+    torch >= 2.9 keeps a legacy flag (``cudnn.allow_tf32``) and per-backend ``fp32_precision``
+    settings, and refuses to read the legacy flags once the two disagree. The switch is taken
+    from the family the user's current settings are in, so that every flag reads as before,
+    inside the block and after it.
     """
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        return [
-            (conv, "fp32_precision", "ieee"),
-            (torch.backends.cuda.matmul, "fp32_precision", "ieee"),
-        ]
-    return [
-        (torch.backends.cudnn, "allow_tf32", False),
-        (torch.backends.cuda.matmul, "allow_tf32", False),
-    ]
+    cudnn = torch.backends.cudnn
+    conv = getattr(cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        return cudnn, "allow_tf32", False  # torch < 2.9: one flag
+    generic = getattr(torch.backends, "fp32_precision", "none")
+    if generic == "none" and getattr(cudnn, "fp32_precision", "none") == "none":
+        try:
+            cudnn.allow_tf32  # noqa: B018 (raises when legacy and new settings are mixed)
+            return cudnn, "allow_tf32", False
+        except RuntimeError:
+            pass
+    return conv, "fp32_precision", "ieee"
