@@ -81,14 +81,19 @@ def _check_maps(t: object, metric: str, name: str = "a", *, spatial: bool = Fals
 def _check_pair(a: object, b: object, metric: str, *, spatial: bool = False) -> None:
     _check_maps(a, metric, "a", spatial=spatial)
     _check_maps(b, metric, "b", spatial=spatial)
-    if a.shape != b.shape:
+    _check_match(a.shape, a.device, b, metric)
+
+
+def _check_match(shape: torch.Size, device: torch.device, b: torch.Tensor, metric: str) -> None:
+    """``b`` holds as many maps of the same size as ``a`` (of ``shape``), on ``a``'s device."""
+    if b.shape != shape:
         raise SaliencyError(
-            f"similarity {metric!r}: maps have different shapes {tuple(a.shape)} and "
+            f"similarity {metric!r}: maps have different shapes {tuple(shape)} and "
             f"{tuple(b.shape)}; a and b must hold the same number of same-sized maps"
         )
-    if a.device != b.device:
+    if b.device != device:
         raise SaliencyError(
-            f"similarity {metric!r}: maps are on different devices ({a.device} and {b.device})"
+            f"similarity {metric!r}: maps are on different devices ({device} and {b.device})"
         )
 
 
@@ -198,16 +203,7 @@ class Reference:
     @torch.no_grad()
     def __call__(self, b: torch.Tensor) -> torch.Tensor:
         _check_maps(b, self.metric, "b")
-        if b.shape != self.shape:
-            raise SaliencyError(
-                f"similarity {self.metric!r}: maps have different shapes {tuple(self.shape)} and "
-                f"{tuple(b.shape)}; a and b must hold the same number of same-sized maps"
-            )
-        if b.device != self.device:
-            raise SaliencyError(
-                f"similarity {self.metric!r}: maps are on different devices ({self.device} and "
-                f"{b.device})"
-            )
+        _check_match(self.shape, self.device, b, self.metric)
         kind = self._kind
         n = b.shape[0]
         step = max(1, kind.budget // b[0].numel()) if b.device.type == "cpu" else n
