@@ -193,7 +193,7 @@ class Reference:
 
     @torch.no_grad()
     def __init__(self, a: torch.Tensor, metric: str = "ssim", **options: object) -> None:
-        fn, valid = _lookup(metric, options)
+        _lookup(metric, options)
         _check_maps(a, metric, spatial=metric in ("ssim", "hog"))
         self.metric = metric
         self.shape, self.device, self.dtype = a.shape, a.device, a.dtype
@@ -205,14 +205,31 @@ class Reference:
         _check_maps(b, self.metric, "b")
         _check_match(self.shape, self.device, b, self.metric)
         kind = self._kind
-        n = b.shape[0]
-        step = max(1, kind.budget // b[0].numel()) if b.device.type == "cpu" else n
-        parts = [kind.score(i, min(n, i + step), b[i : i + step]) for i in range(0, n, step)]
-        score = parts[0] if len(parts) == 1 else torch.cat(parts)
+        score = _chunked(lambda i, j: kind.score(i, j, b[i:j]), b, kind.budget)
         bad = self._undefined | _undefined(kind.view(b))
-        score = torch.where(bad, torch.full_like(score, math.nan), score)
-        out = torch.float64 if torch.float64 in (self.dtype, b.dtype) else torch.float32
-        return score.to(out)
+        return _finished(score, bad, self.dtype, b.dtype)
+
+
+def _chunked(fn, x: torch.Tensor, budget: int):
+    """``fn(start, stop)`` over the samples of ``x``, concatenated (a tensor or a tuple of them).
+
+    On CPU the samples go in chunks of about ``budget`` pixels, which keeps a metric's
+    temporaries in cache (1.5-2x faster); accelerators take the whole batch at once.
+    """
+    n = x.shape[0]
+    step = max(1, budget // x[0].numel()) if x.device.type == "cpu" else n
+    parts = [fn(i, min(n, i + step)) for i in range(0, n, step)]
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*parts))
+    return torch.cat(parts)
+
+
+def _finished(score: torch.Tensor, bad: torch.Tensor, *dtypes: torch.dtype) -> torch.Tensor:
+    """NaN for the undefined samples; float64 if an input was float64, else float32."""
+    score = torch.where(bad, torch.full_like(score, math.nan), score)
+    return score.to(torch.float64 if torch.float64 in dtypes else torch.float32)
 
 
 class _Kind:
@@ -250,11 +267,9 @@ class _Correlation(_Kind):
         return (self.rows[start:stop] * self._rows(b)).sum(dim=1).clamp(-1.0, 1.0)
 
 
-def _batched_rows(fn, a: torch.Tensor, budget: int) -> torch.Tensor:
-    n = a.shape[0]
-    step = max(1, budget // a[0].numel()) if a.device.type == "cpu" else n
-    parts = [fn(a[i : i + step]) for i in range(0, n, step)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+def _batched_rows(fn, a: torch.Tensor, budget: int):
+    """``fn`` over chunks of the samples of ``a`` (see :func:`_chunked`)."""
+    return _chunked(lambda i, j: fn(a[i:j]), a, budget)
 
 
 class _SSIM(_Kind):
@@ -269,40 +284,35 @@ class _SSIM(_Kind):
         self.work = torch.float64 if a.dtype == torch.float64 else torch.float32
         if a.device.type == "mps":
             self.work = torch.float32
-        self.x = _batched_rows(lambda t: _centred(t, self.work), a, self.budget)
-        self.ox = _batched_rows(lambda t: _minmax(t, self.work).mean(dim=(1, 2)), a, self.budget)
-        sums = _batched_rows(self._sums, self.x, self.budget)  # [n, 2, H', W']
-        self.ux, self.uxx = sums[:, 0], sums[:, 1]
+        self.x, self.ox, self.ux, self.uxx = _batched_rows(self._prepare, a, self.budget)
 
-    def _sums(self, x: torch.Tensor) -> torch.Tensor:
-        """Window means of x and x * x, [n, 2, H', W'] (chunks stay in cache)."""
-        stats = torch.stack([x, x * x], dim=1)
-        sums = _window_sums(_window_sums(stats, self.win, 2), self.win, 3)
-        return sums.mul_(1.0 / (self.win * self.win))
+    def _prepare(self, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Centred maps, their offsets, and the window means of x and x * x."""
+        x, ox = _centred(a, self.work)
+        sums = _window_sums(_window_sums(torch.stack([x, x * x], dim=1), self.win, 2), self.win, 3)
+        ux, uxx = sums.mul_(1.0 / (self.win * self.win)).unbind(1)
+        return x, ox, ux, uxx
 
     def score(self, start: int, stop: int, b: torch.Tensor) -> torch.Tensor:
         win = self.win
         x = self.x[start:stop]
-        y_scaled = _minmax(b, self.work)
-        oy = y_scaled.mean(dim=(1, 2))
-        y = y_scaled.sub_(oy[:, None, None])
+        y, oy = _centred(b, self.work)
         sums = _window_sums(_window_sums(torch.stack([y, y * y, x * y]), win, 2), win, 3)
         uy, uyy, uxy = sums.mul_(1.0 / (win * win)).unbind(0)
         ux, uxx = self.ux[start:stop], self.uxx[start:stop]
         return _ssim_formula(ux, uy, uxx + uyy, uxy, win, self.ox[start:stop], oy)
 
 
-def _centred(t: torch.Tensor, work: torch.dtype) -> torch.Tensor:
-    """The min-max normalised maps minus each one's mean, in ``work``."""
+def _centred(t: torch.Tensor, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min-max normalised maps minus each one's mean, in ``work``, and those means [n]."""
     scaled = _minmax(t, work)
-    return scaled.sub_(scaled.mean(dim=(1, 2), keepdim=True))
+    offset = scaled.mean(dim=(1, 2))
+    return scaled.sub_(offset[:, None, None]), offset
 
 
 def _ssim_pair(a: torch.Tensor, b: torch.Tensor, win: int, work: torch.dtype) -> torch.Tensor:
     """SSIM of two sets of maps [n, H, W] computed together: 4 window sums instead of 2 + 3."""
-    x, y = _minmax(a, work), _minmax(b, work)
-    ox, oy = x.mean(dim=(1, 2)), y.mean(dim=(1, 2))
-    x, y = x.sub_(ox[:, None, None]), y.sub_(oy[:, None, None])
+    (x, ox), (y, oy) = _centred(a, work), _centred(b, work)
     stats = torch.stack([x, y, x * x + y * y, x * y])
     ux, uy, uss, uxy = _window_sums(_window_sums(stats, win, 2), win, 3).mul_(1.0 / (win * win))
     return _ssim_formula(ux, uy, uss, uxy, win, ox, oy)
@@ -449,16 +459,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, win_size: int = 7) -> torch.Tensor
     if a.device.type == "mps":
         work = torch.float32
 
-    def score(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return _ssim_pair(x, y, win_size, work)
-
-    n = a.shape[0]
-    step = max(1, _SSIM.budget // a[0].numel()) if a.device.type == "cpu" else n
-    parts = [score(a[i : i + step], b[i : i + step]) for i in range(0, n, step)]
-    result = parts[0] if len(parts) == 1 else torch.cat(parts)
-    bad = _undefined(a) | _undefined(b)
-    result = torch.where(bad, torch.full_like(result, math.nan), result)
-    return result.to(torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32)
+    score = _chunked(lambda i, j: _ssim_pair(a[i:j], b[i:j], win_size, work), a, _SSIM.budget)
+    return _finished(score, _undefined(a) | _undefined(b), a.dtype, b.dtype)
 
 
 @torch.no_grad()
