@@ -18,6 +18,7 @@ from torch import nn
 from .bundled.registry import Context, Method
 from .engine.layers import default_layer
 from .engine.passes import Record, chunked, forward_backward
+from .engine.rules import RuleSet
 from .engine.state import eval_mode, model_device_dtype
 from .errors import SaliencyError
 from .explainer import allow_grad, check_target, prepare
@@ -58,47 +59,50 @@ class _Bound:
     ctx: Context
 
 
-def _shared_pass(model, bound: Sequence[_Bound], inputs, target, batch_size):
-    """One forward+backward per chunk for methods sharing a rule set; one map per method."""
-    rules = bound[0].spec.rules(bound[0].opts)
-    union: dict[str, tuple[nn.Module, bool]] = {}
-    renames: list[dict[str, str]] = []
-    by_module: dict[int, str] = {}
-    for b in bound:
-        mapping = {}
-        for key, (module, keep) in b.spec.taps(b.ctx, b.opts).items():
-            shared = by_module.setdefault(id(module), f"tap{len(by_module)}")
-            old = union.get(shared)
-            union[shared] = (module, keep or (old[1] if old else False))
-            mapping[key] = shared
-        renames.append(mapping)
+class _SharedPass:
+    """Methods sharing one rule set: the union of what their readouts need, worked out once;
+    each call is one forward+backward per chunk and one map per method."""
 
-    needs_input_grad = any(b.spec.input_grad for b in bound)
+    def __init__(self, rules: RuleSet, bound: Sequence[_Bound]) -> None:
+        self.rules, self.bound = rules, list(bound)
+        self.union: dict[str, tuple[nn.Module, bool]] = {}
+        self.renames: list[dict[str, str]] = []
+        by_module: dict[int, str] = {}
+        for b in self.bound:
+            mapping = {}
+            for key, (module, keep) in b.spec.taps(b.ctx, b.opts).items():
+                shared = by_module.setdefault(id(module), f"tap{len(by_module)}")
+                old = self.union.get(shared)
+                self.union[shared] = (module, keep or (old[1] if old else False))
+                mapping[key] = shared
+            self.renames.append(mapping)
+        self.input_grad = any(b.spec.input_grad for b in self.bound)
 
-    def one(x, t):
-        record = forward_backward(
-            model,
-            x,
-            target if t is None else t,
-            rules,
-            taps=union,
-            method=bound[0].spec.name,
-            input_grad=needs_input_grad,
-        )
-        maps = []
-        for b, mapping in zip(bound, renames):
-            view = Record(
-                record.inputs,
-                record.targets,
-                record.logits,
-                record.input_grad,
-                {key: record.taps.get(shared, []) for key, shared in mapping.items()},
+    def __call__(self, model, inputs, target, batch_size) -> tuple[torch.Tensor, ...]:
+        def one(x, t):
+            record = forward_backward(
+                model,
+                x,
+                target if t is None else t,
+                self.rules,
+                taps=self.union,
+                method=self.bound[0].spec.name,
+                input_grad=self.input_grad,
             )
-            maps.append(b.spec.readout(view, b.ctx, b.opts))
-        return tuple(maps)
+            maps = []
+            for b, mapping in zip(self.bound, self.renames):
+                view = Record(
+                    record.inputs,
+                    record.targets,
+                    record.logits,
+                    record.input_grad,
+                    {key: record.taps.get(shared, []) for key, shared in mapping.items()},
+                )
+                maps.append(b.spec.readout(view, b.ctx, b.opts))
+            return tuple(maps)
 
-    targets = target if isinstance(target, torch.Tensor) else None
-    return chunked(one, inputs, targets, batch_size)
+        targets = target if isinstance(target, torch.Tensor) else None
+        return chunked(one, inputs, targets, batch_size)
 
 
 class Plan:
@@ -126,13 +130,14 @@ class Plan:
             bound_specs.append((spec, opts, resolved))
         self.model, self.batch_size, self.shape = model, batch_size, tuple(inputs.shape)
         self.computed: list[tuple[int, _Bound]] = []
-        self.groups: list[list[tuple[int, _Bound]]] = []
         with eval_mode(model):
             device, dtype = model_device_dtype(model, inputs)
             x = inputs.detach().to(device=device, dtype=dtype)
             default = None
-            groups: dict[object, list[tuple[int, _Bound]]] = {}
-            alive = []
+            # Plain autograd is one pass for all. Any other rule set is its own group, keyed by
+            # the object, which the group keeps alive: its id() cannot come back for the next
+            # method's freshly built rule set (which would merge two methods into one pass).
+            groups: dict[object, tuple[RuleSet, list[tuple[int, _Bound]]]] = {}
             for i, (spec, opts, resolved) in enumerate(bound_specs):
                 if spec.needs_layer and resolved is None:
                     default = default or default_layer(model, x, spec.name)
@@ -143,13 +148,12 @@ class Plan:
                     self.computed.append((i, b))
                     continue
                 rules = spec.rules(opts)
-                # Plain autograd is one pass for all. Any other rule set is its own group,
-                # keyed by the object: kept alive in ``alive``, its id() cannot be reused by the
-                # next method's freshly built rule set (which would merge two methods).
                 key = rules.name if rules.is_plain else id(rules)
-                alive.append(rules)
-                groups.setdefault(key, []).append((i, b))
-        self.groups = list(groups.values())
+                groups.setdefault(key, (rules, []))[1].append((i, b))
+            self.passes = [
+                ([i for i, _ in members], _SharedPass(rules, [b for _, b in members]))
+                for rules, members in groups.values()
+            ]
         self.count = len(requests)
 
     @allow_grad
@@ -171,9 +175,8 @@ class Plan:
                 target = target.to(device)
             for i, b in self.computed:
                 results[i] = b.spec(b.ctx, x, target, b.opts)
-            for members in self.groups:
-                maps = _shared_pass(model, [b for _, b in members], x, target, batch_size)
-                for (i, _), m in zip(members, maps):
+            for indices, shared in self.passes:
+                for i, m in zip(indices, shared(model, x, target, batch_size)):
                     results[i] = m
         return [m.detach().to(device=inputs.device, dtype=inputs.dtype) for m in results]
 
