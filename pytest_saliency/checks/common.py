@@ -108,9 +108,9 @@ def is_constant(maps: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
 class Comparer:
     """Scores sets of compared maps against fixed reference maps, prepared once.
 
-    Calling it with compared maps gives the similarity [N] (CPU float) to the reference maps,
-    and a bool [N] marking the samples whose compared map was blank (constant). Both run on the
-    maps' device; what depends on the reference alone (ranks, window sums, constancy) is
+    :meth:`score` gives the similarity [N] (CPU float) of compared maps to the reference maps,
+    and bool [N] masks of the compared maps that were blank or constant, computed on the maps'
+    device; what depends on the reference alone (ranks, window sums, constancy) is
     computed once, however many sets are compared.
 
     A constant reference map (the explained class on the trained model) says nothing, so the
@@ -131,10 +131,6 @@ class Comparer:
         """A bool [N] (CPU): which reference maps are constant."""
         return self._flat
 
-    def __call__(self, compared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, blank, _ = self.score(compared)
-        return scores, blank
-
     def score(self, compared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(similarity [N], blank [N], constant [N]): ``constant`` marks every constant
         compared map, ``blank`` those next to a structured reference."""
@@ -149,8 +145,9 @@ class Comparer:
 def compare(
     reference: torch.Tensor, compared: torch.Tensor, metric: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One :class:`Comparer` call: (similarity [N], blank [N])."""
-    return Comparer(reference, metric)(compared)
+    """One :class:`Comparer` score: (similarity [N], blank [N])."""
+    scores, blank, _ = Comparer(reference, metric).score(compared)
+    return scores, blank
 
 
 def to_cpu(maps: torch.Tensor) -> torch.Tensor:

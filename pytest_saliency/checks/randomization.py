@@ -305,18 +305,18 @@ def parameter_randomization(
     # scoring, so the report of degenerate samples never reads every kept map again.
     flags: list[dict[str, torch.Tensor]] = [{} for _ in specs]
     for key, idx in groups.items():
-        for j, i in enumerate(idx):
-            flags[i]["original"] = comparers[key].constant_reference[j * n : (j + 1) * n]
+        for i, flat in zip(idx, comparers[key].constant_reference.split(n)):
+            flags[i]["original"] = flat
     for k, step in enumerate(steps):
         saved = _own_state(step.modules) if mode == "independent" else None
         randomize(step, seed + k, work)
         now = maps_now()
         for key, idx in groups.items():
-            scores, blank, constant = comparers[key].score(torch.cat([now[i] for i in idx]))
-            for j, i in enumerate(idx):
-                rows[i].append(scores[j * n : (j + 1) * n])
-                blanks[i][step.name] = blank[j * n : (j + 1) * n]
-                flags[i][step.name] = constant[j * n : (j + 1) * n]
+            found = comparers[key].score(torch.cat([now[i] for i in idx]))
+            for i, score, blank, constant in zip(idx, *(t.split(n) for t in found)):
+                rows[i].append(score)
+                blanks[i][step.name] = blank
+                flags[i][step.name] = constant
         for i, m in enumerate(now):
             maps[i][step.name] = to_cpu(m)
         del now
