@@ -278,57 +278,105 @@ class _SSIM(_Kind):
     def __init__(self, a: torch.Tensor, *, win_size: int = 7) -> None:
         _check_win(win_size, a)
         self.win = win_size
-        # float32 maps are compared in float32 (float64 inputs in float64), each normalised map
-        # minus its own mean: the second moments stay small, and so does the float32 rounding
-        # left after the variance subtraction (worst seen against the float64 formula: 2e-7).
-        self.work = torch.float64 if a.dtype == torch.float64 else torch.float32
-        if a.device.type == "mps":
-            self.work = torch.float32
-        self.x, self.ox, self.ux, self.uxx = _batched_rows(self._prepare, a, self.budget)
+        self.work = _ssim_dtype(a, a)
+        self.x, self.ox, self.ux, self.vx = _batched_rows(self._prepare, a, self.budget)
 
     def _prepare(self, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Centred maps, their offsets, and the window means of x and x * x."""
-        x, ox = _centred(a, self.work)
-        sums = _window_sums(_window_sums(torch.stack([x, x * x], dim=1), self.win, 2), self.win, 3)
-        ux, uxx = sums.mul_(1.0 / (self.win * self.win)).unbind(1)
-        return x, ox, ux, uxx
+        """Scaled centred maps, their offsets, the window means, and the reference's share of
+        the contrast denominator (its window variance plus C2 / cov)."""
+        stats = a.new_empty((2, *a.shape), dtype=self.work)
+        x, ox = _centred(a, self.win, out=stats[0])
+        _scaled_product(x, x, self.win, out=stats[1])
+        ux, uxx = _window_means(stats, self.win)
+        return x, ox, ux, uxx.addcmul_(ux, ux, value=-1).add_(_C2 / _cov(self.win))
 
     def score(self, start: int, stop: int, b: torch.Tensor) -> torch.Tensor:
-        win = self.win
-        x = self.x[start:stop]
-        y, oy = _centred(b, self.work)
-        sums = _window_sums(_window_sums(torch.stack([y, y * y, x * y]), win, 2), win, 3)
-        uy, uyy, uxy = sums.mul_(1.0 / (win * win)).unbind(0)
-        ux, uxx = self.ux[start:stop], self.uxx[start:stop]
-        return _ssim_formula(ux, uy, uxx + uyy, uxy, win, self.ox[start:stop], oy)
+        win, ux = self.win, self.ux[start:stop]
+        stats = b.new_empty((3, *b.shape), dtype=self.work)
+        y, oy = _centred(b, win, out=stats[0])
+        _scaled_product(y, y, win, out=stats[1])
+        _scaled_product(self.x[start:stop], y, win, out=stats[2])
+        uy, uyy, uxy = _window_means(stats, win)
+        variances = uyy.addcmul_(uy, uy, value=-1).add_(self.vx[start:stop])
+        return _ssim_formula(ux, uy, uxy, variances, win, self.ox[start:stop], oy)
 
 
-def _centred(t: torch.Tensor, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The min-max normalised maps minus each one's mean, in ``work``, and those means [n]."""
-    scaled = _minmax(t, work)
-    offset = scaled.mean(dim=(1, 2))
-    return scaled.sub_(offset[:, None, None]), offset
+_C1, _C2 = 0.01**2, 0.03**2  # scikit-image's (K1 * data_range)^2 and (K2 * data_range)^2
+
+
+def _cov(win: int) -> float:
+    """scikit-image's sample-covariance factor for a ``win`` x ``win`` window."""
+    return win * win / (win * win - 1)
+
+
+def _ssim_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    """float32 maps are compared in float32, float64 maps in float64 (MPS has no float64).
+
+    float32 is enough because each normalised map is centred on its own mean: the second
+    moments stay small, and so does the rounding left after the variance subtraction (worst
+    seen against the float64 formula: 2e-7).
+    """
+    if a.device.type == "mps":
+        return torch.float32
+    return torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+
+
+def _centred(t: torch.Tensor, win: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min-max normalised maps minus each one's mean, divided by ``win``^2, into ``out``;
+    and each normalised map's mean [n].
+
+    Dividing by ``win``^2 here, with the normalisation, makes window sums come out as window
+    means; :func:`_scaled_product` multiplies it back into the products.
+    """
+    flat = t.reshape(t.shape[0], -1).to(out.dtype)
+    lo, hi, mean = flat.amin(dim=1), flat.amax(dim=1), flat.mean(dim=1)
+    scale = 1.0 / (hi - lo)
+    # Subtract before scaling: t - mean is exact for maps far from zero relative to their
+    # range (1000 + 1e-3 * noise), where t * scale would round away the detail.
+    torch.sub(flat, mean[:, None], out=out.view_as(flat))
+    out.mul_((scale / (win * win))[:, None, None])
+    return out, (mean - lo) * scale
+
+
+def _scaled_product(x: torch.Tensor, y: torch.Tensor, win: int, out: torch.Tensor) -> None:
+    """``out = x * y * win^2`` in one pass: the product of two maps from :func:`_centred`,
+    divided by ``win``^2 once."""
+    torch.addcmul(out.new_zeros(()), x, y, value=win * win, out=out)
+
+
+def _window_means(stats: torch.Tensor, win: int) -> tuple[torch.Tensor, ...]:
+    """Means over every full ``win`` x ``win`` window of maps already divided by ``win``^2."""
+    return _window_sums(_window_sums(stats, win, -2), win, -1).unbind(0)
 
 
 def _ssim_pair(a: torch.Tensor, b: torch.Tensor, win: int, work: torch.dtype) -> torch.Tensor:
     """SSIM of two sets of maps [n, H, W] computed together: 4 window sums instead of 2 + 3."""
-    (x, ox), (y, oy) = _centred(a, work), _centred(b, work)
-    stats = torch.stack([x, y, x * x + y * y, x * y])
-    ux, uy, uss, uxy = _window_sums(_window_sums(stats, win, 2), win, 3).mul_(1.0 / (win * win))
-    return _ssim_formula(ux, uy, uss, uxy, win, ox, oy)
+    stats = a.new_empty((4, *a.shape), dtype=work)
+    (x, ox), (y, oy) = _centred(a, win, out=stats[0]), _centred(b, win, out=stats[1])
+    _scaled_product(x, x, win, out=stats[2])
+    stats[2].addcmul_(y, y, value=win * win)
+    _scaled_product(x, y, win, out=stats[3])
+    ux, uy, uss, uxy = _window_means(stats, win)
+    variances = uss.addcmul_(ux, ux, value=-1).addcmul_(uy, uy, value=-1).add_(_C2 / _cov(win))
+    return _ssim_formula(ux, uy, uxy, variances, win, ox, oy)
 
 
-def _ssim_formula(ux, uy, uss, uxy, win: int, ox, oy) -> torch.Tensor:
-    """skimage's SSIM averaged over full windows, from the window means of the centred maps x, y
-    (``uss`` is the mean of x*x + y*y); sample covariance, K1 = 0.01, K2 = 0.03."""
-    cov_norm = win * win / (win * win - 1)
-    c1, c2 = 0.01**2, 0.03**2
+def _ssim_formula(ux, uy, uxy, variances, win: int, ox, oy) -> torch.Tensor:
+    """scikit-image's mean SSIM over full windows from the window means of the centred maps
+    x, y (``uxy`` the mean of x * y) and ``variances`` = var(x) + var(y) + C2 / cov per window.
+
+    With cov the sample-covariance factor, the contrast-structure term
+    (2 cov sxy + C2) / (cov (vx + vy) + C2) is 2 (sxy + C2 / 2cov) / (vx + vy + C2 / cov);
+    the 2 is applied to the mean. Every step is one in-place pass over the windows.
+    """
+    one = ux.new_full((), _C1)
     # The luminance term needs the means of the uncentred maps: each map's mean goes back.
     mx, my = ux + ox[:, None, None], uy + oy[:, None, None]
-    luminance = (2 * mx * my + c1) / (mx * mx + my * my + c1)
-    uxuy = ux * uy
-    contrast = (2 * cov_norm * (uxy - uxuy) + c2) / (cov_norm * (uss - ux * ux - uy * uy) + c2)
-    return (luminance * contrast).mean(dim=(1, 2))
+    numerator = torch.addcmul(one, mx, my, value=2)
+    denominator = torch.addcmul(one, mx, mx).addcmul_(my, my)
+    covariance = uxy.addcmul_(ux, uy, value=-1).add_(_C2 / (2 * _cov(win)))
+    numerator.mul_(covariance).div_(denominator.mul_(variances))
+    return numerator.mean(dim=(1, 2)).mul_(2)
 
 
 def _check_win(win_size: object, a: torch.Tensor) -> None:
@@ -349,24 +397,26 @@ def _window_sums(t: torch.Tensor, win: int, dim: int) -> torch.Tensor:
     """Sums of every ``win`` consecutive values along ``dim`` (only full windows are kept).
 
     Built by doubling: sums of 2, 4, 8... neighbours, added up along the binary digits of
-    ``win`` (4 adds for a window of 7, not 6). Short sums keep float32 rounding small, unlike a
+    ``win`` (4 passes for a window of 7). Short sums keep float32 rounding small, unlike a
     running cumsum over the whole row.
     """
     out = t.shape[dim] - win + 1
-    acc: torch.Tensor | None = None
-    span, offset, rest = t, 0, win
-    width = 1
+    parts: list[torch.Tensor] = []
+    span, offset, rest, width = t, 0, win, 1
     while rest:
         if rest & 1:
-            part = span.narrow(dim, offset, out)
-            acc = part.clone() if acc is None else acc.add_(part)
+            parts.append(span.narrow(dim, offset, out))
             offset += width
         rest >>= 1
         if rest:
             m = span.shape[dim] - width
             span = span.narrow(dim, 0, m) + span.narrow(dim, width, m)
             width *= 2
-    assert acc is not None
+    if len(parts) == 1:
+        return parts[0].clone()
+    acc = parts[0] + parts[1]
+    for part in parts[2:]:
+        acc.add_(part)
     return acc
 
 
@@ -455,9 +505,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, win_size: int = 7) -> torch.Tensor
     """
     _check_pair(a, b, "ssim", spatial=True)
     _check_win(win_size, a)
-    work = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
-    if a.device.type == "mps":
-        work = torch.float32
+    work = _ssim_dtype(a, b)
 
     score = _chunked(lambda i, j: _ssim_pair(a[i:j], b[i:j], win_size, work), a, _SSIM.budget)
     return _finished(score, _undefined(a) | _undefined(b), a.dtype, b.dtype)
