@@ -89,20 +89,25 @@ class _SharedPass:
                 method=self.bound[0].spec.name,
                 input_grad=self.input_grad,
             )
-            maps = []
-            for b, mapping in zip(self.bound, self.renames):
-                view = Record(
-                    record.inputs,
-                    record.targets,
-                    record.logits,
-                    record.input_grad,
-                    {key: record.taps.get(shared, []) for key, shared in mapping.items()},
-                )
-                maps.append(b.spec.readout(view, b.ctx, b.opts))
-            return tuple(maps)
+            with torch.no_grad():  # readouts are functions of the record: no graph for them
+                return tuple(self._readouts(record))
 
         targets = target if isinstance(target, torch.Tensor) else None
         return chunked(one, inputs, targets, batch_size)
+
+    def _readouts(self, record: Record) -> list[torch.Tensor]:
+        """Each method's map, read from its share of the pass's record."""
+        maps = []
+        for b, mapping in zip(self.bound, self.renames):
+            view = Record(
+                record.inputs,
+                record.targets,
+                record.logits,
+                record.input_grad,
+                {key: record.taps.get(shared, []) for key, shared in mapping.items()},
+            )
+            maps.append(b.spec.readout(view, b.ctx, b.opts))
+        return maps
 
 
 class Plan:

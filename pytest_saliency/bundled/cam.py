@@ -199,14 +199,13 @@ def _fullgrad(record: Record, ctx: Context, opts: dict) -> torch.Tensor:
     by_size: dict[tuple[int, ...], torch.Tensor] = {
         size: _psi(inputs * record.input_grad, positive, owned=True)
     }
-    modules = dict(ctx.model.named_modules())
     # Gradients of one spatial size are normalised and summed in one batched call: _psi works
     # per (sample, channel), so channels of several layers can sit side by side.
     grouped: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for tap, calls in record.taps.items():
         if not tap.startswith(_BIAS_TAP):
             continue
-        bias = effective_bias(modules[tap[len(_BIAS_TAP) :]])
+        bias = effective_bias(ctx.module(tap[len(_BIAS_TAP) :]))
         for _, gradient in calls:
             # No gradient: the output does not reach the target score. Another rank (e.g.
             # BatchNorm1d on flattened features): no spatial map to bring into input space.

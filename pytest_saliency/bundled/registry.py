@@ -26,6 +26,14 @@ class Context:
     layer: tuple[str, nn.Module] | None
     batch_size: int | None
     input_shape: tuple[int, ...]
+    _modules: dict[str, nn.Module] | None = field(default=None, init=False, repr=False)
+
+    def module(self, name: str) -> nn.Module:
+        """The model's submodule called ``name``; the table of names is built once per context
+        (an audit reads it at every step)."""
+        if self._modules is None:
+            self._modules = dict(self.model.named_modules())
+        return self._modules[name]
 
     def run(self, rules: RuleSet, inputs, target, readout, taps=None, input_grad=True):
         """One forward+backward per chunk under ``rules``; ``readout(record)`` per chunk."""
@@ -40,7 +48,8 @@ class Context:
                 method=self.method,
                 input_grad=input_grad,
             )
-            return readout(record)
+            with torch.no_grad():
+                return readout(record)
 
         targets = target if isinstance(target, torch.Tensor) else None
         return chunked(one, inputs, targets, self.batch_size)

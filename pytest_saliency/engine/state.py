@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -18,11 +19,15 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """
     flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
+        # An audit enters this block once per pass: a model already in eval mode is left
+        # alone (setting a module attribute goes through nn.Module.__setattr__).
+        if any(flag for _, flag in flags):
+            model.eval()
         yield model
     finally:
         for module, flag in flags:
-            module.training = flag
+            if module.training != flag:
+                module.training = flag
 
 
 @contextlib.contextmanager
@@ -39,7 +44,7 @@ def removable_hooks() -> Iterator[list]:
 def model_device_dtype(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.device, torch.dtype]:
     """The device and dtype the model computes in: its first floating-point parameter or buffer,
     else the inputs'."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
     return inputs.device, inputs.dtype
