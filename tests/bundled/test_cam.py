@@ -254,6 +254,20 @@ def test_fullgrad_without_biased_layers_is_the_input_term():
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,size", [((2, 2), (64, 64)), ((7, 3), (224, 50)), ((9, 12), (4, 5))])
+def test_upsample_equals_bilinear_interpolation(shape, size, dtype):
+    """2-d maps are resized by two matrix products: the same numbers as F.interpolate."""
+    from pytest_saliency.bundled.cam import upsample
+
+    maps = torch.randn(3, 2, *shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    want = torch.nn.functional.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    got = upsample(maps, size)
+    assert got.shape == want.shape and got.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
 def test_one_dimensional_inputs_use_linear_interpolation():
     factory = lambda: nn.Sequential(  # noqa: E731
         nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2)),
