@@ -145,38 +145,58 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _argsort_rows(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise argsort of [N, P]; on CPU numpy's vectorised sort is about 4x torch's."""
-    if x.device.type == "cpu":
-        return torch.from_numpy(np.argsort(x.detach().numpy(), axis=1))
-    return x.argsort(dim=1)
+    """Row-wise argsort of [N, P]; ties keep their original order (a stable sort).
+
+    On CPU, float32 rows are sorted as one int64 per value: the value's bits made monotone
+    in the high half, its index in the low half. numpy sorts plain integers with vectorised
+    code, 1.1-3.5x faster than its argsort (the most on maps with many equal values, such as
+    ReLU'd CAMs), and its argsort is in turn about 3x faster than torch's.
+    """
+    if x.device.type != "cpu":
+        return x.argsort(dim=1, stable=True)
+    a = x.detach().numpy()
+    if a.dtype != np.float32:
+        return torch.from_numpy(np.argsort(a, axis=1, kind="stable"))
+    bits = (a + np.float32(0)).view(np.int32)  # + 0 turns -0.0 into +0.0 (they are equal)
+    # Negative floats order backwards by their bits: flip all but the sign bit.
+    packed = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64)
+    packed <<= 32
+    packed |= np.arange(a.shape[1], dtype=np.int64)
+    packed.sort(axis=1)
+    packed &= 0xFFFFFFFF
+    return torch.from_numpy(packed)
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
     """Row-wise ranks of [N, P] values, ties given their mean rank (scipy 'average').
 
-    Values are sorted in their own float dtype (float32 maps sort twice as fast as float64;
-    converting them would not create or break a tie) and ranks come out in the work dtype.
+    float32 maps are sorted as float32 (half-precision ones too, converted exactly), other
+    maps in the work dtype; ranks come out in the work dtype.
     """
     work = _work_dtype(x.device)
-    if x.dtype not in (torch.float32, torch.float64):
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    elif x.dtype not in (torch.float32, torch.float64):
         x = x.to(work)
-    # Order within a run of ties does not matter (all get the run's mean), so no stable sort.
     order = _argsort_rows(x)
     values = x.gather(1, order)
     n, p = values.shape
-    pos = torch.arange(1, p + 1, dtype=work, device=x.device).expand(n, p)
     out = torch.empty((n, p), dtype=work, device=x.device)
     starts = torch.ones_like(values, dtype=torch.bool)
-    starts[:, 1:] = values[:, 1:] != values[:, :-1]
+    torch.ne(values[:, 1:], values[:, :-1], out=starts[:, 1:])
     if bool(starts.all()):  # no ties anywhere: ranks are the sorted positions
-        return out.scatter_(1, order, pos)
+        return out.scatter_(
+            1, order, torch.arange(1, p + 1, dtype=work, device=x.device).expand(n, p)
+        )
     ends = torch.ones_like(starts)
     ends[:, :-1] = starts[:, 1:]
     # Each sorted position belongs to the run [first, last]: the latest run start at or before
-    # it and the earliest run end at or after it.
+    # it and the earliest run end at or after it (int32 positions while first + last fits).
+    pos = torch.arange(1, p + 1, device=x.device, dtype=torch.int32 if p < 2**30 else torch.int64)
+    pos = pos.expand(n, p)
     first = torch.where(starts, pos, 0).cummax(dim=1).values
     last = torch.where(ends, pos, p).flip(1).cummin(dim=1).values.flip(1)
-    return out.scatter_(1, order, (first + last) / 2)
+    return out.scatter_(1, order, (first + last).to(work).mul_(0.5))
 
 
 # --- prepared references -------------------------------------------------------------------

@@ -574,3 +574,23 @@ def test_on_cuda_the_same_seed_gives_the_same_numbers_and_memory_stays_flat(monk
     # One reading per model state: the trained model, then one per block.
     assert len(allocated) == len(first[0].layers) + 1
     assert max(allocated[1:]) - allocated[1] <= 1 << 20, allocated
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64])
+def test_is_constant_reads_each_map(dtype):
+    """Constant, constant up to rounding, structured, non-finite; any dtype."""
+    from pytest_saliency.checks.common import is_constant
+
+    maps = torch.zeros(6, 5, 5, dtype=torch.float64)
+    maps[1] = 3.0  # constant, not zero
+    maps[2, 0, 0] = 1.0  # one pixel of structure
+    maps[3] = 1.0
+    maps[3, 2, 2] = 1.0 + 1e-9  # within rounding of a constant
+    maps[4, 1, 1] = math.nan
+    maps[5, 4, 4] = -math.inf
+    want = [True, True, False, True, True, True]
+    if dtype == torch.int64:
+        maps[4:] = 7.0
+        maps[5, 0, 0] = 8.0
+        want[5] = False
+    assert is_constant(maps.to(dtype)).tolist() == want

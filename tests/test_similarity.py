@@ -414,3 +414,23 @@ def test_spearman_abs_takes_bool_and_integer_maps():
     a, b = a.long() - 1, b.long()
     np.testing.assert_allclose(similarity(a, b, "spearman_abs").numpy(),
                                reference("spearman_abs", a, b), atol=1e-12)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_ranks_equal_scipy_on_awkward_values(dtype):
+    """Ranks through the sort used on CPU (float32 values packed with their index into one
+    integer): signs, -0.0 next to 0.0, runs of ties, infinities, subnormals."""
+    from pytest_saliency.similarities import _argsort_rows, _ranks
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 300, generator=g)
+    x[:, ::3] = x[:, ::3].relu()  # runs of zeros
+    x[:, 1::7] = x[:, 1::7].round()  # runs of small integers
+    x[0, :4] = torch.tensor([-0.0, 0.0, -0.0, 0.0])
+    x[1, :4] = torch.tensor([math.inf, -math.inf, 1e-45, -1e-45])
+    x[2] = 1.0  # a constant row
+    x = x.to(dtype)
+    want = np.stack([scipy.stats.rankdata(row) for row in x.double().numpy()])
+    np.testing.assert_array_equal(_ranks(x).numpy(), want)
+    order = _argsort_rows(x.float()).numpy()
+    np.testing.assert_array_equal(order, np.argsort(x.float().numpy(), axis=1, kind="stable"))

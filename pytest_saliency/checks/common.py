@@ -98,11 +98,14 @@ def is_constant(maps: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
     "One value" allows float rounding: a CAM upsampled from a 1x1 layer differs from constant
     in the last bits, and a metric would read structure into that noise.
     """
-    flat = maps.detach().reshape(maps.shape[0], -1).double()
-    finite = torch.isfinite(flat).all(dim=1)
-    spread = flat.amax(dim=1) - flat.amin(dim=1)
-    scale = flat.abs().amax(dim=1)
-    return ~finite | (spread <= rtol * scale)
+    flat = maps.detach().reshape(maps.shape[0], -1)
+    if not flat.is_floating_point():
+        flat = flat.double()
+    # Min and max pick values, so they are exact in the maps' own dtype; only the [N]
+    # results go to float64. A NaN or infinity anywhere shows up in them.
+    high, low = flat.amax(dim=1).double(), flat.amin(dim=1).double()
+    finite = torch.isfinite(high) & torch.isfinite(low)
+    return ~finite | (high - low <= rtol * torch.maximum(high.abs(), low.abs()))
 
 
 class Comparer:
