@@ -45,9 +45,10 @@ NORM_STABILIZER = 1e-6  # zennit's default for Norm, ZPlus and AlphaBeta
 def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     """``z + epsilon * sign(z)`` with ``sign(0) = +1`` (zennit's stabilizer)."""
     # Bitwise equal to ``where(z >= 0, z + eps, z - eps)`` in fewer full-size passes: the
-    # offset is 1 * 2eps - eps = eps or 0 * 2eps - eps = -eps, both exact.
-    offset = (z >= 0).to(z.dtype).mul_(2 * epsilon).sub_(epsilon)
-    return offset.add_(z)
+    # offset is 1 * 2eps - eps = eps or 0 * 2eps - eps = -eps, both exact. The comparison
+    # writes 1.0 / 0.0 straight into a float tensor: no bool tensor, no conversion pass.
+    offset = torch.ge(z, 0, out=torch.empty_like(z))
+    return offset.mul_(2 * epsilon).sub_(epsilon).add_(z)
 
 
 _CONV_INPUT_GRAD = {
@@ -104,7 +105,10 @@ class EpsilonRule:
         return stabilize(z, self.epsilon)
 
     def relevance(self, x, layer: Affine, r, prepared):
-        return x * layer.transpose(r / prepared, layer.weight, x.shape)
+        # ``prepared`` is this call's own tensor, used once: the quotient goes into it, and
+        # the product with x into the transposed layer's fresh output (no new full tensors).
+        s = torch.div(r, prepared, out=prepared)
+        return layer.transpose(s, layer.weight, x.shape).mul_(x)
 
 
 class AlphaBetaRule:
@@ -138,15 +142,16 @@ class AlphaBetaRule:
             z = layer(xp, w_x, bias)
             if signed:
                 z = z + layer(xn, w_xn, None)
-            s = r / stabilize(z, self.stabilizer)
-            out = xp * layer.transpose(s, w_x, x.shape)
+            stabilized = stabilize(z, self.stabilizer)
+            s = torch.div(r, stabilized, out=stabilized)
+            out = layer.transpose(s, w_x, x.shape).mul_(xp)
             if signed:
-                out = out + xn * layer.transpose(s, w_xn, x.shape)
-            return out if scale == 1 else scale * out
+                out = out.add_(layer.transpose(s, w_xn, x.shape).mul_(xn))
+            return out if scale == 1 else out.mul_(scale)
 
         out = part(wp, wn, None if b is None else b.clamp(min=0), self.alpha)
         if self.beta:
-            out = out - part(wn, wp, None if b is None else b.clamp(max=0), self.beta)
+            out = out.sub_(part(wn, wp, None if b is None else b.clamp(max=0), self.beta))
         return out
 
 

@@ -63,9 +63,12 @@ class Rectified(ActivationRule):
     def backward(self, grad_out, out):
         importance = out * grad_out
         if not self.positive:
-            importance = importance.abs()
+            importance = importance.abs_()
         tau = per_sample_percentile(importance, self.percentile)
-        return grad_out * (importance > tau)
+        # grad_out where importance > tau, in one kernel: importance - tau > 0 exactly when
+        # importance > tau (float subtraction of unequal finite values is never 0), and a
+        # float mask avoids the bool-to-float copy of grad_out * (importance > tau).
+        return torch.ops.aten.threshold_backward(grad_out, importance.sub_(tau), 0)
 
 
 _GUIDED = RuleSet("guided", activation=Guided())
