@@ -94,6 +94,34 @@ class Affine:
         return grad
 
 
+class Deferred:
+    """``stabilize(z, epsilon)`` of one layer output, computed when first needed.
+
+    Most of the time that is the backward pass, or never: a conv whose BatchNorm is folded
+    into it is not propagated through. An op that could change ``z`` in place (a ReLU, a
+    residual ``+=``) is seen by :meth:`_Propagation.watch` before it runs, which settles the
+    value first.
+    """
+
+    def __init__(self, z: torch.Tensor, epsilon: float):
+        self.z: torch.Tensor | None = z
+        self.version = z._version
+        self.epsilon = epsilon
+        self.value: torch.Tensor | None = None
+
+    def settle(self) -> torch.Tensor:
+        if self.value is None:
+            assert self.z is not None
+            if self.z._version != self.version:  # a change no watched op announced
+                raise SaliencyError(
+                    "lrp_epsilon: a layer output was changed in place before its relevance "
+                    "could be computed, by an operation that bypasses torch functions; please "
+                    "report this model"
+                )
+            self.value, self.z = stabilize(self.z, self.epsilon), None
+        return self.value
+
+
 class EpsilonRule:
     """R_in = x * W^T (R / stabilize(z, epsilon)), z = Wx + b (zennit's ``Epsilon``)."""
 
@@ -101,13 +129,13 @@ class EpsilonRule:
         self.epsilon = epsilon
 
     def prepare(self, x, layer: Affine, z):
-        # z itself is needed, and a later in-place op (ReLU) may overwrite it: stabilise now.
-        return stabilize(z, self.epsilon)
+        return Deferred(z, self.epsilon)
 
     def relevance(self, x, layer: Affine, r, prepared):
-        # ``prepared`` is this call's own tensor, used once: the quotient goes into it, and
-        # the product with x into the transposed layer's fresh output (no new full tensors).
-        s = torch.div(r, prepared, out=prepared)
+        # The stabilised z is this call's own tensor, used once: the quotient goes into it,
+        # and the product with x into the transposed layer's fresh output.
+        stabilized = prepared.settle()
+        s = torch.div(r, stabilized, out=stabilized)
         return layer.transpose(s, layer.weight, x.shape).mul_(x)
 
 
@@ -159,17 +187,19 @@ class _RuleLayer(torch.autograd.Function):
     """Forward: the layer's own output (``compute()``); backward: the LRP rule from ``x``."""
 
     @staticmethod
-    def forward(ctx, x, rule, layer, compute):
+    def forward(ctx, x, rule, layer, compute, pending):
         out = compute()
         ctx.rule, ctx.layer = rule, layer
         ctx.prepared = rule.prepare(x, layer, out)
+        if isinstance(ctx.prepared, Deferred):
+            pending[id(out)] = ctx.prepared
         ctx.save_for_backward(x)
         return out
 
     @staticmethod
     def backward(ctx, r):
         (x,) = ctx.saved_tensors
-        return ctx.rule.relevance(x, ctx.layer, r, ctx.prepared), None, None, None
+        return ctx.rule.relevance(x, ctx.layer, r, ctx.prepared), None, None, None, None
 
 
 class _PassThrough(torch.autograd.Function):
@@ -255,10 +285,27 @@ class _Propagation:
         self.method = method
         self.rule = rule
         self.producers = Producers()
+        # Layer outputs whose stabilised value is deferred (ε rule), by id; each entry keeps
+        # its tensor alive, so no id is reused while it is listed.
+        self.pending: dict[int, Deferred] = {}
 
     def install(self, model: nn.Module, handles: list) -> None:
         self.producers.remove()
+        self.pending.clear()
         handles.append(self.producers)  # emptied when the pass ends
+        handles.append(_Clear(self.pending))
+
+    def watch(self, func, args, kwargs) -> None:
+        """Settle a deferred layer output before any op but a known read-only one takes it:
+        whatever that op does (change it in place, alias it), z's values are kept first."""
+        if not self.pending or func in _READ_ONLY:
+            return
+        for value in (*args, *kwargs.values()):
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(t, torch.Tensor):
+                    deferred = self.pending.pop(id(t), None)
+                    if deferred is not None:
+                        deferred.settle()
 
     def functions(self) -> dict:
         table: dict = {func: self.affine for func in (F.linear, *_CONV_INPUT_GRAD)}
@@ -295,7 +342,7 @@ class _Propagation:
         layer = Affine(
             func, bound["weight"].detach(), None if bias is None else bias.detach(), params
         )
-        out = _RuleLayer.apply(x, self.rule, layer, lambda: func(*args, **kwargs))
+        out = _RuleLayer.apply(x, self.rule, layer, lambda: func(*args, **kwargs), self.pending)
         self.producers.add(out, x, layer)
         return out
 
@@ -320,7 +367,7 @@ class _Propagation:
             bound.get("eps", 1e-5),
         )
         folded = replace(source.op, weight=weight, bias=bias)
-        return _RuleLayer.apply(source.input, self.rule, folded, compute)
+        return _RuleLayer.apply(source.input, self.rule, folded, compute, self.pending)
 
     def _sum(self, func, args, kwargs, inplace):
         a = args[0] if args else kwargs.get("input")
@@ -369,6 +416,35 @@ class _Propagation:
         return handler
 
 
+class _Clear:
+    """A hook-handle stand-in that empties a table when the pass ends."""
+
+    def __init__(self, table: dict):
+        self.table = table
+
+    def remove(self) -> None:
+        self.table.clear()
+
+
+# Ops that only read their tensor arguments: a deferred output can go through them unsettled
+# (BatchNorm reads a conv's output to be folded into it; size queries come before it).
+_READ_ONLY = frozenset(
+    {
+        F.batch_norm,
+        F.linear,
+        *_CONV_INPUT_GRAD,
+        torch.Tensor.dim,
+        torch.Tensor.size,
+        torch.Tensor.shape.__get__,
+        torch.Tensor.ndim.__get__,
+        torch.Tensor.dtype.__get__,
+        torch.Tensor.device.__get__,
+        torch.Tensor.requires_grad.__get__,
+        torch.Tensor.is_floating_point,
+    }
+)
+
+
 def _spatial_only(dim: object, ndim: int) -> bool:
     """``dim`` names only axes after the channel axis (a global/spatial average pool)."""
     if isinstance(dim, int) and not isinstance(dim, bool):
@@ -386,6 +462,7 @@ def lrp_rules(method: str, rule) -> RuleSet:
         activation=PassReLU(),
         functions=propagation.functions(),
         install=propagation.install,
+        watch=propagation.watch,
     )
 
 

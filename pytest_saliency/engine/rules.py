@@ -139,16 +139,24 @@ class RuleSet:
     from a torch function to ``handler(func, args, kwargs) -> Tensor``.
     ``install``: installs module hooks for the pass, ``install(model, handles)``; every handle
     appended is removed when the pass ends.
+    ``watch``: called as ``watch(func, args, kwargs)`` before every torch function of the
+    forward pass runs (e.g. to act on a tensor before an op can change it in place).
     """
 
     name: str
     activation: ActivationRule | None = None
     functions: Mapping[Callable, Handler] = field(default_factory=dict)
     install: Callable[[nn.Module, list], None] | None = None
+    watch: Callable[[Callable, tuple, dict], None] | None = None
 
     @property
     def is_plain(self) -> bool:
-        return self.activation is None and not self.functions and self.install is None
+        return (
+            self.activation is None
+            and not self.functions
+            and self.install is None
+            and self.watch is None
+        )
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module, method: str) -> Iterator[None]:
@@ -203,6 +211,8 @@ class _RuleMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.rules.watch is not None:
+            self.rules.watch(func, args, kwargs)
         handler = self.rules.functions.get(func)
         if handler is not None:
             return handler(func, args, kwargs)
