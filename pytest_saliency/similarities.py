@@ -145,7 +145,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _argsort_rows(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise argsort of [N, P]; ties keep their original order (a stable sort).
+    """Row-wise argsort of [N, P]. Equal values may come in any order: ranks give each run of
+    them its mean rank.
 
     On CPU, float32 rows are sorted as one int64 per value: the value's bits made monotone
     in the high half, its index in the low half. numpy sorts plain integers with vectorised
@@ -153,10 +154,10 @@ def _argsort_rows(x: torch.Tensor) -> torch.Tensor:
     ReLU'd CAMs), and its argsort is in turn about 3x faster than torch's.
     """
     if x.device.type != "cpu":
-        return x.argsort(dim=1, stable=True)
+        return x.argsort(dim=1)
     a = x.detach().numpy()
     if a.dtype != np.float32:
-        return torch.from_numpy(np.argsort(a, axis=1, kind="stable"))
+        return torch.from_numpy(np.argsort(a, axis=1))
     bits = (a + np.float32(0)).view(np.int32)  # + 0 turns -0.0 into +0.0 (they are equal)
     # Negative floats order backwards by their bits: flip all but the sign bit.
     packed = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64)

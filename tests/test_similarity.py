@@ -432,5 +432,6 @@ def test_ranks_equal_scipy_on_awkward_values(dtype):
     x = x.to(dtype)
     want = np.stack([scipy.stats.rankdata(row) for row in x.double().numpy()])
     np.testing.assert_array_equal(_ranks(x).numpy(), want)
+    # float32 rows go through the packed integer sort: a stable order of the values.
     order = _argsort_rows(x.float()).numpy()
     np.testing.assert_array_equal(order, np.argsort(x.float().numpy(), axis=1, kind="stable"))

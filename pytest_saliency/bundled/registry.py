@@ -26,7 +26,9 @@ class Context:
     layer: tuple[str, nn.Module] | None
     batch_size: int | None
     input_shape: tuple[int, ...]
-    _modules: dict[str, nn.Module] | None = field(default=None, init=False, repr=False)
+    _modules: dict[str, nn.Module] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def module(self, name: str) -> nn.Module:
         """The model's submodule called ``name``; the table of names is built once per context
