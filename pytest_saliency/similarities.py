@@ -350,13 +350,19 @@ def _centred(t: torch.Tensor, win: int, out: torch.Tensor) -> tuple[torch.Tensor
     means; :func:`_scaled_product` multiplies it back into the products.
     """
     flat = t.reshape(t.shape[0], -1).to(out.dtype)
-    lo, hi, mean = flat.amin(dim=1), flat.amax(dim=1), flat.mean(dim=1)
-    scale = 1.0 / (hi - lo)
+    lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+    # The mean accumulates in float64 (a float32 sum of 1e37-sized values overflows; MPS has
+    # no float64) and is rounded back, so that the centring and the offset use one value.
+    wide = torch.float32 if out.device.type == "mps" else torch.float64
+    mean = flat.mean(dim=1, dtype=wide).to(out.dtype)
+    span = (hi - lo)[:, None, None]
     # Subtract before scaling: t - mean is exact for maps far from zero relative to their
-    # range (1000 + 1e-3 * noise), where t * scale would round away the detail.
+    # range (1000 + 1e-3 * noise), where t * scale would round away the detail. Then divide
+    # by the range, and by win^2 apart: 1 / range overflows for subnormal ranges, and
+    # range * win^2 for ranges near the float32 maximum.
     torch.sub(flat, mean[:, None], out=out.view_as(flat))
-    out.mul_((scale / (win * win))[:, None, None])
-    return out, (mean - lo) * scale
+    out.div_(span).mul_(1.0 / (win * win))
+    return out, (mean - lo) / span[:, 0, 0]
 
 
 def _scaled_product(x: torch.Tensor, y: torch.Tensor, win: int, out: torch.Tensor) -> None:

@@ -435,3 +435,19 @@ def test_ranks_equal_scipy_on_awkward_values(dtype):
     # float32 rows go through the packed integer sort: a stable order of the values.
     order = _argsort_rows(x.float()).numpy()
     np.testing.assert_array_equal(order, np.argsort(x.float().numpy(), axis=1, kind="stable"))
+
+
+@pytest.mark.parametrize("kind", ["subnormal_range", "near_float32_max"])
+def test_float32_ssim_on_extreme_ranges(kind):
+    """Maps whose value range is subnormal (1 / range overflows) or whose values are near the
+    float32 maximum (their float32 sum overflows) still score as scikit-image does."""
+    g = torch.Generator().manual_seed(8)
+    a = {
+        "subnormal_range": lambda: 1e-40 * torch.randn(2, 32, 32, generator=g),
+        "near_float32_max": lambda: 3e37 * (1 + torch.rand(2, 100, 100, generator=g)),
+    }[kind]()
+    b = torch.randn(a.shape, generator=g)
+    want = reference("ssim", a, b)
+    np.testing.assert_allclose(ssim(a, b).double().numpy(), want, atol=1e-6)
+    np.testing.assert_allclose(Reference(a, "ssim")(b).double().numpy(), want, atol=1e-6)
+    np.testing.assert_allclose(Reference(b, "ssim")(a).double().numpy(), want, atol=1e-6)

@@ -104,7 +104,9 @@ class Deferred:
     """
 
     def __init__(self, z: torch.Tensor, epsilon: float):
-        self.z: torch.Tensor | None = z
+        # A detached alias: the same values and version counter, but no link to z's autograd
+        # node, whose context holds this object (that cycle would outlive the pass).
+        self.z: torch.Tensor | None = z.detach()
         self.version = z._version
         self.epsilon = epsilon
         self.value: torch.Tensor | None = None
@@ -114,11 +116,14 @@ class Deferred:
             assert self.z is not None
             if self.z._version != self.version:  # a change no watched op announced
                 raise SaliencyError(
-                    "lrp_epsilon: a layer output was changed in place before its relevance "
-                    "could be computed, by an operation that bypasses torch functions; please "
-                    "report this model"
+                    "lrp_epsilon: a layer output was changed in place by code that torch "
+                    "functions do not see (a TorchScript function, say) before its relevance "
+                    "was computed; explain the model's plain Python version instead"
                 )
-            self.value, self.z = stabilize(self.z, self.epsilon), None
+            # Settled during the forward pass too, where grad mode is on: no graph for it.
+            with torch.no_grad():
+                self.value = stabilize(self.z, self.epsilon)
+            self.z = None
         return self.value
 
 

@@ -65,10 +65,9 @@ class Rectified(ActivationRule):
         if not self.positive:
             importance = importance.abs_()
         tau = per_sample_percentile(importance, self.percentile)
-        # grad_out where importance > tau, in one kernel: importance - tau > 0 exactly when
-        # importance > tau (float subtraction of unequal finite values is never 0), and a
-        # float mask avoids the bool-to-float copy of grad_out * (importance > tau).
-        return torch.ops.aten.threshold_backward(grad_out, importance.sub_(tau), 0)
+        # grad_out * 1[importance > tau] with the comparison written as 1.0 / 0.0 straight
+        # into ``importance`` (ours to overwrite): no bool mask and no conversion pass.
+        return torch.gt(importance, tau, out=importance).mul_(grad_out)
 
 
 _GUIDED = RuleSet("guided", activation=Guided())

@@ -250,3 +250,29 @@ def test_plain_methods_work_on_gelu(style, method):
 def test_bad_options(method, opts, bad):
     with pytest.raises(ps.SaliencyError, match=bad):
         ps.explain(small_cnn(), randn(1, 3, 8, 8), method, **opts)
+
+
+@pytest.mark.parametrize("positive", [True, False])
+def test_rectgrad_mask_keeps_the_definition_on_non_finite_values(positive):
+    """grad_in = grad_out * 1[importance > tau], also where importance, tau or the gradient
+    is infinite or NaN (a NaN comparison masks; a masked infinite gradient is inf * 0)."""
+    from pytest_saliency.bundled.propagation import Rectified
+
+    inf, nan = float("inf"), float("nan")
+    cases = [  # (grad_out, ReLU output)
+        ([[inf, inf, inf, 1.0]], [[1.0, 1.0, 1.0, 1.0]]),  # tau is inf
+        ([[1.0, 2.0, inf, 4.0]], [[1.0, 2.0, 0.0, 3.0]]),
+        ([[1.0, nan, 3.0, -2.0]], [[nan, 2.0, 0.5, 4.0]]),  # NaN importance
+        (
+            [[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]],
+            [[1.0, 1.0, 1.0, 1.0], [2.0, 0.0, 1.0, 3.0]],
+        ),
+    ]
+    for percentile in (50.0, 100.0):
+        rule = Rectified(percentile, positive)
+        for grad, out in cases:
+            grad, out = torch.tensor(grad), torch.tensor(out)
+            importance = out * grad if positive else (out * grad).abs()
+            want = grad * (importance > per_sample_percentile(importance, percentile))
+            got = rule.backward(grad, out)
+            torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
