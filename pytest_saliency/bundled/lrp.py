@@ -197,7 +197,7 @@ class _RuleLayer(torch.autograd.Function):
         ctx.rule, ctx.layer = rule, layer
         ctx.prepared = rule.prepare(x, layer, out)
         if isinstance(ctx.prepared, Deferred):
-            pending[id(out)] = ctx.prepared
+            pending[id(out)] = (out, ctx.prepared)
         ctx.save_for_backward(x)
         return out
 
@@ -290,9 +290,10 @@ class _Propagation:
         self.method = method
         self.rule = rule
         self.producers = Producers()
-        # Layer outputs whose stabilised value is deferred (ε rule), by id; each entry keeps
-        # its tensor alive, so no id is reused while it is listed.
-        self.pending: dict[int, Deferred] = {}
+        # Layer outputs whose stabilised value is deferred (ε rule), by id. Each entry keeps
+        # its tensor alive, so no id is reused while it is listed; the table is emptied when
+        # the pass ends (a Deferred itself holds only a detached alias).
+        self.pending: dict[int, tuple[torch.Tensor, Deferred]] = {}
 
     def install(self, model: nn.Module, handles: list) -> None:
         self.producers.remove()
@@ -308,9 +309,9 @@ class _Propagation:
         for value in (*args, *kwargs.values()):
             for t in value if isinstance(value, (list, tuple)) else (value,):
                 if isinstance(t, torch.Tensor):
-                    deferred = self.pending.pop(id(t), None)
-                    if deferred is not None:
-                        deferred.settle()
+                    entry = self.pending.pop(id(t), None)
+                    if entry is not None:
+                        entry[1].settle()
 
     def functions(self) -> dict:
         table: dict = {func: self.affine for func in (F.linear, *_CONV_INPUT_GRAD)}
