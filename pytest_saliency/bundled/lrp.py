@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -299,7 +300,7 @@ class _Propagation:
         self.producers.remove()
         self.pending.clear()
         handles.append(self.producers)  # emptied when the pass ends
-        handles.append(_Clear(self.pending))
+        handles.append(SimpleNamespace(remove=self.pending.clear))  # emptied at the end too
 
     def watch(self, func, args, kwargs) -> None:
         """Settle a deferred layer output before any op but a known read-only one takes it:
@@ -420,16 +421,6 @@ class _Propagation:
             )
 
         return handler
-
-
-class _Clear:
-    """A hook-handle stand-in that empties a table when the pass ends."""
-
-    def __init__(self, table: dict):
-        self.table = table
-
-    def remove(self) -> None:
-        self.table.clear()
 
 
 # Ops that only read their tensor arguments: a deferred output can go through them unsettled

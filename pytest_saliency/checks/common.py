@@ -98,12 +98,11 @@ def is_constant(maps: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
     "One value" allows float rounding: a CAM upsampled from a 1x1 layer differs from constant
     in the last bits, and a metric would read structure into that noise.
     """
-    flat = maps.detach().reshape(maps.shape[0], -1)
-    if not flat.is_floating_point():
-        flat = flat.double()
+    from ..similarities import _range
+
     # Min and max pick values, so they are exact in the maps' own dtype; only the [N]
     # results go to float64. A NaN or infinity anywhere shows up in them.
-    high, low = flat.amax(dim=1).double(), flat.amin(dim=1).double()
+    low, high = (v.double() for v in _range(maps.detach()))
     finite = torch.isfinite(high) & torch.isfinite(low)
     return ~finite | (high - low <= rtol * torch.maximum(high.abs(), low.abs()))
 
