@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.canonize import Producers, fold_batch_norm
+from ..engine.accounting import ROUTING, rule_function
 from ..engine.rules import ActivationRule, RuleSet
 from ..errors import SaliencyError, UnsupportedActivationError
 from .registry import Method, input_map, register
@@ -189,6 +190,7 @@ class AlphaBetaRule:
         return out
 
 
+@rule_function
 class _RuleLayer(torch.autograd.Function):
     """Forward: the layer's own output (``compute()``); backward: the LRP rule from ``x``."""
 
@@ -208,6 +210,7 @@ class _RuleLayer(torch.autograd.Function):
         return ctx.rule.relevance(x, ctx.layer, r, ctx.prepared), None, None, None, None
 
 
+@rule_function
 class _PassThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, compute):
@@ -218,6 +221,7 @@ class _PassThrough(torch.autograd.Function):
         return r, None
 
 
+@rule_function
 class _Proportional(torch.autograd.Function):
     """zennit's ``Norm`` for a linear map f without parameters: R_in = x * f^T(R / stab(f(x)))."""
 
@@ -238,6 +242,7 @@ class _Proportional(torch.autograd.Function):
         return x * grad, None
 
 
+@rule_function
 class _SplitSum(torch.autograd.Function):
     """a + b (in place into ``a`` if asked); backward: R_a = R a / stab(a+b), R_b likewise."""
 
@@ -258,6 +263,26 @@ class _SplitSum(torch.autograd.Function):
         return r * share_a, r * share_b, None
 
 
+@rule_function
+class _Scale(torch.autograd.Function):
+    """``x * c`` or ``x / c`` for a constant c (in place if asked); backward: the ε rule of
+    that diagonal map without bias, R_in = R * y / stab(y) (relevance passes unchanged
+    wherever y is not zero)."""
+
+    @staticmethod
+    def forward(ctx, x, compute, inplace):
+        out = compute()
+        # Kept as a ratio, not as a saved tensor: a later in-place op on ``out`` is fine.
+        ctx.share = out / stabilize(out, NORM_STABILIZER)
+        if inplace:
+            ctx.mark_dirty(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, r):
+        return r * ctx.share, None, None
+
+
 class PassReLU(ActivationRule):
     """ReLUs pass relevance through unchanged (zennit's ``Pass``)."""
 
@@ -269,6 +294,24 @@ class PassReLU(ActivationRule):
 
 def _carries(x: object) -> bool:
     return isinstance(x, torch.Tensor) and x.requires_grad
+
+
+def _is_tensor(x: object) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def _signal(x: object) -> bool:
+    """A floating tensor that may carry relevance: requires grad and is not a parameter."""
+    return _carries(x) and not isinstance(x, nn.Parameter) and x.is_floating_point()
+
+
+def _constant(c: object) -> bool:
+    """A number, a tensor without grad, or a parameter itself (constant under LRP)."""
+    if isinstance(c, bool):
+        return False
+    if isinstance(c, (int, float)):
+        return True
+    return _is_tensor(c) and (not c.requires_grad or isinstance(c, nn.Parameter))
 
 
 def _activation_pair(a: object, b: object) -> bool:
@@ -321,6 +364,14 @@ class _Propagation:
             table[func] = self.add
         for func in (torch.Tensor.add_, torch.Tensor.__iadd__):
             table[func] = self.add_inplace
+        for func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__):
+            table[func] = self.scale
+        for func in (torch.div, torch.Tensor.div, torch.Tensor.__truediv__):
+            table[func] = self.scale_numerator
+        for func in (torch.Tensor.mul_, torch.Tensor.__imul__):
+            table[func] = self.scale_inplace
+        for func in (torch.Tensor.div_, torch.Tensor.__itruediv__):
+            table[func] = self.scale_numerator_inplace
         for func in (
             F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
             F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
@@ -389,6 +440,34 @@ class _Propagation:
 
     def add_inplace(self, func, args, kwargs):
         return self._sum(func, args, kwargs, inplace=True)
+
+    def _scale(self, func, args, kwargs, inplace, numerator_only):
+        """A product (or quotient) of the signal with a constant: the ε rule of that diagonal
+        map. Anything else (two signal operands, broadcasting the signal up) runs as written
+        and the op accounting refuses it."""
+        a = args[0] if args else kwargs.get("input")
+        b = args[1] if len(args) > 1 else kwargs.get("other")
+        if len(args) > 2 or set(kwargs) - {"input", "other"}:
+            return func(*args, **kwargs)
+        pairs = ((a, b),) if numerator_only else ((a, b), (b, a))
+        for x, c in pairs:
+            if _signal(x) and _constant(c) and not _signal(c):
+                out_shape = torch.broadcast_shapes(x.shape, c.shape) if _is_tensor(c) else x.shape
+                if out_shape == x.shape and (not _is_tensor(c) or c.dtype == x.dtype):
+                    return _Scale.apply(x, lambda: func(*args, **kwargs), inplace)
+        return func(*args, **kwargs)
+
+    def scale(self, func, args, kwargs):
+        return self._scale(func, args, kwargs, inplace=False, numerator_only=False)
+
+    def scale_numerator(self, func, args, kwargs):
+        return self._scale(func, args, kwargs, inplace=False, numerator_only=True)
+
+    def scale_inplace(self, func, args, kwargs):
+        return self._scale(func, args, kwargs, inplace=True, numerator_only=True)
+
+    def scale_numerator_inplace(self, func, args, kwargs):
+        return self._scale(func, args, kwargs, inplace=True, numerator_only=True)
 
     def proportional(self, func, args, kwargs):
         if args:
@@ -460,6 +539,7 @@ def lrp_rules(method: str, rule) -> RuleSet:
         functions=propagation.functions(),
         install=propagation.install,
         watch=propagation.watch,
+        allowed=ROUTING,
     )
 
 

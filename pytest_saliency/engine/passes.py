@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import SaliencyError
 from .rules import RuleSet
 from .state import removable_hooks
 from .targets import call_model, check_logits, resolve_targets
@@ -52,6 +53,18 @@ def _tap(name: str, keep_activation: bool, by_hook: bool, store: dict[str, list]
     return hook
 
 
+def check_connected(logits: torch.Tensor, model_name: str) -> None:
+    """The output must carry an autograd graph: every method differentiates it."""
+    if logits.grad_fn is None:
+        raise SaliencyError(
+            f"the output of model {model_name} has no autograd graph (it does not require "
+            "grad): the model detaches its result, converts it through numpy, or runs under "
+            "torch.no_grad()/inference_mode internally, so no gradient can reach the inputs. "
+            "Remove the detach/no_grad from the model's forward (or wrap the model so that the "
+            "returned scores stay connected to the inputs)"
+        )
+
+
 def forward_backward(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -75,9 +88,12 @@ def forward_backward(
             for name, (module, keep) in (taps or {}).items():
                 tap = _tap(name, keep, input_grad, store, tensor_hooks)
                 handles.append(module.register_forward_hook(tap))
-            with rules.applied(model, method):
+            with rules.applied(model, method) as trace:
                 output = call_model(model, x)
         logits = check_logits(output, type(model).__name__, x.shape[0])
+        check_connected(logits, type(model).__name__)
+        if trace is not None:
+            trace.account(logits, x)
         targets = resolve_targets(target, logits)
         tapped = [o for calls in store.values() for o, _ in calls if isinstance(o, torch.Tensor)]
         wrt = ([x] if input_grad else []) + tapped
@@ -87,7 +103,14 @@ def forward_backward(
             grads = torch.autograd.grad(score, wrt, allow_unused=True)
     grad = None
     if input_grad:
-        grad = grads[0] if grads[0] is not None else torch.zeros_like(x)
+        if grads[0] is None:
+            raise SaliencyError(
+                f"the output of model {type(model).__name__} does not depend on its inputs in "
+                "the autograd graph (the model detaches the input, converts it through numpy "
+                "or ignores it), so its gradient would read as zero everywhere. Keep the "
+                "forward differentiable from the inputs to the returned scores"
+            )
+        grad = grads[0]
         grads = grads[1:]
     found = iter(grads)
     recorded = {}

@@ -21,6 +21,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import UnsupportedActivationError
+from .accounting import LINEAR, account, op_label, raise_findings, rule_function
 from .state import removable_hooks
 
 
@@ -37,6 +38,7 @@ class ActivationRule:
         return torch.ops.aten.threshold_backward(grad_out, out, 0)
 
 
+@rule_function
 class _RuleReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rule):
@@ -51,6 +53,7 @@ class _RuleReLU(torch.autograd.Function):
         return ctx.rule.backward(grad_out, out), None
 
 
+@rule_function
 class _RuleReLUInplace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rule):
@@ -83,6 +86,126 @@ _RELU_FUNCTIONS: dict[Callable, bool] = {
     torch.relu_: True,
     torch.Tensor.relu_: True,
 }
+
+def _is_zero(value: object, x: torch.Tensor) -> bool:
+    """``value`` is a constant zero that broadcasts to ``x`` without changing its shape/dtype."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return value == 0
+    if not isinstance(value, torch.Tensor) or value.requires_grad or value.dtype != x.dtype:
+        return False
+    try:
+        if torch.broadcast_shapes(value.shape, x.shape) != x.shape:
+            return False
+    except RuntimeError:
+        return False
+    return value.numel() > 0 and not bool(value.any())
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: object = None) -> object:
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _clamp(args, kwargs):
+    x = _arg(args, kwargs, 0, "input")
+    if _is_zero(_arg(args, kwargs, 1, "min"), x) and _arg(args, kwargs, 2, "max") is None:
+        return x
+    return None
+
+
+def _clamp_min(args, kwargs):
+    x = _arg(args, kwargs, 0, "input")
+    return x if _is_zero(_arg(args, kwargs, 1, "min"), x) else None
+
+
+def _threshold(args, kwargs):
+    x = _arg(args, kwargs, 0, "input")
+    threshold, value = _arg(args, kwargs, 1, "threshold"), _arg(args, kwargs, 2, "value")
+    return x if _is_zero(threshold, x) and _is_zero(value, x) else None
+
+
+def _leaky(args, kwargs):
+    x = _arg(args, kwargs, 0, "input")
+    return x if _is_zero(_arg(args, kwargs, 1, "negative_slope", 0.01), x) else None
+
+
+def _maximum(args, kwargs):
+    a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other")
+    for x, other in ((a, b), (b, a)):
+        if isinstance(x, torch.Tensor) and isinstance(other, torch.Tensor) and _is_zero(other, x):
+            return x
+    return None
+
+
+def _where(args, kwargs):
+    cond = _arg(args, kwargs, 0, "condition")
+    a, b = _arg(args, kwargs, 1, "input"), _arg(args, kwargs, 2, "other")
+    if not isinstance(cond, torch.Tensor) or cond.dtype != torch.bool:
+        return None
+    # where(x > 0, x, 0) or where(x <= 0, 0, x), checked on the values: exactly a ReLU.
+    for x, zero, keep in ((a, b, (torch.gt, torch.ge)), (b, a, (torch.le, torch.lt))):
+        if isinstance(x, torch.Tensor) and cond.shape == x.shape and _is_zero(zero, x):
+            if any(torch.equal(cond, op(x, 0)) for op in keep):
+                return x
+    return None
+
+
+def _tensor_where(args, kwargs):  # self.where(condition, other)
+    x, cond = _arg(args, kwargs, 0, "self"), _arg(args, kwargs, 1, "condition")
+    return _where((cond, x, _arg(args, kwargs, 2, "other")), {})
+
+
+# Other spellings of a ReLU: ``func -> (recognise(args, kwargs) -> x or None, in place)``. A
+# call is a ReLU only when it is exactly one (``clamp(min=0)``, ``threshold(0, 0)``, a maximum
+# with a zero constant, ``where(x > 0, x, 0)``); any other call of these runs as written, and
+# the op accounting then judges it.
+_RELU_SPELLINGS: dict[Callable, tuple[Callable, bool]] = {
+    torch.clamp: (_clamp, False),
+    torch.Tensor.clamp: (_clamp, False),
+    torch.clip: (_clamp, False),
+    torch.Tensor.clip: (_clamp, False),
+    torch.clamp_: (_clamp, True),
+    torch.Tensor.clamp_: (_clamp, True),
+    torch.Tensor.clip_: (_clamp, True),
+    torch.clamp_min: (_clamp_min, False),
+    torch.Tensor.clamp_min: (_clamp_min, False),
+    torch.clamp_min_: (_clamp_min, True),
+    torch.Tensor.clamp_min_: (_clamp_min, True),
+    F.threshold: (_threshold, False),  # its ``inplace`` keyword is read at call time
+    torch.threshold: (_threshold, False),
+    F.threshold_: (_threshold, True),
+    torch.threshold_: (_threshold, True),
+    F.leaky_relu: (_leaky, False),
+    torch.maximum: (_maximum, False),
+    torch.Tensor.maximum: (_maximum, False),
+    torch.max: (_maximum, False),
+    torch.Tensor.max: (_maximum, False),
+    torch.where: (_where, False),
+    torch.Tensor.where: (_tensor_where, False),
+}
+_INPLACE_ARG = {F.threshold: 3, F.leaky_relu: 2}
+
+
+def _as_relu(func: Callable, args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool] | None:
+    """``(x, in_place)`` when this call of ``func`` computes exactly ``relu(x)``."""
+    if func in _RELU_FUNCTIONS:
+        inplace = _RELU_FUNCTIONS[func] or bool(kwargs.get("inplace", False))
+        if func is F.relu and len(args) > 1:
+            inplace = bool(args[1])
+        return (args[0] if args else kwargs["input"]), inplace
+    recognise, inplace = _RELU_SPELLINGS[func]
+    try:
+        x = recognise(args, kwargs)
+    except (TypeError, IndexError, KeyError):
+        return None
+    if not isinstance(x, torch.Tensor) or not x.requires_grad or not x.is_floating_point():
+        return None  # not a ReLU, or no gradient flows here: the call runs as written
+    position = _INPLACE_ARG.get(func)
+    if position is not None:
+        inplace = bool(_arg(args, kwargs, position, "inplace", False))
+    return x, inplace
+
 
 # Nonlinearities a ReLU rule does not cover: meeting one is an error, not a silent plain gradient.
 _OTHER_ACTIVATIONS: dict[Callable, str] = {
@@ -130,6 +253,13 @@ _OTHER_ACTIVATION_MODULES = (
 Handler = Callable[..., torch.Tensor]
 
 
+_ADVICE = (
+    "Use a plain-gradient method (gradient, input_x_gradient, integrated_gradients, "
+    "smoothgrad, gradcam), or write the op as one the rules know (nn.ReLU for a ReLU, "
+    "nn.Conv*/nn.Linear for a layer). See the README section 'What the engine refuses, and why'."
+)
+
+
 @dataclass(frozen=True)
 class RuleSet:
     """Everything that changes the backward pass of one method.
@@ -141,6 +271,9 @@ class RuleSet:
     appended is removed when the pass ends.
     ``watch``: called as ``watch(func, args, kwargs)`` before every torch function of the
     forward pass runs (e.g. to act on a tensor before an op can change it in place).
+    ``allowed``: the autograd ops (see :mod:`.accounting`) whose plain gradient these rules
+    leave correct; every other op on the signal path must be handled by the rules, or the pass
+    raises before its backward.
     """
 
     name: str
@@ -148,6 +281,7 @@ class RuleSet:
     functions: Mapping[Callable, Handler] = field(default_factory=dict)
     install: Callable[[nn.Module, list], None] | None = None
     watch: Callable[[Callable, tuple, dict], None] | None = None
+    allowed: frozenset[str] = LINEAR
 
     @property
     def is_plain(self) -> bool:
@@ -159,22 +293,87 @@ class RuleSet:
         )
 
     @contextlib.contextmanager
-    def applied(self, model: nn.Module, method: str) -> Iterator[None]:
-        """Install the rules for the forward pass inside the block; uninstall on exit."""
+    def applied(self, model: nn.Module, method: str) -> Iterator[Trace | None]:
+        """Install the rules for the forward pass inside the block; uninstall on exit.
+
+        Yields None for plain autograd, else the pass's :class:`Trace`, whose
+        :meth:`Trace.account` must be called on the output before the backward.
+        """
         if self.is_plain:
-            yield
+            yield None
             return
         with removable_hooks() as handles:
             if self.activation is not None:
                 _reject_unknown_activation_modules(model, method)
+            trace = Trace(self, method, model, handles)
             if self.install is not None:
                 self.install(model, handles)
-            with _RuleMode(self, method, model):
-                yield
+            with _RuleMode(self, method, model, trace):
+                yield trace
+
+
+class Trace:
+    """What one rule-set pass saw: the op that made each autograd node and where it ran.
+
+    Module names come from pre/post hooks on the model's modules (a stack), so an error can
+    say in which module an op the rules cannot vouch for ran.
+    """
+
+    def __init__(self, rules: RuleSet, method: str, model: nn.Module, handles: list):
+        self.rules, self.method = rules, method
+        self.labels: dict[object, tuple[str, str | None]] = {}
+        self.stack: list[str] = []
+        self.vouched: set[object] = set()
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(self._enter(name or "(model)")))
+            handles.append(module.register_forward_hook(self._leave, always_call=True))
+
+    def _enter(self, name: str):
+        def hook(module, args):
+            self.stack.append(name)
+
+        return hook
+
+    def _leave(self, module, args, output):
+        if self.stack:
+            self.stack.pop()
+
+    def vouch_view(self, result: torch.Tensor) -> None:
+        """A rule function ran in place on a view: its base's new node (autograd's
+        ``CopySlices``, which wraps the rule's node) is the rule's own."""
+        base = result._base
+        if base is not None and base.grad_fn is not None:
+            self.vouched.add(base.grad_fn)
+
+    def record(self, func: Callable, result: object) -> None:
+        """Label the autograd node(s) of ``result`` with the op and the running module."""
+        if isinstance(result, torch.Tensor):
+            node = result.grad_fn
+            if node is not None and node not in self.labels:
+                self.labels[node] = (op_label(func), self.stack[-1] if self.stack else None)
+            base = result._base
+            if base is not None and base.grad_fn is not None and base.grad_fn not in self.labels:
+                # An in-place op on a view: the base's node (CopySlices) is this op.
+                self.labels[base.grad_fn] = self.labels.get(node) or (op_label(func), None)
+        elif isinstance(result, (tuple, list)):
+            for item in result:
+                if isinstance(item, torch.Tensor):
+                    self.record(func, item)
+
+    def account(self, output: torch.Tensor, inputs: torch.Tensor) -> None:
+        """Raise unless every op between ``inputs`` and ``output`` is accounted for."""
+        if output.grad_fn is None:
+            return
+        findings = account(
+            output.grad_fn, (inputs,), self.rules.allowed, self.labels, self.vouched
+        )
+        raise_findings(findings, self.method, _ADVICE)
 
 
 def _reject_unknown_activation_modules(model: nn.Module, method: str) -> None:
     for name, module in model.named_modules():
+        if isinstance(module, nn.LeakyReLU) and module.negative_slope == 0:
+            continue  # exactly a ReLU (its F.leaky_relu call gets the ReLU rule)
         if isinstance(module, _OTHER_ACTIVATION_MODULES):
             raise UnsupportedActivationError(
                 f"method {method!r} propagates through ReLUs only, but module {name!r} is "
@@ -203,11 +402,12 @@ def _running_module(model: nn.Module) -> str | None:
 
 
 class _RuleMode(TorchFunctionMode):
-    def __init__(self, rules: RuleSet, method: str, model: nn.Module):
+    def __init__(self, rules: RuleSet, method: str, model: nn.Module, trace: Trace):
         super().__init__()
         self.rules = rules
         self.method = method
         self.model = model
+        self.trace = trace
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -215,15 +415,17 @@ class _RuleMode(TorchFunctionMode):
             self.rules.watch(func, args, kwargs)
         handler = self.rules.functions.get(func)
         if handler is not None:
-            return handler(func, args, kwargs)
+            result = handler(func, args, kwargs)
+            self.trace.record(func, result)
+            return result
         activation = self.rules.activation
         if activation is not None:
-            if func in _RELU_FUNCTIONS:
-                inplace = _RELU_FUNCTIONS[func] or bool(kwargs.get("inplace", False))
-                if func is F.relu and len(args) > 1:
-                    inplace = bool(args[1])
-                x = args[0] if args else kwargs["input"]
-                return _relu_with_rule(activation, x, inplace)
+            if func in _RELU_FUNCTIONS or func in _RELU_SPELLINGS:
+                relu = _as_relu(func, args, kwargs)
+                if relu is not None:
+                    result = _relu_with_rule(activation, *relu)
+                    self.trace.vouch_view(result)
+                    return result
             if func in _OTHER_ACTIVATIONS:
                 running = _running_module(self.model)
                 where = f" in module {running!r}" if running else ""
@@ -233,4 +435,6 @@ class _RuleMode(TorchFunctionMode):
                     "there. Use a plain-gradient method (gradient, input_x_gradient, "
                     "integrated_gradients, smoothgrad, gradcam) or a ReLU model"
                 )
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        self.trace.record(func, result)
+        return result

@@ -9,7 +9,7 @@ from torch import nn
 
 from pytest_saliency.engine.passes import chunked, forward_backward
 from pytest_saliency.engine.rules import ActivationRule, RuleSet
-from pytest_saliency.errors import UnsupportedActivationError
+from pytest_saliency.errors import SaliencyError, UnsupportedActivationError
 from tests._models import assert_unchanged, mlp, randn, small_cnn, snapshot
 
 PLAIN = RuleSet("autograd")
@@ -66,7 +66,8 @@ def test_record_fields():
     torch.testing.assert_close(record.input_grad, expected)
 
 
-def test_unused_input_gives_zero_gradient():
+def test_output_not_depending_on_inputs_is_refused():
+    """A zero map from a model that never reads its input (or detaches it) is no explanation."""
     class Constant(nn.Module):
         def __init__(self):
             super().__init__()
@@ -75,8 +76,8 @@ def test_unused_input_gives_zero_gradient():
         def forward(self, x):
             return self.bias.expand(x.shape[0], 3) * 1.0
 
-    record = forward_backward(Constant(), randn(2, 4), 1, PLAIN)
-    assert torch.equal(record.input_grad, torch.zeros(2, 4))
+    with pytest.raises(SaliencyError, match="Constant does not depend on its inputs"):
+        forward_backward(Constant(), randn(2, 4), 1, PLAIN)
 
 
 SPELLINGS = {
