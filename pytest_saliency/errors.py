@@ -14,6 +14,33 @@ class UnsupportedActivationError(SaliencyError):
     """A propagation rule met an activation it cannot handle faithfully."""
 
 
+class NonFiniteError(SaliencyError):
+    """NaN or inf where a finite value is needed (inputs, model scores, a map); ``samples``
+    lists the samples concerned, numbered in the caller's batch."""
+
+    def __init__(self, samples: list[int], describe):
+        self.samples, self.describe = samples, describe
+        super().__init__(describe(samples_text(samples)))
+
+    def shifted(self, offset: int) -> NonFiniteError:
+        """The same error for a chunk that starts at sample ``offset`` of the batch."""
+        return NonFiniteError([s + offset for s in self.samples], self.describe)
+
+
+def samples_text(samples: list[int], limit: int = 10) -> str:
+    shown = ", ".join(str(s) for s in samples[:limit])
+    more = f", ... ({len(samples) - limit} more)" if len(samples) > limit else ""
+    return f"sample{'s' if len(samples) > 1 else ''} {shown}{more}"
+
+
+def non_finite_samples(values) -> list[int]:
+    """Indices along axis 0 of ``values`` holding any NaN or inf."""
+    import torch
+
+    finite = torch.isfinite(values.detach()).reshape(values.shape[0], -1).all(dim=1)
+    return (~finite).nonzero().flatten().tolist()
+
+
 def closest(name: str, choices: Iterable[str], n: int = 5) -> list[str]:
     """The valid names closest to ``name`` (best first)."""
     choices = [str(c) for c in choices]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import numbers
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
@@ -11,19 +12,63 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bundled.registry import Context, get_method
+from .bundled.registry import Context, Method, get_method
 from .engine.layers import default_layer, resolve_layer
-from .engine.state import eval_mode, exact_kernels, model_device_dtype
-from .errors import SaliencyError
+from .engine.state import eval_mode, exact_kernels, model_device_dtype, rng_preserved
+from .errors import NonFiniteError, SaliencyError, non_finite_samples
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
 def check_model(model: object) -> nn.Module:
+    """The module to explain: a ``torch.compile``d model is explained through its original
+    module (the same function, with every op visible to the rules and hooks)."""
     if not isinstance(model, nn.Module):
         raise SaliencyError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    while _is_compiled(model):
+        model = model._orig_mod
     return model
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    return type(module).__name__ == "OptimizedModule" and isinstance(
+        getattr(module, "_orig_mod", None), nn.Module
+    )
+
+
+def _is_scripted(module: nn.Module) -> bool:
+    return isinstance(module, torch.jit.ScriptModule)
+
+
+def check_opaque(model: nn.Module, spec: Method, opts: dict, what: str = "") -> None:
+    """Refuse, before any work, a model whose ops a method must see but cannot.
+
+    Rule methods see every op through a torch-function mode and module hooks, CAM methods tap
+    modules with hooks: neither reaches inside a TorchScript module or a ``torch.compile``d
+    submodule. Plain-gradient methods only need autograd and run on both.
+    """
+    rules = spec.compute is None and not spec.rules(opts).is_plain
+    hooks = spec.needs_layer or spec.taps is not _NO_TAPS
+    if not (rules or hooks):
+        return
+    for name, module in model.named_modules():
+        kind = (
+            "a TorchScript module" if _is_scripted(module)
+            else "a torch.compile'd submodule" if _is_compiled(module) and name
+            else None
+        )  # fmt: skip
+        if kind is None:
+            continue
+        label = repr(name) if name else f"the model ({type(model).__name__})"
+        need = "see every op it runs" if rules else "hook the layers it reads"
+        raise SaliencyError(
+            f"method {spec.name!r} must {need}, but {label} is {kind}, whose ops and module "
+            "hooks are hidden from Python. Pass the eager model (the plain nn.Module before "
+            "torch.jit.script/trace; a top-level torch.compile is unwrapped for you), or use a "
+            "plain-gradient method (gradient, input_x_gradient, integrated_gradients, "
+            "smoothgrad), which only need autograd"
+        )
 
 
 def check_inputs(inputs: object) -> torch.Tensor:
@@ -39,7 +84,80 @@ def check_inputs(inputs: object) -> torch.Tensor:
             f"inputs have shape {tuple(inputs.shape)}; expected a non-empty batch "
             "[N, C, H, W], [N, C, L] or [N, D] (add a batch axis with inputs.unsqueeze(0))"
         )
+    if inputs.device.type == "meta":
+        raise SaliencyError(
+            "inputs are on the meta device, which holds shapes but no values; move real data "
+            "to the model's device (e.g. inputs.to('cpu') after loading it)"
+        )
+    bad = non_finite_samples(inputs)
+    if bad:
+        raise NonFiniteError(
+            bad,
+            lambda which: (
+                f"inputs hold NaN or inf in {which}; a map of a non-finite input "
+                "explains nothing. Clean or drop those samples before explaining"
+            ),
+        )
     return inputs
+
+
+def check_devices(model: nn.Module) -> None:
+    """The model's weights hold values, on one device."""
+    devices = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+    if any(d.type == "meta" for d in devices):
+        raise SaliencyError(
+            f"model {type(model).__name__} has parameters or buffers on the meta device (no "
+            "values: built under torch.device('meta') or with init_empty_weights); load its "
+            "weights first (e.g. model.to_empty(device='cpu') then load_state_dict)"
+        )
+    if len(devices) > 1:
+        found = ", ".join(sorted(str(d) for d in devices))
+        raise SaliencyError(
+            f"model {type(model).__name__} has parameters or buffers on several devices "
+            f"({found}); the engine runs a model on one device. Move it with model.to(device) "
+            "before explaining"
+        )
+
+
+def batch_statistics(model: nn.Module, inputs: torch.Tensor) -> bool:
+    """True when the model normalises with batch statistics even in eval mode (a BatchNorm
+    without running statistics): its maps are then computed one sample at a time, so that no
+    sample's map depends on the others or on ``batch_size``. Without spatial axes a single
+    sample has no statistics of its own, and that is an error."""
+    found = [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and (not m.track_running_stats or m.running_mean is None)
+    ]
+    if found and inputs.dim() < 3:
+        raise SaliencyError(
+            f"module {found[0]!r} normalises with batch statistics in eval mode (a BatchNorm "
+            "without running statistics), so every map would depend on the other samples in "
+            f"the batch, and inputs of shape {tuple(inputs.shape)} give one sample no "
+            "statistics of its own. Build it with track_running_stats=True (and train or load "
+            "its statistics), or use a per-sample norm (LayerNorm)"
+        )
+    return bool(found)
+
+
+def check_maps(maps: torch.Tensor, method: str) -> torch.Tensor:
+    """A map with NaN or inf is refused, naming the method, the samples and the likely cause."""
+    bad = non_finite_samples(maps)
+    if not bad:
+        return maps
+    cause = (
+        "integrated_gradients takes the gradient at every point of the path from the baseline "
+        "to the input, the baseline itself included, and it is NaN or inf at one of them "
+        "(a norm or sqrt at an all-zero input is a common cause): try another baseline"
+        if method == "integrated_gradients"
+        else "the model's gradient (or the method's relevance) is NaN or inf there: an op with "
+        "an infinite derivative (sqrt or a norm at 0, log at 0, a fractional power) or an "
+        "overflow (float16/bfloat16); check the model on these inputs, or run it in float32"
+    )
+    raise NonFiniteError(
+        bad, lambda which: f"method {method!r} gave a map with NaN or inf for {which}: {cause}"
+    )
 
 
 def check_batch_size(batch_size: object) -> int | None:
@@ -72,6 +190,8 @@ def check_target(target: object, n: int) -> Any:
         f"target must be None, an int or a LongTensor [N], got {type(target).__name__}"
     )
 
+
+_NO_TAPS = Method.__dataclass_fields__["taps"].default
 
 _PLANAR = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 _LINEAR_AXIS = (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d)
@@ -111,11 +231,15 @@ def check_rank(model: nn.Module, inputs: torch.Tensor) -> None:
 def prepare(model, inputs, method, layer, batch_size, options):
     """Validate a call and resolve the method, its options and its layer."""
     model = check_model(model)
+    check_devices(model)
     inputs = check_inputs(inputs)
     batch_size = check_batch_size(batch_size)
+    if batch_statistics(model, inputs):
+        batch_size = 1  # per-sample evaluation: no map may depend on the other samples
     check_rank(model, inputs)
     spec = get_method(method)
     opts = spec.bind(options)
+    check_opaque(model, spec, opts)
     if spec.needs_layer:
         if inputs.dim() < 3:
             raise SaliencyError(
@@ -143,7 +267,7 @@ def allow_grad(fn: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with torch.inference_mode(False), exact_kernels():
+        with torch.inference_mode(False), exact_kernels(), rng_preserved():
             return fn(*args, **kwargs)
 
     return wrapper
@@ -187,5 +311,5 @@ def explain(
         if isinstance(target, torch.Tensor):
             target = target.to(device)
         ctx = Context(model, spec.name, resolved, batch_size, tuple(x.shape))
-        maps = spec(ctx, x, target, opts)
+        maps = check_maps(spec(ctx, x, target, opts), spec.name)
     return maps.detach().to(device=inputs.device, dtype=inputs.dtype)

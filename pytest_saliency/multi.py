@@ -21,7 +21,7 @@ from .engine.passes import Record, chunked, forward_backward
 from .engine.rules import RuleSet
 from .engine.state import eval_mode, model_device_dtype
 from .errors import SaliencyError
-from .explainer import allow_grad, check_target, prepare
+from .explainer import allow_grad, check_maps, check_target, prepare
 
 
 @dataclass
@@ -160,6 +160,7 @@ class Plan:
                 for rules, members in groups.values()
             ]
         self.count = len(requests)
+        self.names = [spec.name for spec, _, _ in bound_specs]
 
     @allow_grad
     def __call__(
@@ -183,7 +184,10 @@ class Plan:
             for indices, shared in self.passes:
                 for i, m in zip(indices, shared(model, x, target, batch_size)):
                     results[i] = m
-        return [m.detach().to(device=inputs.device, dtype=inputs.dtype) for m in results]
+        return [
+            check_maps(m, name).detach().to(device=inputs.device, dtype=inputs.dtype)
+            for m, name in zip(results, self.names)
+        ]
 
 
 @allow_grad

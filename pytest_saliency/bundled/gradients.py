@@ -57,6 +57,16 @@ def _validate_ig(opts):
         raise SaliencyError(
             f"option 'baseline' must be a number or a tensor, got {opts['baseline']!r}"
         )
+    baseline = torch.as_tensor(opts["baseline"])
+    if baseline.dtype == torch.bool or baseline.is_complex() or baseline.device.type == "meta":
+        raise SaliencyError(
+            f"option 'baseline' must hold real numbers, got a {baseline.dtype} tensor on "
+            f"{baseline.device}"
+        )
+    if not bool(torch.isfinite(baseline).all()):
+        raise SaliencyError(
+            "option 'baseline' holds NaN or inf; the path from it to the inputs must be finite"
+        )
 
 
 register(Method(

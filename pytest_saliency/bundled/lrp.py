@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.canonize import Producers, fold_batch_norm
 from ..engine.accounting import ROUTING, rule_function
+from ..engine.canonize import Producers, fold_batch_norm
 from ..engine.rules import ActivationRule, RuleSet
 from ..errors import SaliencyError, UnsupportedActivationError
 from .registry import Method, input_map, register

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import copy
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..engine.state import eval_mode, removable_hooks
+from ..engine.layers import without_compile_prefix
+from ..engine.state import copy_model, eval_mode, removable_hooks, rng_preserved
 from ..engine.targets import call_model, resolve_targets
 from ..errors import SaliencyError, unknown
 from ..explainer import allow_grad, check_target
@@ -57,6 +59,20 @@ def forward_order(model: nn.Module, x: torch.Tensor) -> list[str]:
             handles.append(module.register_forward_pre_hook(hook))
         call_model(model, x[:1])
     return seen
+
+
+def check_not_scripted(model: nn.Module) -> None:
+    """Randomization re-initialises modules with reset_parameters() and orders them with
+    module hooks; TorchScript modules offer neither."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            label = repr(name) if name else f"the model ({type(model).__name__})"
+            raise SaliencyError(
+                f"parameter randomization re-initialises layers with reset_parameters() and "
+                f"finds their order with module hooks, but {label} is a TorchScript module, "
+                "which has neither. Audit the eager model (the nn.Module before "
+                "torch.jit.script/trace); its maps are the scripted model's"
+            )
 
 
 def has_own_parameters(module: nn.Module) -> bool:
@@ -149,6 +165,8 @@ def _named_roots(named: dict[str, nn.Module], layers) -> list[tuple[str, nn.Modu
     names = [n for n in named if n]
     roots = []
     for name in layers:
+        if isinstance(name, str) and name not in named:
+            name = without_compile_prefix(name)
         if not isinstance(name, str) or name not in named or name == "":
             raise unknown("layer", name, names)
         if name in (n for n, _ in roots):
@@ -192,11 +210,15 @@ def seeded(seed: int, model: nn.Module) -> Iterator[None]:
     seeded (``torch.manual_seed`` would also reseed every other GPU and leave it changed).
     """
     devices = sorted({t.get_device() for t in model.parameters() if t.is_cuda})
-    with torch.random.fork_rng(devices=devices):
+    # numpy's and Python's generators are seeded too (a reset_parameters may draw from them),
+    # from the same seed, and put back afterwards with the torch ones.
+    with torch.random.fork_rng(devices=devices), rng_preserved():
         torch.default_generator.manual_seed(seed)
         for index in devices:
             with torch.cuda.device(index):
                 torch.cuda.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
         yield
 
 
@@ -268,7 +290,8 @@ def parameter_randomization(
     order = check_choice("order", order, ORDERS)
     target = check_target(target, inputs.shape[0])
     layers_arg = list(layers) if isinstance(layers, tuple) else layers
-    work = copy.deepcopy(model)  # the only copy: every step re-initialises it in place
+    check_not_scripted(model)
+    work = copy_model(model)  # the only copy: every step re-initialises it in place
     x = model_inputs(work, inputs)
     steps, skipped = plan_steps(work, x, layers_arg)
     if order == "top_down":

@@ -107,8 +107,15 @@ class AuditResult:
         With ``confidence=True`` the upper end of the 95% bootstrap interval must be at most
         ``max_similarity`` too. Degenerate (constant) maps never pass.
         """
-        if isinstance(max_similarity, bool) or not isinstance(max_similarity, (int, float)):
-            raise SaliencyError(f"max_similarity must be a number, got {max_similarity!r}")
+        if (
+            isinstance(max_similarity, bool)
+            or not isinstance(max_similarity, (int, float))
+            or not math.isfinite(max_similarity)
+        ):
+            raise SaliencyError(
+                f"max_similarity must be a finite number (similarities lie in [-1, 1]), got "
+                f"{max_similarity!r}"
+            )
         if confidence and self.n < 2:
             raise SaliencyError(
                 "passed(confidence=True) needs at least 2 samples: a bootstrap over one sample "

@@ -134,6 +134,19 @@ def signal_nodes(root: object, sinks: tuple[torch.Tensor, ...]):
             yield node, flags
 
 
+def _from_signal(origins: list, sinks: tuple[torch.Tensor, ...], on_path: set) -> bool:
+    """Whether a gate's value was computed from the signal: one of the differentiable tensors
+    (or their nodes) it came from is an input, or reaches one in the autograd graph."""
+    for origin in origins:
+        if isinstance(origin, torch.Tensor):
+            if any(origin is s for s in sinks):
+                return True
+            continue
+        if origin in on_path or any(True for _ in signal_nodes(origin, sinks)):
+            return True
+    return False
+
+
 def judge(node: object, flags: tuple[bool, ...], allowed: frozenset[str]) -> str | None:
     """None when ``node`` is accounted for under a rule set allowing ``allowed``; else why not."""
     forward_cls = getattr(type(node), "_forward_cls", None)
@@ -163,7 +176,10 @@ def judge(node: object, flags: tuple[bool, ...], allowed: frozenset[str]) -> str
         if kind in _NUMERATOR_ONLY and carrying and carrying[0] != 0:
             return "a division by a signal tensor" if kind == "Div" else "a signal-driven grid"
     if kind in _BATCH_NORMS and getattr(node, "_saved_training", False):
-        return "a normalisation with batch statistics (each map would depend on the batch)"
+        return (
+            "a normalisation by statistics of the signal itself (a BatchNorm without running "
+            "statistics, an InstanceNorm): not linear in the signal"
+        )
     return None
 
 
@@ -173,15 +189,25 @@ def account(
     allowed: frozenset[str],
     labels: Mapping[object, tuple[str, str | None]],
     vouched: Iterable[object] = (),
+    gates: Mapping[object, list] | None = None,
 ) -> list[Finding]:
     """The ops on the signal path from ``root`` to ``sinks`` that are not accounted for;
-    ``vouched`` nodes are the rule set's own (e.g. a rule run in place on a view)."""
+    ``vouched`` nodes are the rule set's own (e.g. a rule run in place on a view), ``gates``
+    are products of the signal with a value computed from it without its gradient."""
     findings = []
-    vouched = set(vouched)
-    for node, flags in signal_nodes(root, sinks):
+    vouched, gates = set(vouched), gates or {}
+    walked = list(signal_nodes(root, sinks))
+    on_path = {node for node, _ in walked}
+    for node, flags in walked:
         if node in vouched:
             continue
-        why = judge(node, flags, allowed)
+        if node in gates and _from_signal(gates[node], sinks, on_path):
+            why = (
+                "a product with a mask or gate computed from the signal without its gradient "
+                "(x * (x > 1), x * g.detach()): a nonlinearity the rules cannot see"
+            )
+        else:
+            why = judge(node, flags, allowed)
         if why is not None:
             op, module = labels.get(node, (None, None))
             findings.append(Finding(type(node).__name__, why, op, module))

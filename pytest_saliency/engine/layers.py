@@ -20,6 +20,12 @@ def layer_name(model: nn.Module, module: nn.Module) -> str:
     )
 
 
+def without_compile_prefix(name: str) -> str:
+    """A module name as seen from ``torch.compile``'s wrapper (``_orig_mod.layer4``), without
+    the wrapper's segments: the engine explains the original module."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
     """Return ``(name, module)`` for a module name or a module of ``model``."""
     if isinstance(layer, nn.Module):
@@ -32,6 +38,9 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mod
     modules = dict(model.named_modules())
     if layer in modules and layer != "":
         return layer, modules[layer]
+    bare = without_compile_prefix(layer)
+    if bare in modules and bare != "":
+        return bare, modules[bare]
     names = [n for n in modules if n]
     near = closest(layer, names)
     hint = f" Closest names: {', '.join(repr(n) for n in near)}." if near else ""

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import SaliencyError
+from ..errors import NonFiniteError, SaliencyError
 from .rules import RuleSet
 from .state import removable_hooks
 from .targets import call_model, check_logits, resolve_targets
@@ -139,7 +139,10 @@ def chunked(
     parts = []
     for start in range(0, n, batch_size):
         stop = start + batch_size
-        parts.append(run(inputs[start:stop], None if targets is None else targets[start:stop]))
+        try:
+            parts.append(run(inputs[start:stop], None if targets is None else targets[start:stop]))
+        except NonFiniteError as exc:
+            raise exc.shifted(start) from None  # sample numbers of the caller's batch
     if isinstance(parts[0], torch.Tensor):
         return torch.cat(parts)
     return type(parts[0])(torch.cat(list(p)) for p in zip(*parts))

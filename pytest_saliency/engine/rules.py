@@ -87,6 +87,7 @@ _RELU_FUNCTIONS: dict[Callable, bool] = {
     torch.Tensor.relu_: True,
 }
 
+
 def _is_zero(value: object, x: torch.Tensor) -> bool:
     """``value`` is a constant zero that broadcasts to ``x`` without changing its shape/dtype."""
     if isinstance(value, bool):
@@ -324,6 +325,10 @@ class Trace:
         self.labels: dict[object, tuple[str, str | None]] = {}
         self.stack: list[str] = []
         self.vouched: set[object] = set()
+        # Tensors computed from the signal without its gradient (strong refs: ids stay unique
+        # for the pass), and the nodes of products of the signal with one of them.
+        self.tainted: dict[int, tuple[torch.Tensor, list]] = {}
+        self.gates: dict[object, list] = {}
         for name, module in model.named_modules():
             handles.append(module.register_forward_pre_hook(self._enter(name or "(model)")))
             handles.append(module.register_forward_hook(self._leave, always_call=True))
@@ -337,6 +342,35 @@ class Trace:
     def _leave(self, module, args, output):
         if self.stack:
             self.stack.pop()
+
+    def touches_taint(self, args: tuple, kwargs: dict) -> bool:
+        return any(id(t) in self.tainted for t in _tensors(args, kwargs))
+
+    def propagate_taint(self, func, args, kwargs, result, gated: bool) -> None:
+        """Track tensors computed from a differentiable tensor without its gradient (``x > 0``,
+        ``x.detach()``, anything computed under no_grad, and what is computed from those),
+        with the differentiable tensors they came from; a product of the signal with one of
+        them is kept for the accounting, which refuses it if they came from the signal."""
+        cut = func in _CUTS or not torch.is_grad_enabled()
+        if not cut and not self.tainted:
+            return
+        inputs = list(_tensors(args, kwargs))
+        origins: list = []
+        if cut:
+            origins += [t.grad_fn or t for t in inputs if t.requires_grad]
+        for t in inputs:
+            entry = self.tainted.get(id(t))
+            if entry is not None:
+                origins += entry[1]
+        if not origins:
+            return
+        outputs = [result] if isinstance(result, torch.Tensor) else list(_tensors((result,), {}))
+        for out in outputs:
+            if out.requires_grad:
+                if gated and out.grad_fn is not None:
+                    self.gates[out.grad_fn] = origins
+            else:
+                self.tainted[id(out)] = (out, origins)
 
     def vouch_view(self, result: torch.Tensor) -> None:
         """A rule function ran in place on a view: its base's new node (autograd's
@@ -365,7 +399,7 @@ class Trace:
         if output.grad_fn is None:
             return
         findings = account(
-            output.grad_fn, (inputs,), self.rules.allowed, self.labels, self.vouched
+            output.grad_fn, (inputs,), self.rules.allowed, self.labels, self.vouched, self.gates
         )
         raise_findings(findings, self.method, _ADVICE)
 
@@ -413,18 +447,25 @@ class _RuleMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.rules.watch is not None:
             self.rules.watch(func, args, kwargs)
-        handler = self.rules.functions.get(func)
+        trace = self.trace
+        gated = bool(trace.tainted) and func in _PRODUCTS and trace.touches_taint(args, kwargs)
+        activation = self.rules.activation
+        if gated and activation is not None:
+            x = _masked_relu(args, kwargs)  # x * (x > 0): exactly a ReLU
+            if x is not None:
+                return _relu_with_rule(activation, x, False)
+        handler = None if gated else self.rules.functions.get(func)
         if handler is not None:
             result = handler(func, args, kwargs)
-            self.trace.record(func, result)
+            trace.record(func, result)
+            trace.propagate_taint(func, args, kwargs, result, False)
             return result
-        activation = self.rules.activation
         if activation is not None:
             if func in _RELU_FUNCTIONS or func in _RELU_SPELLINGS:
                 relu = _as_relu(func, args, kwargs)
                 if relu is not None:
                     result = _relu_with_rule(activation, *relu)
-                    self.trace.vouch_view(result)
+                    trace.vouch_view(result)
                     return result
             if func in _OTHER_ACTIVATIONS:
                 running = _running_module(self.model)
@@ -436,5 +477,61 @@ class _RuleMode(TorchFunctionMode):
                     "integrated_gradients, smoothgrad, gradcam) or a ReLU model"
                 )
         result = func(*args, **kwargs)
-        self.trace.record(func, result)
+        trace.record(func, result)
+        trace.propagate_taint(func, args, kwargs, result, gated)
         return result
+
+
+# Products and quotients (in place or not): with an operand computed from the signal but cut
+# from its gradient (a mask ``x > 0``, a detached gate), their plain gradient is the gate's
+# value, not a rule: a nonlinearity in disguise.
+_PRODUCTS = frozenset(
+    {
+        torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__,
+        torch.Tensor.mul_, torch.Tensor.__imul__, torch.div, torch.Tensor.div,
+        torch.Tensor.__truediv__, torch.Tensor.__rtruediv__, torch.Tensor.div_,
+        torch.Tensor.__itruediv__, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
+        torch.bmm, torch.einsum, torch.masked_fill, torch.Tensor.masked_fill,
+        torch.Tensor.masked_fill_,
+    }
+)  # fmt: skip
+
+# Ops whose result is computed from the signal but carries no gradient: comparisons, detach.
+_CUTS = frozenset(
+    {
+        torch.gt, torch.ge, torch.lt, torch.le, torch.eq, torch.ne, torch.greater,
+        torch.greater_equal, torch.less, torch.less_equal, torch.Tensor.gt, torch.Tensor.ge,
+        torch.Tensor.lt, torch.Tensor.le, torch.Tensor.eq, torch.Tensor.ne,
+        torch.Tensor.__gt__, torch.Tensor.__ge__, torch.Tensor.__lt__, torch.Tensor.__le__,
+        torch.Tensor.__eq__, torch.Tensor.__ne__, torch.Tensor.detach, torch.detach,
+        torch.argmax, torch.argmin, torch.Tensor.argmax, torch.Tensor.argmin,
+        torch.isclose, torch.heaviside,
+    }
+)  # fmt: skip
+
+
+def _tensors(args: tuple, kwargs: dict):
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, torch.Tensor):
+                    yield item
+
+
+def _masked_relu(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """x when the call is ``x * mask`` (either order) with mask exactly ``x > 0``."""
+    if len(args) != 2 or kwargs:
+        return None
+    for x, mask in (args, args[::-1]):
+        if not (isinstance(x, torch.Tensor) and isinstance(mask, torch.Tensor)):
+            continue
+        if not x.requires_grad or mask.requires_grad or mask.shape != x.shape:
+            continue
+        if mask.dtype not in (torch.bool, x.dtype):
+            continue
+        for positive in (torch.gt(x, 0), torch.ge(x, 0)):
+            if torch.equal(mask, positive.to(mask.dtype)):
+                return x
+    return None

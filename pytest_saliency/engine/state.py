@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+from ..errors import SaliencyError
 
 
 @contextlib.contextmanager
@@ -18,6 +21,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     (e.g. a frozen, eval-mode backbone inside a model in train mode).
     """
     flags = [(m, m.training) for m in model.modules()]
+    buffers = _buffer_snapshot(model)
     try:
         # An audit enters this block once per pass: a model already in eval mode is left
         # alone (setting a module attribute goes through nn.Module.__setattr__).
@@ -28,6 +32,33 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         for module, flag in flags:
             if module.training != flag:
                 module.training = flag
+        _restore_buffers(buffers)
+
+
+def _buffer_snapshot(model: nn.Module) -> list[tuple]:
+    """Each module's own buffers: the tensor object, its version and a copy of its values.
+
+    A forward may update a buffer in place (a call counter, an EMA) or assign a new one; the
+    user's state_dict must read the same after every call.
+    """
+    saved = []
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is None:
+                saved.append((module, name, None, 0, None))
+            else:
+                saved.append((module, name, buffer, buffer._version, buffer.detach().clone()))
+    return saved
+
+
+def _restore_buffers(saved) -> None:
+    for module, name, buffer, version, values in saved:
+        current = module._buffers[name] if name in module._buffers else None
+        if current is not buffer:
+            module._buffers[name] = buffer  # reassigned in forward: the original object back
+        if buffer is not None and buffer._version != version:
+            with torch.no_grad():
+                buffer.copy_(values)
 
 
 @contextlib.contextmanager
@@ -93,3 +124,55 @@ def _conv_precision_switch() -> tuple[object, str, object]:
         except RuntimeError:
             pass
     return conv, "fp32_precision", "ieee"
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy to re-initialise; a model that cannot be copied gets an error naming the
+    attribute that stops it, its type, and what to do."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        where = _uncopyable(model)
+        raise SaliencyError(
+            f"parameter randomization works on a deep copy of the model (the user's model is "
+            f"never re-initialised), but {type(model).__name__} cannot be deep-copied: "
+            f"{where or f'{type(exc).__name__}: {exc}'}. Keep such objects (locks, open files, "
+            "sessions, loggers) outside the module, or give the module a __deepcopy__ that "
+            "skips them"
+        ) from exc
+
+
+def _uncopyable(model: nn.Module) -> str | None:
+    """'module NAME attribute ATTR (TYPE)' for the first attribute deepcopy refuses."""
+    for name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if attr in ("_parameters", "_buffers", "_modules"):
+                continue
+            try:
+                copy.deepcopy(value)
+            except Exception:
+                owner = f"module {name!r}" if name else f"the model ({type(model).__name__})"
+                return f"{owner} holds attribute {attr!r} of type {type(value).__qualname__}"
+    return None
+
+
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """The torch (CPU and initialised CUDA devices), numpy and Python RNG states are as they
+    were after the block, whatever the user's model draws in its forward."""
+    import random
+
+    import numpy as np
+
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        np.random.set_state(np_state)
+        random.setstate(py_state)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import SaliencyError
+from ..errors import NonFiniteError, SaliencyError, non_finite_samples
 
 
 def call_model(model: torch.nn.Module, inputs: torch.Tensor) -> object:
@@ -34,6 +34,16 @@ def check_logits(output: object, model_name: str, n: int) -> torch.Tensor:
             f"model {model_name} returned a tensor of shape {tuple(output.shape)}; saliency "
             f"methods need class scores of shape [N={n}, classes]"
         )
+    bad = non_finite_samples(output)
+    if bad:
+        raise NonFiniteError(
+            bad,
+            lambda which: (
+                f"model {model_name} returned NaN or inf scores for {which}; the "
+                "explained class and its gradient are undefined there. Check the model on these "
+                "inputs (an overflow, a division by zero, a float16 model)"
+            ),
+        )
     return output
 
 
@@ -45,6 +55,11 @@ def resolve_targets(target: object, logits: torch.Tensor) -> torch.Tensor:
     if isinstance(target, bool):
         raise SaliencyError(f"target must be None, an int or a LongTensor [N], got {target!r}")
     if isinstance(target, int):
+        if not 0 <= target < classes:
+            raise SaliencyError(
+                f"target {target} is out of range: the model has {classes} classes, so "
+                f"targets must be in [0, {classes - 1}]"
+            )
         targets = torch.full((n,), target, dtype=torch.long)
     else:
         try:

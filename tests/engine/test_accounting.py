@@ -51,6 +51,8 @@ RELU_SPELLINGS = {
     "where(x <= 0, 0, x)": lambda x: torch.where(x <= 0, 0.0, x),
     "x.where(x > 0, 0)": lambda x: x.where(x > 0, 0),
     "nn.LeakyReLU(0)": nn.LeakyReLU(0.0),
+    "x * (x > 0)": lambda x: x * (x > 0),
+    "(x > 0).float() * x": lambda x: (x > 0).float() * x,
 }
 
 
@@ -79,6 +81,11 @@ def test_relu_spellings_match_nn_relu_bitwise(method, spelling):
     assert not torch.equal(got, ps.explain(model, x, "gradient", target=1))
 
 
+def _no_grad_gate(x):
+    with torch.no_grad():
+        return (x.mean(dim=1, keepdim=True) > 0).to(x.dtype)
+
+
 def _gelu(x):
     return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
 
@@ -96,6 +103,9 @@ NOT_RELU = {
     "where(x > 1, x, 0)": (lambda x: torch.where(x > 1, x, 0), "where"),
     "maximum(x, 0.1)": (lambda x: torch.maximum(x, torch.full((), 0.1)), "maximum"),
     "x * x": (lambda x: x * x, "mul"),
+    "x * (x > 1)": (lambda x: x * (x > 1), "mul"),
+    "x * x.abs().detach()": (lambda x: x * x.abs().detach(), "mul"),
+    "gate under no_grad": (lambda x: x * _no_grad_gate(x), "mul"),
     "x / x.norm": (lambda x: x / x.norm(dim=1, keepdim=True), "div"),
     "sin (mutation)": (torch.sin, "sin"),
     "exp (mutation)": (lambda x: x.exp() - 1, "exp"),
@@ -270,5 +280,40 @@ def test_lrp_refuses_linear_ops_without_a_rule(fn, op):
 def test_batch_statistics_are_refused_under_rules():
     model = conv_net()
     model.insert(1, nn.BatchNorm2d(6, track_running_stats=False))
-    with pytest.raises(UnsupportedActivationError, match="batch statistics"):
+    with pytest.raises(UnsupportedActivationError, match="statistics of the signal itself"):
         ps.explain(model, randn(2, 3, 6, 6), "guided_backprop", target=0)
+
+
+class ParameterGate(nn.Module):
+    """A scale computed from a parameter without its gradient: a constant, not a gate."""
+
+    def __init__(self, detach: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.detach = detach
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(4) + 0.5)
+        self.fc = nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        if self.detach:
+            scale = (self.gamma.view(1, -1, 1, 1) > 0.7).to(x.dtype) + self.gamma.view(
+                1, -1, 1, 1
+            ).detach()
+        else:
+            with torch.no_grad():
+                scale = (self.gamma > 0.7).to(x.dtype).view(1, -1, 1, 1) + 1.0
+        return self.fc((F.relu(self.conv(x)) * scale).flatten(1))
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_values_cut_from_parameters_are_constants(detach):
+    model = ParameterGate(detach).eval()
+    x = randn(2, 3, 6, 6, seed=5)
+    maps = ps.explain(model, x, "guided_backprop", target=1)
+    # The same model with the scale frozen into a plain tensor: the same map.
+    with torch.no_grad():
+        gamma = model.gamma.view(1, -1, 1, 1)
+        scale = (gamma > 0.7).to(x.dtype) + (gamma if detach else 1.0)
+    frozen = nn.Sequential(model.conv, nn.ReLU(), Act(lambda h: h * scale), nn.Flatten(), model.fc)
+    torch.testing.assert_close(maps, ps.explain(frozen, x, "guided_backprop", target=1))

@@ -68,6 +68,7 @@ def test_record_fields():
 
 def test_output_not_depending_on_inputs_is_refused():
     """A zero map from a model that never reads its input (or detaches it) is no explanation."""
+
     class Constant(nn.Module):
         def __init__(self):
             super().__init__()

@@ -1,0 +1,337 @@
+"""No silent wrong map: opaque models, non-finite values, the user's state, clear errors."""
+
+from __future__ import annotations
+
+import random
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pytest_saliency as ps
+from pytest_saliency.errors import NonFiniteError, SaliencyError
+from tests._models import assert_unchanged, randn, snapshot
+
+ALL = ps.methods()
+RULES = ["guided_backprop", "deconvnet", "rectgrad", "lrp_epsilon", "lrp_zplus", "lrp_alpha_beta"]
+PLAIN = ["gradient", "input_x_gradient", "integrated_gradients", "smoothgrad"]
+HOOKED = [m for m in ALL if m not in RULES + PLAIN]  # the CAMs and FullGrad
+
+
+def net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()  # fmt: skip
+
+
+def scripted(module: nn.Module) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.script(module)
+
+
+# --- compiled and scripted models --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_compiled_model_gives_the_eager_maps(method):
+    model = net()
+    compiled = torch.compile(model)
+    x = randn(2, 3, 8, 8, seed=1)
+    torch.testing.assert_close(ps.explain(compiled, x, method), ps.explain(model, x, method))
+    # Twice: an earlier call must not change a later one.
+    torch.testing.assert_close(ps.explain(compiled, x, method), ps.explain(model, x, method))
+
+
+def test_compiled_model_layer_names_with_or_without_prefix():
+    model = net()
+    compiled = torch.compile(model)
+    x = randn(2, 3, 8, 8, seed=1)
+    expected = ps.explain(model, x, "gradcam", layer="3")
+    for name in ("3", "_orig_mod.3"):
+        torch.testing.assert_close(ps.explain(compiled, x, "gradcam", layer=name), expected)
+    result = ps.parameter_randomization(compiled, x, "gradient", layers=["_orig_mod.3"])
+    eager = ps.parameter_randomization(model, x, "gradient", layers=["3"])
+    assert result.score == pytest.approx(eager.score)
+
+
+@pytest.mark.parametrize("method", RULES + HOOKED)
+def test_scripted_model_is_refused_before_any_work(method):
+    model = scripted(net())
+    with pytest.raises(SaliencyError, match="TorchScript") as info:
+        ps.explain(model, randn(2, 3, 8, 8), method)
+    assert method in str(info.value) and "eager model" in str(info.value)
+
+
+def test_scripted_submodule_is_named():
+    model = net()
+    model[3] = scripted(model[3])
+    with pytest.raises(SaliencyError, match=r"'3' is a TorchScript module"):
+        ps.explain(model, randn(2, 3, 8, 8), "guided_backprop")
+
+
+@pytest.mark.parametrize("method", PLAIN)
+def test_plain_methods_run_on_scripted_models(method):
+    model = net()
+    x = randn(2, 3, 8, 8, seed=1)
+    torch.testing.assert_close(ps.explain(scripted(model), x, method), ps.explain(model, x, method))
+
+
+def test_randomization_refuses_scripted_model():
+    with pytest.raises(SaliencyError, match="reset_parameters.*TorchScript module"):
+        ps.parameter_randomization(scripted(net()), randn(2, 3, 8, 8), "gradient")
+
+
+def test_nested_compiled_module_is_refused_by_rule_methods():
+    model = net()
+    model[3] = torch.compile(model[3])
+    with pytest.raises(SaliencyError, match="'3' is a torch.compile'd submodule"):
+        ps.explain(model, randn(2, 3, 8, 8), "lrp_epsilon")
+
+
+# --- finite or refused -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_non_finite_inputs_are_refused_naming_samples(batch_size):
+    x = randn(4, 3, 8, 8)
+    x[3, 0, 1, 1] = float("nan")
+    x[1, 2, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"samples 1, 3") as info:
+        ps.explain(net(), x, "gradient", batch_size=batch_size)
+    assert info.value.samples == [1, 3]
+    with pytest.raises(NonFiniteError):
+        ps.output_sensitivity(net(), x, "gradient")
+
+
+class Overflow(nn.Module):
+    """Scores that overflow to inf for the samples whose first pixel is large."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) * torch.exp(x[:, :1, 0, 0] * 100)
+
+
+@pytest.mark.parametrize("batch_size", [None, 1])
+def test_non_finite_scores_are_refused_naming_samples(batch_size):
+    torch.manual_seed(0)
+    x = randn(3, 3, 2, 2)
+    x[:, 0, 0, 0] = torch.tensor([0.1, 9.0, 0.2])
+    with pytest.raises(NonFiniteError, match=r"NaN or inf scores for sample 1\b") as info:
+        ps.explain(Overflow(), x, "gradient", batch_size=batch_size)
+    assert info.value.samples == [1]
+
+
+class Normalised(nn.Module):
+    """Adds sqrt(sum x^2): finite everywhere, but its gradient is NaN at the all-zero input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x) + torch.sqrt((x * x).sum(dim=1, keepdim=True))
+
+
+def test_integrated_gradients_nan_at_the_baseline_is_refused_with_cause():
+    x = randn(3, 4, seed=2)
+    with pytest.raises(NonFiniteError, match="integrated_gradients.*baseline") as info:
+        ps.explain(Normalised(), x, "integrated_gradients", target=0)
+    assert info.value.samples == [0, 1, 2]
+    # Another baseline avoids the point: a finite map.
+    maps = ps.explain(Normalised(), x, "integrated_gradients", target=0, baseline=0.5)
+    assert bool(torch.isfinite(maps).all())
+
+
+def test_non_finite_map_is_refused_naming_method_and_sample():
+    x = randn(3, 4, seed=2)
+    x[2] = 0
+    with pytest.raises(NonFiniteError, match=r"'gradient' gave a map with NaN or inf for sample 2"):
+        ps.explain(Normalised(), x, "gradient", target=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_passed_rejects_non_finite_thresholds(bad):
+    result = ps.output_sensitivity(net(), randn(2, 3, 8, 8), "gradient")
+    with pytest.raises(SaliencyError, match="finite number"):
+        result.passed(bad)
+
+
+@pytest.mark.parametrize(
+    "method, options, match",
+    [
+        ("rectgrad", {"percentile": float("nan")}, "percentile"),
+        ("smoothgrad", {"noise": float("nan")}, "noise"),
+        ("smoothgrad", {"noise": float("inf")}, "noise"),
+        ("smoothgrad", {"seed": 2**64}, "seed"),
+        ("integrated_gradients", {"baseline": float("nan")}, "baseline"),
+        ("integrated_gradients", {"baseline": torch.full((3, 8, 8), float("inf"))}, "baseline"),
+    ],
+)
+def test_non_finite_and_overflowing_options_are_refused(method, options, match):
+    with pytest.raises(SaliencyError, match=match):
+        ps.explain(net(), randn(2, 3, 8, 8), method, **options)
+
+
+@pytest.mark.parametrize("target", [2**70, -1, 4, 2**63])
+def test_targets_beyond_the_classes_are_refused(target):
+    with pytest.raises(SaliencyError, match="out of range"):
+        ps.explain(net(), randn(2, 3, 8, 8), "gradient", target=target)
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**63, -1])
+def test_overflowing_seeds_are_refused(seed):
+    with pytest.raises(SaliencyError, match="seed"):
+        ps.parameter_randomization(net(), randn(2, 3, 8, 8), "gradient", seed=seed)
+
+
+# --- the user's state --------------------------------------------------------------------------
+
+
+class Stateful(nn.Module):
+    """A forward that counts its calls in a buffer, replaces another, and draws noise from the
+    torch, numpy and Python generators."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = net()
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("last", torch.zeros(4))
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.body(x)
+        self.last = out.detach().mean(0)  # a new tensor assigned to a buffer
+        noise = torch.rand(()) * 0 + np.random.rand() * 0 + random.random() * 0
+        return out + noise
+
+
+def _rng_states():
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x: ps.explain(m, x, "gradient"),
+        lambda m, x: ps.explain(m, x, "guided_backprop"),
+        lambda m, x: ps.explain(m, x, "gradcam"),
+        lambda m, x: ps.output_sensitivity(m, x, ["gradient", "lrp_epsilon"]),
+        lambda m, x: ps.parameter_randomization(m, x, "gradient", layers="blocks"),
+    ],
+    ids=["explain", "explain-rules", "explain-cam", "sensitivity", "randomization"],
+)
+def test_state_and_rng_are_restored(call):
+    model = Stateful()
+    x = randn(2, 3, 8, 8)
+    before, calls = snapshot(model), model.calls
+    torch_rng, np_rng, py_rng = _rng_states()
+    call(model, x)
+    assert_unchanged(before, snapshot(model))
+    assert model.calls is calls and float(model.calls) == 0.0
+    after = _rng_states()
+    assert torch.equal(after[0], torch_rng) and np.array_equal(after[1], np_rng)
+    assert after[2] == py_rng
+
+
+class NumpyInit(nn.Linear):
+    """A layer whose reset_parameters draws from numpy's global generator."""
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.weight.copy_(torch.from_numpy(np.random.randn(*self.weight.shape)))
+            if self.bias is not None:
+                self.bias.zero_()
+
+
+def test_numpy_drawing_reset_is_seeded_and_left_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(NumpyInit(6, 8), nn.ReLU(), NumpyInit(8, 3))
+    x = randn(4, 6, seed=1)
+    np.random.seed(1)
+    first = ps.parameter_randomization(model, x, "gradient", seed=3, similarity="spearman")
+    state = np.random.get_state()[1].copy()
+    np.random.seed(2)  # another global state: the same seed gives the same scores
+    second = ps.parameter_randomization(model, x, "gradient", seed=3, similarity="spearman")
+    assert torch.equal(first.scores, second.scores)
+    np.random.seed(1)
+    ps.parameter_randomization(model, x, "gradient", seed=3, similarity="spearman")
+    assert np.array_equal(np.random.get_state()[1], state)
+
+
+def test_batch_statistics_give_per_sample_maps():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ).eval()  # fmt: skip
+    x = randn(4, 3, 6, 6, seed=2)
+    whole = ps.explain(model, x, "gradient", target=0)
+    alone = torch.cat([ps.explain(model, x[i : i + 1], "gradient", target=0) for i in range(4)])
+    torch.testing.assert_close(whole, alone)
+    torch.testing.assert_close(ps.explain(model, x, "gradient", target=0, batch_size=3), whole)
+
+
+def test_batch_statistics_without_spatial_axes_are_refused():
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5, track_running_stats=False),
+                          nn.Linear(5, 2)).eval()  # fmt: skip
+    with pytest.raises(SaliencyError, match="'1' normalises with batch statistics"):
+        ps.explain(model, randn(3, 4), "gradient")
+
+
+def test_uncopyable_model_names_the_attribute():
+    model = net()
+    model[3].lock = threading.Lock()
+    with pytest.raises(SaliencyError, match=r"module '3' holds attribute 'lock' of type lock"):
+        ps.parameter_randomization(model, randn(2, 3, 8, 8), "gradient")
+
+
+# --- clear errors ------------------------------------------------------------------------------
+
+
+class Detached(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if self.how == "no_grad":
+            with torch.no_grad():
+                return self.fc(x)
+        if self.how == "numpy":
+            return torch.from_numpy(self.fc(x).detach().numpy())
+        return self.fc(x.detach())
+
+
+@pytest.mark.parametrize("how", ["no_grad", "numpy", "detach-input"])
+@pytest.mark.parametrize("method", ["gradient", "guided_backprop", "lrp_epsilon"])
+def test_output_without_a_graph_to_the_inputs_is_refused(how, method):
+    with pytest.raises(SaliencyError, match="autograd graph"):
+        ps.explain(Detached(how), randn(2, 4), method)
+
+
+def test_meta_model_and_inputs_are_refused():
+    with torch.device("meta"):
+        meta = nn.Linear(4, 3)
+    with pytest.raises(SaliencyError, match="meta device.*to_empty"):
+        ps.explain(meta, randn(2, 4), "gradient")
+    with pytest.raises(SaliencyError, match="inputs are on the meta device"):
+        ps.explain(nn.Linear(4, 3), torch.empty(2, 4, device="meta"), "gradient")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_model_on_several_devices_is_refused():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2).cuda())
+    with pytest.raises(SaliencyError, match="several devices"):
+        ps.explain(model, randn(2, 4), "gradient")
