@@ -98,13 +98,12 @@ def test_nested_compiled_module_is_refused_by_rule_methods():
 # --- finite or refused -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("batch_size", [None, 2])
-def test_non_finite_inputs_are_refused_naming_samples(batch_size):
+def test_non_finite_inputs_are_refused_naming_samples():
     x = randn(4, 3, 8, 8)
     x[3, 0, 1, 1] = float("nan")
     x[1, 2, 0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match=r"samples 1, 3") as info:
-        ps.explain(net(), x, "gradient", batch_size=batch_size)
+        ps.explain(net(), x, "gradient")
     assert info.value.samples == [1, 3]
     with pytest.raises(NonFiniteError):
         ps.output_sensitivity(net(), x, "gradient")
@@ -276,10 +275,17 @@ def test_batch_statistics_give_per_sample_maps():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
     ).eval()  # fmt: skip
     x = randn(4, 3, 6, 6, seed=2)
+    # The reference: autograd on each sample alone (its statistics are its own).
+    alone = []
+    for i in range(4):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        alone.append(torch.autograd.grad(model(xi)[:, 0].sum(), xi)[0].sum(1))
     whole = ps.explain(model, x, "gradient", target=0)
-    alone = torch.cat([ps.explain(model, x[i : i + 1], "gradient", target=0) for i in range(4)])
-    torch.testing.assert_close(whole, alone)
+    torch.testing.assert_close(whole, torch.cat(alone))
     torch.testing.assert_close(ps.explain(model, x, "gradient", target=0, batch_size=3), whole)
+    xg = x.clone().requires_grad_(True)  # the batch-dependent map that must not come out
+    batched = torch.autograd.grad(model(xg)[:, 0].sum(), xg)[0].sum(1)
+    assert not torch.allclose(batched, whole)
 
 
 def test_batch_statistics_without_spatial_axes_are_refused():
@@ -317,7 +323,7 @@ class Detached(nn.Module):
 @pytest.mark.parametrize("how", ["no_grad", "numpy", "detach-input"])
 @pytest.mark.parametrize("method", ["gradient", "guided_backprop", "lrp_epsilon"])
 def test_output_without_a_graph_to_the_inputs_is_refused(how, method):
-    with pytest.raises(SaliencyError, match="autograd graph"):
+    with pytest.raises(SaliencyError, match="autograd graph|out of torch"):
         ps.explain(Detached(how), randn(2, 4), method)
 
 
@@ -335,3 +341,63 @@ def test_model_on_several_devices_is_refused():
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2).cuda())
     with pytest.raises(SaliencyError, match="several devices"):
         ps.explain(model, randn(2, 4), "gradient")
+
+
+def test_state_is_restored_when_the_call_fails():
+    model = Stateful()
+    model.body.insert(3, nn.Hardtanh())  # refused by guided backprop, after the forward began
+    before = snapshot(model)
+    torch_rng = torch.get_rng_state()
+    with pytest.raises(SaliencyError):
+        ps.explain(model, randn(2, 3, 8, 8), "guided_backprop")
+    assert_unchanged(before, snapshot(model))
+    assert torch.equal(torch.get_rng_state(), torch_rng)
+
+
+class Registers(nn.Module):
+    """A forward that registers a buffer, and a buffer that is an inference tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        with torch.inference_mode():
+            self.register_buffer("scale", torch.ones(3))
+
+    def forward(self, x):
+        self.register_buffer("seen", x.detach().mean(0))
+        self.scale = self.scale  # reassigned with itself: an inference tensor stays
+        return self.fc(x) + self.scale.sum()  # read, not saved for backward
+
+
+def test_buffers_registered_in_forward_are_removed_and_inference_buffers_kept():
+    model = Registers()
+    ps.explain(model, randn(2, 4), "gradient")
+    assert "seen" not in dict(model.named_buffers())
+    assert model.scale.is_inference()
+
+
+def test_huge_integer_options_are_range_errors():
+    for method, options in [
+        ("smoothgrad", {"noise": 10**400}),
+        ("lrp_epsilon", {"epsilon": 10**400}),
+    ]:
+        with pytest.raises(SaliencyError, match="option"):
+            ps.explain(net(), randn(2, 3, 8, 8), method, **options)
+
+
+def test_identity_model_gives_the_one_hot_gradient():
+    maps = ps.explain(nn.Identity(), randn(2, 4), "gradient", target=1)
+    assert torch.equal(maps, torch.tensor([[0.0, 1, 0, 0], [0, 1, 0, 0]]))
+
+
+@pytest.mark.parametrize("method", ["gradient", "guided_backprop", "lrp_epsilon", "gradcam"])
+def test_model_compiled_in_place_gives_the_eager_maps(method):
+    model = net()
+    x = randn(2, 3, 8, 8, seed=1)
+    expected = ps.explain(model, x, method)
+    model.compile()
+    try:
+        torch.testing.assert_close(ps.explain(model, x, method), expected)
+        assert model._compiled_call_impl is not None  # left compiled
+    finally:
+        model._compiled_call_impl = None

@@ -410,9 +410,17 @@ class _Propagation:
         compute = lambda: func(*args, **kwargs)  # noqa: E731
         if not _carries(x):
             return compute()
-        source = self.producers.source(x)
         mean, var = bound.get("running_mean"), bound.get("running_var")
-        if source is None or bound.get("training", False) or mean is None or var is None:
+        if bound.get("training", False) or mean is None or var is None:
+            raise UnsupportedActivationError(
+                f"method {self.method!r} has no LRP rule for a BatchNorm that normalises with "
+                "statistics of its own input (no running statistics): it is not an affine map "
+                "of the signal. Give the BatchNorm running statistics "
+                "(track_running_stats=True), or use a plain-gradient method (gradient, "
+                "input_x_gradient, integrated_gradients, smoothgrad)"
+            )
+        source = self.producers.source(x)
+        if source is None:
             return _PassThrough.apply(x, compute)
         gamma, beta = bound.get("weight"), bound.get("bias")
         weight, bias = fold_batch_norm(
@@ -540,14 +548,19 @@ def lrp_rules(method: str, rule) -> RuleSet:
         install=propagation.install,
         watch=propagation.watch,
         allowed=ROUTING,
+        hides=frozenset({F.linear, F.batch_norm, *_CONV_INPUT_GRAD}),
     )
 
 
 def _real(opts: dict, key: str) -> float:
     value = opts[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value if isinstance(value, float) else 0.0):
         raise SaliencyError(f"option {key!r} must be a finite number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise SaliencyError(f"option {key!r} must be a finite number, got {value!r}") from None
 
 
 def _validate_epsilon(opts: dict) -> None:

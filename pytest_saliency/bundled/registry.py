@@ -162,7 +162,7 @@ def check_number(opts: dict, key: str, low: float, high: float, *, integer: bool
     value = opts[key]
     kind = "an integer" if integer else "a number"
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or (not integer and not math.isfinite(value)):
+    if isinstance(value, bool) or not ok or (isinstance(value, float) and not math.isfinite(value)):
         raise SaliencyError(f"option {key!r} must be {kind}, got {value!r}")
     if value < low or value > high or (low_open and value == low):
         left = "(" if low_open else "["

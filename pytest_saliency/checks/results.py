@@ -110,7 +110,7 @@ class AuditResult:
         if (
             isinstance(max_similarity, bool)
             or not isinstance(max_similarity, (int, float))
-            or not math.isfinite(max_similarity)
+            or (isinstance(max_similarity, float) and not math.isfinite(max_similarity))
         ):
             raise SaliencyError(
                 f"max_similarity must be a finite number (similarities lie in [-1, 1]), got "

@@ -134,19 +134,6 @@ def signal_nodes(root: object, sinks: tuple[torch.Tensor, ...]):
             yield node, flags
 
 
-def _from_signal(origins: list, sinks: tuple[torch.Tensor, ...], on_path: set) -> bool:
-    """Whether a gate's value was computed from the signal: one of the differentiable tensors
-    (or their nodes) it came from is an input, or reaches one in the autograd graph."""
-    for origin in origins:
-        if isinstance(origin, torch.Tensor):
-            if any(origin is s for s in sinks):
-                return True
-            continue
-        if origin in on_path or any(True for _ in signal_nodes(origin, sinks)):
-            return True
-    return False
-
-
 def judge(node: object, flags: tuple[bool, ...], allowed: frozenset[str]) -> str | None:
     """None when ``node`` is accounted for under a rule set allowing ``allowed``; else why not."""
     forward_cls = getattr(type(node), "_forward_cls", None)
@@ -155,7 +142,7 @@ def judge(node: object, flags: tuple[bool, ...], allowed: frozenset[str]) -> str
             return None
         return f"a custom autograd.Function ({forward_cls.__qualname__}) whose backward is unknown"
     kind = node_kind(node)
-    if allowed is ROUTING and kind in _SHIFTS:
+    if kind in _SHIFTS and kind not in allowed:
         # Under LRP a shift by a constant leaves relevance where it is (as zennit and captum).
         if sum(flags) > 1:
             return "a sum of signal tensors that the rule set did not split"
@@ -196,12 +183,10 @@ def account(
     are products of the signal with a value computed from it without its gradient."""
     findings = []
     vouched, gates = set(vouched), gates or {}
-    walked = list(signal_nodes(root, sinks))
-    on_path = {node for node, _ in walked}
-    for node, flags in walked:
+    for node, flags in signal_nodes(root, sinks):
         if node in vouched:
             continue
-        if node in gates and _from_signal(gates[node], sinks, on_path):
+        if node in gates:
             why = (
                 "a product with a mask or gate computed from the signal without its gradient "
                 "(x * (x > 1), x * g.detach()): a nonlinearity the rules cannot see"

@@ -55,7 +55,7 @@ def _tap(name: str, keep_activation: bool, by_hook: bool, store: dict[str, list]
 
 def check_connected(logits: torch.Tensor, model_name: str) -> None:
     """The output must carry an autograd graph: every method differentiates it."""
-    if logits.grad_fn is None:
+    if not logits.requires_grad:
         raise SaliencyError(
             f"the output of model {model_name} has no autograd graph (it does not require "
             "grad): the model detaches its result, converts it through numpy, or runs under "
@@ -88,12 +88,12 @@ def forward_backward(
             for name, (module, keep) in (taps or {}).items():
                 tap = _tap(name, keep, input_grad, store, tensor_hooks)
                 handles.append(module.register_forward_hook(tap))
-            with rules.applied(model, method) as trace:
+            with rules.applied(model, method, x) as trace:
                 output = call_model(model, x)
         logits = check_logits(output, type(model).__name__, x.shape[0])
         check_connected(logits, type(model).__name__)
         if trace is not None:
-            trace.account(logits, x)
+            trace.account(logits)
         targets = resolve_targets(target, logits)
         tapped = [o for calls in store.values() for o, _ in calls if isinstance(o, torch.Tensor)]
         wrt = ([x] if input_grad else []) + tapped

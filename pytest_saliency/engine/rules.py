@@ -21,8 +21,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import UnsupportedActivationError
-from .accounting import LINEAR, account, op_label, raise_findings, rule_function
+from .accounting import LINEAR, rule_function
 from .state import removable_hooks
+from .trace import Trace, masked_relu, tensors_in
 
 
 class ActivationRule:
@@ -198,7 +199,7 @@ def _as_relu(func: Callable, args: tuple, kwargs: dict) -> tuple[torch.Tensor, b
     recognise, inplace = _RELU_SPELLINGS[func]
     try:
         x = recognise(args, kwargs)
-    except (TypeError, IndexError, KeyError):
+    except Exception:  # a call these ops reject: it runs as written and fails there
         return None
     if not isinstance(x, torch.Tensor) or not x.requires_grad or not x.is_floating_point():
         return None  # not a ReLU, or no gradient flows here: the call runs as written
@@ -254,13 +255,6 @@ _OTHER_ACTIVATION_MODULES = (
 Handler = Callable[..., torch.Tensor]
 
 
-_ADVICE = (
-    "Use a plain-gradient method (gradient, input_x_gradient, integrated_gradients, "
-    "smoothgrad, gradcam), or write the op as one the rules know (nn.ReLU for a ReLU, "
-    "nn.Conv*/nn.Linear for a layer). See the README section 'What the engine refuses, and why'."
-)
-
-
 @dataclass(frozen=True)
 class RuleSet:
     """Everything that changes the backward pass of one method.
@@ -275,6 +269,9 @@ class RuleSet:
     ``allowed``: the autograd ops (see :mod:`.accounting`) whose plain gradient these rules
     leave correct; every other op on the signal path must be handled by the rules, or the pass
     raises before its backward.
+    ``hides``: handled functions whose tensor operands after the first (weights, biases,
+    statistics) the rules treat as constants, outside the autograd graph; the pass raises if
+    one of them was computed from the signal.
     """
 
     name: str
@@ -283,6 +280,7 @@ class RuleSet:
     install: Callable[[nn.Module, list], None] | None = None
     watch: Callable[[Callable, tuple, dict], None] | None = None
     allowed: frozenset[str] = LINEAR
+    hides: frozenset[Callable] = frozenset()
 
     @property
     def is_plain(self) -> bool:
@@ -294,7 +292,9 @@ class RuleSet:
         )
 
     @contextlib.contextmanager
-    def applied(self, model: nn.Module, method: str) -> Iterator[Trace | None]:
+    def applied(
+        self, model: nn.Module, method: str, inputs: torch.Tensor
+    ) -> Iterator[Trace | None]:
         """Install the rules for the forward pass inside the block; uninstall on exit.
 
         Yields None for plain autograd, else the pass's :class:`Trace`, whose
@@ -306,102 +306,11 @@ class RuleSet:
         with removable_hooks() as handles:
             if self.activation is not None:
                 _reject_unknown_activation_modules(model, method)
-            trace = Trace(self, method, model, handles)
+            trace = Trace(method, model, inputs, self.allowed, handles)
             if self.install is not None:
                 self.install(model, handles)
             with _RuleMode(self, method, model, trace):
                 yield trace
-
-
-class Trace:
-    """What one rule-set pass saw: the op that made each autograd node and where it ran.
-
-    Module names come from pre/post hooks on the model's modules (a stack), so an error can
-    say in which module an op the rules cannot vouch for ran.
-    """
-
-    def __init__(self, rules: RuleSet, method: str, model: nn.Module, handles: list):
-        self.rules, self.method = rules, method
-        self.labels: dict[object, tuple[str, str | None]] = {}
-        self.stack: list[str] = []
-        self.vouched: set[object] = set()
-        # Tensors computed from the signal without its gradient (strong refs: ids stay unique
-        # for the pass), and the nodes of products of the signal with one of them.
-        self.tainted: dict[int, tuple[torch.Tensor, list]] = {}
-        self.gates: dict[object, list] = {}
-        for name, module in model.named_modules():
-            handles.append(module.register_forward_pre_hook(self._enter(name or "(model)")))
-            handles.append(module.register_forward_hook(self._leave, always_call=True))
-
-    def _enter(self, name: str):
-        def hook(module, args):
-            self.stack.append(name)
-
-        return hook
-
-    def _leave(self, module, args, output):
-        if self.stack:
-            self.stack.pop()
-
-    def touches_taint(self, args: tuple, kwargs: dict) -> bool:
-        return any(id(t) in self.tainted for t in _tensors(args, kwargs))
-
-    def propagate_taint(self, func, args, kwargs, result, gated: bool) -> None:
-        """Track tensors computed from a differentiable tensor without its gradient (``x > 0``,
-        ``x.detach()``, anything computed under no_grad, and what is computed from those),
-        with the differentiable tensors they came from; a product of the signal with one of
-        them is kept for the accounting, which refuses it if they came from the signal."""
-        cut = func in _CUTS or not torch.is_grad_enabled()
-        if not cut and not self.tainted:
-            return
-        inputs = list(_tensors(args, kwargs))
-        origins: list = []
-        if cut:
-            origins += [t.grad_fn or t for t in inputs if t.requires_grad]
-        for t in inputs:
-            entry = self.tainted.get(id(t))
-            if entry is not None:
-                origins += entry[1]
-        if not origins:
-            return
-        outputs = [result] if isinstance(result, torch.Tensor) else list(_tensors((result,), {}))
-        for out in outputs:
-            if out.requires_grad:
-                if gated and out.grad_fn is not None:
-                    self.gates[out.grad_fn] = origins
-            else:
-                self.tainted[id(out)] = (out, origins)
-
-    def vouch_view(self, result: torch.Tensor) -> None:
-        """A rule function ran in place on a view: its base's new node (autograd's
-        ``CopySlices``, which wraps the rule's node) is the rule's own."""
-        base = result._base
-        if base is not None and base.grad_fn is not None:
-            self.vouched.add(base.grad_fn)
-
-    def record(self, func: Callable, result: object) -> None:
-        """Label the autograd node(s) of ``result`` with the op and the running module."""
-        if isinstance(result, torch.Tensor):
-            node = result.grad_fn
-            if node is not None and node not in self.labels:
-                self.labels[node] = (op_label(func), self.stack[-1] if self.stack else None)
-            base = result._base
-            if base is not None and base.grad_fn is not None and base.grad_fn not in self.labels:
-                # An in-place op on a view: the base's node (CopySlices) is this op.
-                self.labels[base.grad_fn] = self.labels.get(node) or (op_label(func), None)
-        elif isinstance(result, (tuple, list)):
-            for item in result:
-                if isinstance(item, torch.Tensor):
-                    self.record(func, item)
-
-    def account(self, output: torch.Tensor, inputs: torch.Tensor) -> None:
-        """Raise unless every op between ``inputs`` and ``output`` is accounted for."""
-        if output.grad_fn is None:
-            return
-        findings = account(
-            output.grad_fn, (inputs,), self.rules.allowed, self.labels, self.vouched, self.gates
-        )
-        raise_findings(findings, self.method, _ADVICE)
 
 
 def _reject_unknown_activation_modules(model: nn.Module, method: str) -> None:
@@ -448,17 +357,24 @@ class _RuleMode(TorchFunctionMode):
         if self.rules.watch is not None:
             self.rules.watch(func, args, kwargs)
         trace = self.trace
-        gated = bool(trace.tainted) and func in _PRODUCTS and trace.touches_taint(args, kwargs)
+        inputs = [t for t in tensors_in(args, kwargs)]
+        # Where each differentiable input came from, read before the call (detach_ and other
+        # in-place ops change it).
+        needs_grad = [t.grad_fn or t for t in inputs if t.requires_grad]
+        trace.check_escape(func, inputs)
+        gated = trace.gated(func, inputs)
         activation = self.rules.activation
         if gated and activation is not None:
-            x = _masked_relu(args, kwargs)  # x * (x > 0): exactly a ReLU
-            if x is not None:
-                return _relu_with_rule(activation, x, False)
+            relu = masked_relu(func, args, kwargs)  # x * (x > 0): exactly a ReLU
+            if relu is not None:
+                return _relu_with_rule(activation, *relu)
         handler = None if gated else self.rules.functions.get(func)
         if handler is not None:
+            if func in self.rules.hides:
+                trace.hidden_operands(func, inputs)
             result = handler(func, args, kwargs)
             trace.record(func, result)
-            trace.propagate_taint(func, args, kwargs, result, False)
+            trace.after(func, args, inputs, needs_grad, result, False)
             return result
         if activation is not None:
             if func in _RELU_FUNCTIONS or func in _RELU_SPELLINGS:
@@ -478,60 +394,5 @@ class _RuleMode(TorchFunctionMode):
                 )
         result = func(*args, **kwargs)
         trace.record(func, result)
-        trace.propagate_taint(func, args, kwargs, result, gated)
+        trace.after(func, args, inputs, needs_grad, result, gated)
         return result
-
-
-# Products and quotients (in place or not): with an operand computed from the signal but cut
-# from its gradient (a mask ``x > 0``, a detached gate), their plain gradient is the gate's
-# value, not a rule: a nonlinearity in disguise.
-_PRODUCTS = frozenset(
-    {
-        torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__,
-        torch.Tensor.mul_, torch.Tensor.__imul__, torch.div, torch.Tensor.div,
-        torch.Tensor.__truediv__, torch.Tensor.__rtruediv__, torch.Tensor.div_,
-        torch.Tensor.__itruediv__, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
-        torch.bmm, torch.einsum, torch.masked_fill, torch.Tensor.masked_fill,
-        torch.Tensor.masked_fill_,
-    }
-)  # fmt: skip
-
-# Ops whose result is computed from the signal but carries no gradient: comparisons, detach.
-_CUTS = frozenset(
-    {
-        torch.gt, torch.ge, torch.lt, torch.le, torch.eq, torch.ne, torch.greater,
-        torch.greater_equal, torch.less, torch.less_equal, torch.Tensor.gt, torch.Tensor.ge,
-        torch.Tensor.lt, torch.Tensor.le, torch.Tensor.eq, torch.Tensor.ne,
-        torch.Tensor.__gt__, torch.Tensor.__ge__, torch.Tensor.__lt__, torch.Tensor.__le__,
-        torch.Tensor.__eq__, torch.Tensor.__ne__, torch.Tensor.detach, torch.detach,
-        torch.argmax, torch.argmin, torch.Tensor.argmax, torch.Tensor.argmin,
-        torch.isclose, torch.heaviside,
-    }
-)  # fmt: skip
-
-
-def _tensors(args: tuple, kwargs: dict):
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                if isinstance(item, torch.Tensor):
-                    yield item
-
-
-def _masked_relu(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """x when the call is ``x * mask`` (either order) with mask exactly ``x > 0``."""
-    if len(args) != 2 or kwargs:
-        return None
-    for x, mask in (args, args[::-1]):
-        if not (isinstance(x, torch.Tensor) and isinstance(mask, torch.Tensor)):
-            continue
-        if not x.requires_grad or mask.requires_grad or mask.shape != x.shape:
-            continue
-        if mask.dtype not in (torch.bool, x.dtype):
-            continue
-        for positive in (torch.gt(x, 0), torch.ge(x, 0)):
-            if torch.equal(mask, positive.to(mask.dtype)):
-                return x
-    return None

@@ -22,7 +22,13 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """
     flags = [(m, m.training) for m in model.modules()]
     buffers = _buffer_snapshot(model)
+    # Modules compiled in place (``module.compile()``) run their eager forward for the block:
+    # compiled code hides its ops from the rules and its hooks.
+    compiled = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    saved_impls = [m._compiled_call_impl for m in compiled]
     try:
+        for m in compiled:
+            m._compiled_call_impl = None
         # An audit enters this block once per pass: a model already in eval mode is left
         # alone (setting a module attribute goes through nn.Module.__setattr__).
         if any(flag for _, flag in flags):
@@ -32,6 +38,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         for module, flag in flags:
             if module.training != flag:
                 module.training = flag
+        for m, impl in zip(compiled, saved_impls):
+            m._compiled_call_impl = impl
         _restore_buffers(buffers)
 
 
@@ -43,9 +51,12 @@ def _buffer_snapshot(model: nn.Module) -> list[tuple]:
     """
     saved = []
     for module in model.modules():
+        saved.append((module, None, set(module._buffers.keys()), None, None))
         for name, buffer in module._buffers.items():
-            if buffer is None:
-                saved.append((module, name, None, 0, None))
+            if buffer is None or buffer.is_inference():
+                # An inference tensor cannot change in place outside inference mode (where
+                # every call runs): only a reassignment is to undo.
+                saved.append((module, name, buffer, None, None))
             else:
                 saved.append((module, name, buffer, buffer._version, buffer.detach().clone()))
     return saved
@@ -53,10 +64,14 @@ def _buffer_snapshot(model: nn.Module) -> list[tuple]:
 
 def _restore_buffers(saved) -> None:
     for module, name, buffer, version, values in saved:
+        if name is None:  # the module's buffer names: one registered meanwhile goes
+            for extra in [n for n in module._buffers.keys() if n not in buffer]:
+                del module._buffers[extra]
+            continue
         current = module._buffers[name] if name in module._buffers else None
         if current is not buffer:
             module._buffers[name] = buffer  # reassigned in forward: the original object back
-        if buffer is not None and buffer._version != version:
+        if version is not None and buffer._version != version:
             with torch.no_grad():
                 buffer.copy_(values)
 

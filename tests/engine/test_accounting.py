@@ -52,6 +52,8 @@ RELU_SPELLINGS = {
     "x.where(x > 0, 0)": lambda x: x.where(x > 0, 0),
     "nn.LeakyReLU(0)": nn.LeakyReLU(0.0),
     "x * (x > 0)": lambda x: x * (x > 0),
+    "x.mul_(x > 0)": lambda x: x.mul_(x > 0),
+    "torch.multiply(x, x >= 0)": lambda x: torch.multiply(x, x >= 0),
     "(x > 0).float() * x": lambda x: (x > 0).float() * x,
 }
 
@@ -81,6 +83,18 @@ def test_relu_spellings_match_nn_relu_bitwise(method, spelling):
     assert not torch.equal(got, ps.explain(model, x, "gradient", target=1))
 
 
+def _setitem_mask(x):
+    mask = torch.ones_like(x)
+    mask[x < 0.1] = 0
+    return mask
+
+
+def _detached_in_place(x):
+    gate = x.clone()
+    gate.detach_()
+    return gate
+
+
 def _no_grad_gate(x):
     with torch.no_grad():
         return (x.mean(dim=1, keepdim=True) > 0).to(x.dtype)
@@ -102,16 +116,25 @@ NOT_RELU = {
     "threshold(0, -1)": (lambda x: F.threshold(x, 0.0, -1.0), "threshold"),
     "where(x > 1, x, 0)": (lambda x: torch.where(x > 1, x, 0), "where"),
     "maximum(x, 0.1)": (lambda x: torch.maximum(x, torch.full((), 0.1)), "maximum"),
-    "x * x": (lambda x: x * x, "mul"),
-    "x * (x > 1)": (lambda x: x * (x > 1), "mul"),
-    "x * x.abs().detach()": (lambda x: x * x.abs().detach(), "mul"),
-    "gate under no_grad": (lambda x: x * _no_grad_gate(x), "mul"),
-    "x / x.norm": (lambda x: x / x.norm(dim=1, keepdim=True), "div"),
-    "sin (mutation)": (torch.sin, "sin"),
-    "exp (mutation)": (lambda x: x.exp() - 1, "exp"),
-    "abs (mutation)": (torch.abs, "abs"),
-    "x ** 2 (mutation)": (lambda x: x**2, "pow"),
-    "sqrt (mutation)": (lambda x: (x * x + 1).sqrt(), "sqrt"),
+    "x * x": (lambda x: x * x, "Tensor.mul"),
+    "x * (x > 1)": (lambda x: x * (x > 1), "Tensor.mul"),
+    "x * x.abs().detach()": (lambda x: x * x.abs().detach(), "Tensor.mul"),
+    "gate under no_grad": (lambda x: x * _no_grad_gate(x), "Tensor.mul"),
+    "x / x.norm": (lambda x: x / x.norm(dim=1, keepdim=True), "Tensor.norm"),
+    "x.mul_(x > 1)": (lambda x: x.mul_(x > 1), "Tensor.mul_"),
+    "torch.multiply mask": (lambda x: torch.multiply(x, x > 0.1), "torch.multiply"),
+    "setitem mask": (lambda x: x * _setitem_mask(x), "Tensor.mul"),
+    "integer cast mask": (lambda x: x * ((x * 10).long() > 0), "Tensor.mul"),
+    ".data mask": (lambda x: x * (x.data > 0.1), "Tensor.mul"),
+    "detach_ gate": (lambda x: x * _detached_in_place(x), "Tensor.mul"),
+    "gate through a parameter": (lambda x: x * ((x > 0.1) * torch.ones(())), "Tensor.mul"),
+    "item scale": (lambda x: x / x.abs().max().item(), "Tensor.item"),
+    "numpy mask": (lambda x: x * torch.from_numpy((x > 0.1).numpy()), "Tensor.numpy"),
+    "sin (mutation)": (torch.sin, "torch.sin"),
+    "exp (mutation)": (lambda x: x.exp() - 1, "Tensor.exp"),
+    "abs (mutation)": (torch.abs, "torch.abs"),
+    "x ** 2 (mutation)": (lambda x: x**2, "Tensor.pow"),
+    "sqrt (mutation)": (lambda x: (x * x + 1).sqrt(), "Tensor.sqrt"),
 }
 
 
@@ -317,3 +340,40 @@ def test_values_cut_from_parameters_are_constants(detach):
         scale = (gamma > 0.7).to(x.dtype) + (gamma if detach else 1.0)
     frozen = nn.Sequential(model.conv, nn.ReLU(), Act(lambda h: h * scale), nn.Flatten(), model.fc)
     torch.testing.assert_close(maps, ps.explain(frozen, x, "guided_backprop", target=1))
+
+
+class Dynamic(nn.Module):
+    """A layer whose weight, bias or BatchNorm scale is computed from the signal."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.fc0, self.fc = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.bn = nn.BatchNorm1d(6).eval()
+
+    def forward(self, x):
+        h = F.relu(self.fc0(x))
+        if self.kind == "weight":
+            return F.linear(h, self.fc.weight * h.mean(), self.fc.bias)
+        if self.kind == "bias":
+            return F.linear(h, self.fc.weight, h.sum(0)[:3])
+        gamma = 1 + h.mean(0)
+        h = F.batch_norm(h, self.bn.running_mean, self.bn.running_var, gamma, self.bn.bias)
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("method", ["lrp_epsilon", "lrp_zplus", "lrp_alpha_beta"])
+@pytest.mark.parametrize("kind", ["weight", "bias", "batch_norm scale"])
+def test_lrp_refuses_layer_parameters_computed_from_the_signal(method, kind):
+    with pytest.raises(UnsupportedActivationError, match="computed from the signal") as info:
+        ps.explain(Dynamic(kind), randn(3, 4), method, target=0)
+    assert ("F.batch_norm" if kind.startswith("batch") else "F.linear") in str(info.value)
+
+
+@pytest.mark.parametrize("method", ["lrp_epsilon", "lrp_zplus"])
+def test_lrp_refuses_batch_statistics(method):
+    model = conv_net()
+    model.insert(1, nn.BatchNorm2d(6, track_running_stats=False))
+    with pytest.raises(UnsupportedActivationError, match="statistics of its own input"):
+        ps.explain(model, randn(2, 3, 6, 6), method, target=0)
