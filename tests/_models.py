@@ -111,6 +111,17 @@ def conv1d_net(seed: int = 0) -> nn.Sequential:
     return model.eval()
 
 
+class Lambda(nn.Module):
+    """A module around a function: a model written with functional calls."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
 def randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 

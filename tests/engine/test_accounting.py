@@ -11,20 +11,12 @@ from torch import nn
 
 import pytest_saliency as ps
 from pytest_saliency.errors import UnsupportedActivationError
+from tests._models import Lambda as Act
 from tests._models import randn
 
 RULE_METHODS = ["guided_backprop", "deconvnet", "rectgrad", "lrp_epsilon", "lrp_zplus",
                 "lrp_alpha_beta"]  # fmt: skip
 PLAIN_METHODS = ["gradient", "input_x_gradient", "smoothgrad", "integrated_gradients"]
-
-
-class Act(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 def _zeros(x):

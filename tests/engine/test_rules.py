@@ -10,7 +10,7 @@ from torch import nn
 from pytest_saliency.engine.passes import chunked, forward_backward
 from pytest_saliency.engine.rules import ActivationRule, RuleSet
 from pytest_saliency.errors import SaliencyError, UnsupportedActivationError
-from tests._models import assert_unchanged, mlp, randn, small_cnn, snapshot
+from tests._models import Lambda, assert_unchanged, mlp, randn, small_cnn, snapshot
 
 PLAIN = RuleSet("autograd")
 
@@ -93,15 +93,6 @@ SPELLINGS = {
     "Tensor.relu_": lambda: Lambda(lambda x: x.relu_()),
     "torch.relu_": lambda: Lambda(torch.relu_),
 }
-
-
-class Lambda(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 @pytest.mark.parametrize("spelling", SPELLINGS)
