@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 from ..errors import UnsupportedActivationError
 from .accounting import LINEAR, rule_function
 from .state import removable_hooks
-from .trace import Trace, masked_relu, tensors_in
+from .trace import WORKING_METHODS, Trace, masked_relu, tensors_in
 
 
 class ActivationRule:
@@ -319,10 +319,9 @@ def _reject_unknown_activation_modules(model: nn.Module, method: str) -> None:
             continue  # exactly a ReLU (its F.leaky_relu call gets the ReLU rule)
         if isinstance(module, _OTHER_ACTIVATION_MODULES):
             raise UnsupportedActivationError(
-                f"method {method!r} propagates through ReLUs only, but module {name!r} is "
-                f"{type(module).__name__}; its rule cannot be applied faithfully there. Use a "
-                "plain-gradient method (gradient, input_x_gradient, integrated_gradients, "
-                "smoothgrad, gradcam) or a ReLU model"
+                f"method {method!r} has rules for ReLU activations only, but module {name!r} "
+                f"is {type(module).__name__}; its rule cannot be applied faithfully there. "
+                f"{WORKING_METHODS}"
             )
 
 
@@ -387,10 +386,9 @@ class _RuleMode(TorchFunctionMode):
                 running = _running_module(self.model)
                 where = f" in module {running!r}" if running else ""
                 raise UnsupportedActivationError(
-                    f"method {self.method!r} propagates through ReLUs only, but the model calls "
-                    f"{_OTHER_ACTIVATIONS[func]}{where}; its rule cannot be applied faithfully "
-                    "there. Use a plain-gradient method (gradient, input_x_gradient, "
-                    "integrated_gradients, smoothgrad, gradcam) or a ReLU model"
+                    f"method {self.method!r} has rules for ReLU activations only, but the model "
+                    f"calls {_OTHER_ACTIVATIONS[func]}{where}; its rule cannot be applied "
+                    f"faithfully there. {WORKING_METHODS}"
                 )
         result = func(*args, **kwargs)
         trace.record(func, result)

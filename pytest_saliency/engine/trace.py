@@ -23,10 +23,15 @@ from torch import nn
 from ..errors import UnsupportedActivationError
 from .accounting import Finding, account, op_label, raise_findings, signal_nodes
 
+WORKING_METHODS = (
+    "The methods that need only autograd work on any differentiable model: gradient, "
+    "input_x_gradient, integrated_gradients, smoothgrad, and gradcam, gradcam++ and fullgrad "
+    "(which also need a layer with a spatial output)."
+)
 ADVICE = (
-    "Use a plain-gradient method (gradient, input_x_gradient, integrated_gradients, "
-    "smoothgrad, gradcam), or write the op as one the rules know (nn.ReLU for a ReLU, "
-    "nn.Conv*/nn.Linear for a layer). See the README section 'What the engine refuses, and why'."
+    "Write the op as one the rules know (nn.ReLU for a ReLU, nn.Conv*/nn.Linear for a layer), "
+    f"or use another method. {WORKING_METHODS} See the README section 'What the engine "
+    "refuses, and why'."
 )
 
 # Products (in place or not): with an operand cut from the signal (a mask ``x > 0``, a

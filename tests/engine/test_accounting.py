@@ -140,7 +140,7 @@ def test_non_relu_ops_raise_naming_op_and_module(method, case):
         ps.explain(model, x, method, target=0)
     message = str(info.value)
     assert method in message and op in message and "'1'" in message, message
-    assert "plain-gradient method" in message
+    assert "gradient, input_x_gradient, integrated_gradients" in message
 
 
 @pytest.mark.parametrize("method", PLAIN_METHODS)
