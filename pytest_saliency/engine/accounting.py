@@ -176,20 +176,21 @@ def account(
     allowed: frozenset[str],
     labels: Mapping[object, tuple[str, str | None]],
     vouched: Iterable[object] = (),
-    gates: Mapping[object, list] | None = None,
+    gates: Iterable[object] = (),
 ) -> list[Finding]:
     """The ops on the signal path from ``root`` to ``sinks`` that are not accounted for;
     ``vouched`` nodes are the rule set's own (e.g. a rule run in place on a view), ``gates``
     are products of the signal with a value computed from it without its gradient."""
     findings = []
-    vouched, gates = set(vouched), gates or {}
+    vouched, gates = set(vouched), set(gates)
     for node, flags in signal_nodes(root, sinks):
         if node in vouched:
             continue
         if node in gates:
             why = (
-                "a product with a mask or gate computed from the signal without its gradient "
-                "(x * (x > 1), x * g.detach()): a nonlinearity the rules cannot see"
+                "an op reading a mask or gate computed from the signal without its gradient "
+                "(x * (x > 1), x * g.detach(), x + (round(x) - x).detach()): a nonlinearity "
+                "the rules cannot see"
             )
         else:
             why = judge(node, flags, allowed)

@@ -100,7 +100,16 @@ def forward_backward(
         grads: Sequence[torch.Tensor | None] = []
         if wrt:
             score = logits.gather(1, targets[:, None]).sum()
-            grads = torch.autograd.grad(score, wrt, allow_unused=True)
+            try:
+                grads = torch.autograd.grad(score, wrt, allow_unused=True)
+            except RuntimeError as exc:
+                raise SaliencyError(
+                    f"the backward pass of method {method or 'gradient'!r} through model "
+                    f"{type(model).__name__} failed: {type(exc).__name__}: {exc}. Activation "
+                    "checkpointing (torch.utils.checkpoint, memory_efficient=True) recomputes the "
+                    "forward during the backward, outside the method's rules: turn it off for "
+                    "the audit"
+                ) from exc
     grad = None
     if input_grad:
         if grads[0] is None:

@@ -361,7 +361,7 @@ class _RuleMode(TorchFunctionMode):
         # in-place ops change it).
         needs_grad = [t.grad_fn or t for t in inputs if t.requires_grad]
         trace.check_escape(func, inputs)
-        gated = trace.gated(func, inputs)
+        gated = trace.gated(func, args, inputs)
         activation = self.rules.activation
         if gated and activation is not None:
             relu = masked_relu(func, args, kwargs)  # x * (x > 0): exactly a ReLU

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedActivationError
@@ -34,9 +33,6 @@ ADVICE = (
     "refuses, and why'."
 )
 
-# Products (in place or not): with an operand cut from the signal (a mask ``x > 0``, a
-# detached gate, a weight computed from the input), their plain gradient is the gate's value,
-# not a rule: a nonlinearity in disguise.
 _MULTIPLY = frozenset(
     {
         torch.mul, torch.multiply, torch.Tensor.mul, torch.Tensor.multiply,
@@ -44,22 +40,6 @@ _MULTIPLY = frozenset(
     }
 )  # fmt: skip
 _MULTIPLY_INPLACE = frozenset({torch.Tensor.mul_, torch.Tensor.__imul__, torch.Tensor.multiply_})
-PRODUCTS = (
-    _MULTIPLY
-    | _MULTIPLY_INPLACE
-    | frozenset(
-        {
-            torch.div, torch.divide, torch.true_divide, torch.Tensor.div, torch.Tensor.divide,
-            torch.Tensor.__truediv__, torch.Tensor.__rtruediv__, torch.Tensor.div_,
-            torch.Tensor.__itruediv__, torch.matmul, torch.Tensor.matmul,
-            torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.mm, torch.Tensor.mm,
-            torch.bmm, torch.Tensor.bmm, torch.mv, torch.dot, torch.outer, torch.einsum,
-            torch.tensordot, torch.addmm, torch.baddbmm, torch.addcmul, torch.Tensor.addcmul,
-            torch.Tensor.addcmul_, torch.masked_fill, torch.Tensor.masked_fill,
-            torch.Tensor.masked_fill_, F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d,
-        }
-    )
-)  # fmt: skip
 
 # Ops whose result does not depend on the values of their tensor arguments (only on shapes,
 # dtypes and devices): no cut value comes out of them.
@@ -67,7 +47,16 @@ _VALUE_FREE = frozenset(
     {
         torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
         torch.randn_like, torch.randint_like, torch.Tensor.new_zeros, torch.Tensor.new_ones,
-        torch.Tensor.new_empty, torch.Tensor.new_full, torch.Tensor.new_tensor,
+        torch.Tensor.new_empty, torch.Tensor.new_full, torch.broadcast_tensors,
+    }
+)  # fmt: skip
+
+# Ops that read the values of their first tensor argument only (the others give a shape, a
+# dtype or a device).
+_SHAPE_READERS = frozenset(
+    {
+        torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.expand_as, torch.Tensor.reshape_as,
+        torch.Tensor.view_as,
     }
 )  # fmt: skip
 
@@ -94,7 +83,7 @@ def tensors_in(args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:
 def _is_inplace(func: Callable) -> bool:
     name = getattr(func, "__name__", "")
     return (
-        name == "__setitem__"
+        name in ("__setitem__", "__set__")
         or (name.endswith("_") and not name.endswith("__"))
         or (name.startswith("__i") and name.endswith("__"))
     )
@@ -132,10 +121,11 @@ class Trace:
         self.labels: dict[object, tuple[str, str | None]] = {}
         self.stack: list[str] = []
         self.vouched: set[object] = set()
-        # Cut values by id, each kept alive for the pass (ids stay unique) with its origins:
-        # the differentiable tensors, or their autograd nodes, it was computed from.
-        self.cut: dict[int, tuple[torch.Tensor, list]] = {}
-        self.gates: dict[object, list] = {}
+        # Cut values by id, each kept alive for the pass (ids stay unique), with whether it
+        # was computed from the signal (else from parameters or constants only); the nodes of
+        # ops that read one cut from the signal together with the signal.
+        self.cut: dict[int, tuple[torch.Tensor, bool]] = {}
+        self.gates: set[object] = set()
         self.hidden: list[tuple[str, str | None, torch.Tensor]] = []
         self._signal: dict[object, bool] = {}
         for name, module in model.named_modules():
@@ -163,7 +153,7 @@ class Trace:
                 return True
             entry = self.cut.get(id(origin))
             if entry is not None:
-                return any(self.from_signal(o) for o in entry[1] if o is not origin)
+                return entry[1]
             origin = origin.grad_fn
             if origin is None:
                 return False
@@ -174,9 +164,19 @@ class Trace:
 
     # --- during the forward ------------------------------------------------------------------
 
-    def gated(self, func: Callable, inputs: list[torch.Tensor]) -> bool:
-        """A product with a cut value among its operands."""
-        return bool(self.cut) and func in PRODUCTS and any(id(t) in self.cut for t in inputs)
+    def _read(self, func: Callable, args: tuple, inputs: list[torch.Tensor]) -> list:
+        """The tensor arguments whose values ``func`` reads."""
+        if func in _VALUE_FREE:
+            return []
+        if func in _SHAPE_READERS:  # ``a.to(b)``, ``a.expand_as(b)``: b gives only a shape
+            return [args[0]] if args and isinstance(args[0], torch.Tensor) else []
+        return inputs
+
+    def gated(self, func: Callable, args: tuple, inputs: list[torch.Tensor]) -> bool:
+        """An op reading a value cut from the signal (a mask, a detached gate)."""
+        if not self.cut:
+            return False
+        return any(self.cut.get(id(t), (None, False))[1] for t in self._read(func, args, inputs))
 
     def check_escape(self, func: Callable, inputs: list[torch.Tensor]) -> None:
         if func in _ESCAPES and inputs and self.from_signal(inputs[0]):
@@ -195,31 +195,36 @@ class Trace:
                 self.hidden.append((op_label(func), self.module, t))
 
     def after(self, func, args, inputs, needs_grad, result, gated: bool) -> None:
-        """Track cut values through this call (see the module docstring); ``needs_grad`` holds
-        the origin (autograd node, or the tensor for a leaf) of each differentiable input."""
+        """Track cut values through this call (see the module docstring). ``needs_grad`` holds
+        the origin (autograd node, or the tensor for a leaf) of each differentiable input,
+        read before the call; ``gated`` says the call read a value cut from the signal."""
         if not needs_grad and not self.cut:
             return
-        origins: list = []
-        for t in inputs:
-            entry = self.cut.get(id(t))
-            if entry is not None:
-                origins += entry[1]
+        read = self._read(func, args, inputs)
+        cut_in = [self.cut[id(t)][1] for t in read if id(t) in self.cut]
+        if func in _SHAPE_READERS:
+            needs_grad = [t.grad_fn or t for t in read if t.requires_grad]
+        cutting = bool(needs_grad) and func not in _VALUE_FREE
+        if not (cutting or cut_in):
+            return
         outputs = [result] if isinstance(result, torch.Tensor) else list(tensors_in((result,), {}))
         if args and isinstance(args[0], torch.Tensor) and _is_inplace(func):
-            outputs.append(args[0])
-        cuts = needs_grad and func not in _VALUE_FREE
+            outputs.append(args[0])  # written in place, and so is the tensor it views
+            if args[0]._base is not None:
+                outputs.append(args[0]._base)
+        flag: bool | None = None  # from the signal? worked out when first needed
         for out in outputs:
-            if not out.requires_grad:
-                if cuts or origins:
-                    here = [o for o in needs_grad if o is not out] if cuts else []
-                    self.cut[id(out)] = (out, origins + here)
-            else:
+            if out.requires_grad:
                 if gated and out.grad_fn is not None:
-                    self.gates[out.grad_fn] = origins
-                if origins and not any(self.from_signal(o) for o in needs_grad):
-                    # Differentiable only through parameters, its values from the signal:
-                    # ``(x > 0) * self.weight`` is a gate too.
-                    self.cut[id(out)] = (out, origins)
+                    self.gates.add(out.grad_fn)
+                if cut_in and not any(self.from_signal(o) for o in needs_grad):
+                    # Differentiable only through parameters, its values cut from elsewhere:
+                    # ``(x > 0) * self.weight`` is a cut value too.
+                    self.cut[id(out)] = (out, any(cut_in))
+            else:
+                if flag is None:
+                    flag = any(cut_in) or (cutting and any(self.from_signal(o) for o in needs_grad))
+                self.cut[id(out)] = (out, flag)
 
     def vouch_view(self, result: torch.Tensor) -> None:
         """A rule function ran in place on a view: its base's new node (autograd's
@@ -260,8 +265,7 @@ class Trace:
                     )
                 )
         if output.grad_fn is not None:
-            gates = {n: o for n, o in self.gates.items() if any(map(self.from_signal, o))}
             findings += account(
-                output.grad_fn, (self.inputs,), self.allowed, self.labels, self.vouched, gates
+                output.grad_fn, (self.inputs,), self.allowed, self.labels, self.vouched, self.gates
             )
         raise_findings(findings, self.method, ADVICE)

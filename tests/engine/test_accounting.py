@@ -75,6 +75,19 @@ def test_relu_spellings_match_nn_relu_bitwise(method, spelling):
     assert not torch.equal(got, ps.explain(model, x, "gradient", target=1))
 
 
+def _copied_mask(x):
+    mask = torch.ones_like(x)
+    mask[0].copy_((x[0] > 0.1).to(x.dtype))
+    return mask
+
+
+def _gathered(x):
+    flat = torch.cat([x.flatten(1), torch.zeros_like(x.flatten(1)[:, :1])], dim=1)
+    positions = torch.arange(flat.shape[1] - 1).expand(x.shape[0], -1)
+    index = torch.where(x.flatten(1) > 0.1, positions, flat.shape[1] - 1)
+    return flat.gather(1, index).view_as(x)
+
+
 def _setitem_mask(x):
     mask = torch.ones_like(x)
     mask[x < 0.1] = 0
@@ -121,6 +134,12 @@ NOT_RELU = {
     "detach_ gate": (lambda x: x * _detached_in_place(x), "Tensor.mul"),
     "gate through a parameter": (lambda x: x * ((x > 0.1) * torch.ones(())), "Tensor.mul"),
     "item scale": (lambda x: x / x.abs().max().item(), "Tensor.item"),
+    "new_tensor copy": (lambda x: x * x.new_tensor(x), "Tensor.mul"),
+    "mask copied into a view": (lambda x: x * _copied_mask(x), "Tensor.mul"),
+    "straight-through": (lambda x: x + (torch.round(x) - x).detach(), "Tensor.add"),
+    "relu of a shifted mask": (lambda x: torch.relu(x - 1e4 * (x < 1)), "Tensor.sub"),
+    "gather by a mask": (lambda x: _gathered(x), "Tensor.gather"),
+    "kron with a mask": (lambda x: torch.kron(x, (x[:1, :1, :1, :1] > 0).to(x.dtype)), "kron"),
     "numpy mask": (lambda x: x * torch.from_numpy((x > 0.1).numpy()), "Tensor.numpy"),
     "sin (mutation)": (torch.sin, "torch.sin"),
     "exp (mutation)": (lambda x: x.exp() - 1, "Tensor.exp"),
@@ -369,3 +388,59 @@ def test_lrp_refuses_batch_statistics(method):
     model.insert(1, nn.BatchNorm2d(6, track_running_stats=False))
     with pytest.raises(UnsupportedActivationError, match="statistics of its own input"):
         ps.explain(model, randn(2, 3, 6, 6), method, target=0)
+
+
+class ShapeOnly(nn.Module):
+    """A buffer cast to the signal's dtype and shape: the signal gives no values to it."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how = how
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("scale", torch.rand(4, 1, 1) + 0.5)
+        self.fc = nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        scale = {
+            "to": lambda: self.scale.to(h),
+            "type_as": lambda: self.scale.type_as(h),
+            "expand_as": lambda: self.scale.expand_as(h),
+            "broadcast": lambda: torch.broadcast_tensors(h, self.scale)[1],
+        }[self.how]()
+        return self.fc((h * scale).flatten(1))
+
+
+@pytest.mark.parametrize("how", ["to", "type_as", "expand_as", "broadcast"])
+def test_values_shaped_like_the_signal_are_constants(how):
+    model = ShapeOnly(how).eval()
+    x = randn(2, 3, 6, 6, seed=5)
+    frozen = nn.Sequential(
+        model.conv, nn.ReLU(), Act(lambda h: h * model.scale), nn.Flatten(), model.fc
+    )  # fmt: skip
+    torch.testing.assert_close(
+        ps.explain(model, x, "guided_backprop", target=1),
+        ps.explain(frozen, x, "guided_backprop", target=1),
+    )
+
+
+def test_long_chains_of_cut_values_stay_cheap():
+    """A power iteration under no_grad on a parameter, 60 steps: each step reads the last
+    value twice (the bookkeeping must not double per step)."""
+
+    class PowerNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc0, self.fc = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                v = self.fc.weight[0]
+                for _ in range(60):
+                    v = v / v.norm()
+            return self.fc(F.relu(self.fc0(x))) + (v * v).sum()
+
+    maps = ps.explain(PowerNorm(), randn(3, 4), "guided_backprop", target=0)
+    assert maps.shape == (3, 4) and bool(torch.isfinite(maps).all())
