@@ -25,6 +25,7 @@ _EXPORTS = {
     "RandomizationResult": ".checks",
     "SaliencyError": ".errors",
     "UnsupportedActivationError": ".errors",
+    "NonFiniteError": ".errors",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
         output_sensitivity,
         parameter_randomization,
     )
-    from .errors import SaliencyError, UnsupportedActivationError  # noqa: F401
+    from .errors import NonFiniteError, SaliencyError, UnsupportedActivationError  # noqa: F401
     from .explainer import explain  # noqa: F401
     from .similarities import metrics, similarity  # noqa: F401
 

@@ -15,16 +15,20 @@ class UnsupportedActivationError(SaliencyError):
 
 
 class NonFiniteError(SaliencyError):
-    """NaN or inf where a finite value is needed (inputs, model scores, a map); ``samples``
-    lists the samples concerned, numbered in the caller's batch."""
+    """NaN or inf where a finite value is needed (inputs, model scores, a map). ``samples``
+    lists the samples concerned, numbered in the caller's batch; ``template`` is the message
+    with ``{which}`` where the samples go."""
 
-    def __init__(self, samples: list[int], describe):
-        self.samples, self.describe = samples, describe
-        super().__init__(describe(samples_text(samples)))
+    def __init__(self, samples: list[int], template: str):
+        self.samples, self.template = list(samples), template
+        super().__init__(template.format(which=samples_text(self.samples)))
 
-    def shifted(self, offset: int) -> NonFiniteError:
-        """The same error for a chunk that starts at sample ``offset`` of the batch."""
-        return NonFiniteError([s + offset for s in self.samples], self.describe)
+    def __reduce__(self):  # picklable (process pools, xdist)
+        return type(self), (self.samples, self.template)
+
+    def renumbered(self, samples: list[int]) -> NonFiniteError:
+        """The same error about other sample numbers (e.g. a chunk's, in the whole batch)."""
+        return NonFiniteError(sorted(set(samples)), self.template)
 
 
 def samples_text(samples: list[int], limit: int = 10) -> str:

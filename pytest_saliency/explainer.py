@@ -41,18 +41,29 @@ def _is_scripted(module: nn.Module) -> bool:
     return isinstance(module, torch.jit.ScriptModule)
 
 
-def check_opaque(model: nn.Module, spec: Method, opts: dict, what: str = "") -> None:
+def check_opaque(
+    model: nn.Module, spec: Method, opts: dict, layer: tuple[str, nn.Module] | None = None
+) -> None:
     """Refuse, before any work, a model whose ops a method must see but cannot.
 
-    Rule methods see every op through a torch-function mode and module hooks, CAM methods tap
-    modules with hooks: neither reaches inside a TorchScript module or a ``torch.compile``d
-    submodule. Plain-gradient methods only need autograd and run on both.
+    Rule methods see every op through a torch-function mode and module hooks, FullGrad hooks
+    every biased layer, and a CAM method hooks its layer (or, to find the default one, every
+    module): none reaches inside a TorchScript module or a ``torch.compile``d submodule.
+    Plain-gradient methods only need autograd and run on both.
     """
     rules = spec.compute is None and not spec.rules(opts).is_plain
     hooks = spec.needs_layer or spec.taps is not _NO_TAPS
     if not (rules or hooks):
         return
-    for name, module in model.named_modules():
+    modules = model.named_modules()
+    if spec.needs_layer and layer is not None and not rules:
+        # Only the chosen layer is hooked; a compiled ancestor shows in its name.
+        name, module = layer
+        modules = [(name, module)]
+        if "_orig_mod" in name.split("."):
+            prefix = name.split("._orig_mod")[0]
+            modules.insert(0, (prefix, dict(model.named_modules())[prefix]))
+    for name, module in modules:
         kind = (
             "a TorchScript module" if _is_scripted(module)
             else "a torch.compile'd submodule" if _is_compiled(module) and name
@@ -93,8 +104,8 @@ def check_inputs(inputs: object) -> torch.Tensor:
     if bad:
         raise NonFiniteError(
             bad,
-            lambda which: (
-                f"inputs hold NaN or inf in {which}; a map of a non-finite input "
+            (
+                "inputs hold NaN or inf in {which}; a map of a non-finite input "
                 "explains nothing. Clean or drop those samples before explaining"
             ),
         )
@@ -156,7 +167,7 @@ def check_maps(maps: torch.Tensor, method: str) -> torch.Tensor:
         "overflow (float16/bfloat16); check the model on these inputs, or run it in float32"
     )
     raise NonFiniteError(
-        bad, lambda which: f"method {method!r} gave a map with NaN or inf for {which}: {cause}"
+        bad, f"method {method!r} gave a map with NaN or inf for {{which}}: {cause}"
     )
 
 
@@ -239,7 +250,6 @@ def prepare(model, inputs, method, layer, batch_size, options):
     check_rank(model, inputs)
     spec = get_method(method)
     opts = spec.bind(options)
-    check_opaque(model, spec, opts)
     if spec.needs_layer:
         if inputs.dim() < 3:
             raise SaliencyError(
@@ -247,6 +257,7 @@ def prepare(model, inputs, method, layer, batch_size, options):
                 f"{tuple(inputs.shape)} have no spatial axes; use an input-space method"
             )
         resolved = resolve_layer(model, layer) if layer is not None else None
+        check_opaque(model, spec, opts, resolved)
     elif layer is not None:
         raise SaliencyError(
             f"method {spec.name!r} works in input space and takes no layer; layer={layer!r} "
@@ -254,6 +265,7 @@ def prepare(model, inputs, method, layer, batch_size, options):
         )
     else:
         resolved = None
+        check_opaque(model, spec, opts)
     return model, inputs, batch_size, spec, opts, resolved
 
 

@@ -401,3 +401,59 @@ def test_model_compiled_in_place_gives_the_eager_maps(method):
         assert model._compiled_call_impl is not None  # left compiled
     finally:
         model._compiled_call_impl = None
+
+
+def test_cam_on_an_eager_layer_of_a_partly_scripted_model():
+    model = net()
+    eager = ps.explain(model, randn(2, 3, 8, 8, seed=1), "gradcam", layer="3")
+    model[7] = scripted(model[7])  # the head, away from the CAM layer
+    torch.testing.assert_close(
+        ps.explain(model, randn(2, 3, 8, 8, seed=1), "gradcam", layer="3"), eager
+    )
+    with pytest.raises(SaliencyError, match="'7' is a TorchScript module"):
+        ps.explain(model, randn(2, 3, 8, 8), "gradcam")  # the default layer needs every hook
+
+
+class Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = net()
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=False)
+
+
+def test_activation_checkpointing_is_refused_clearly_under_lrp():
+    model, x = Checkpointed(), randn(2, 3, 8, 8, seed=1)
+    with pytest.raises(SaliencyError, match="activation checkpointing"):
+        ps.explain(model, x, "lrp_epsilon")
+    # Plain autograd is unaffected by checkpointing.
+    torch.testing.assert_close(
+        ps.explain(model, x, "gradient"), ps.explain(model.body, x, "gradient")
+    )
+
+
+def test_sensitivity_names_the_inputs_own_samples():
+    torch.manual_seed(0)
+    x = randn(3, 3, 2, 2)
+    x[:, 0, 0, 0] = torch.tensor([0.1, 0.2, 9.0])
+    for against in ("second", "all"):
+        with pytest.raises(NonFiniteError) as info:
+            ps.output_sensitivity(Overflow(), x, "gradient", against=against, similarity="spearman")
+        assert info.value.samples == [2]
+
+
+def test_non_finite_error_is_exported_and_picklable():
+    import pickle
+
+    error = ps.NonFiniteError([1, 4], "bad values in {which}")
+    again = pickle.loads(pickle.dumps(error))
+    assert isinstance(again, SaliencyError) and again.samples == [1, 4]
+    assert str(again) == "bad values in samples 1, 4"
+
+
+def test_largest_signed_64_bit_seed_is_accepted():
+    a = ps.explain(net(), randn(2, 3, 8, 8), "smoothgrad", seed=2**63 - 1, samples=2)
+    assert bool(torch.isfinite(a).all())
+    result = ps.parameter_randomization(net(), randn(2, 3, 8, 8), "gradient", seed=2**63 - 1)
+    assert result.scores.numel() > 0

@@ -371,7 +371,7 @@ class _Propagation:
         for func in (torch.Tensor.mul_, torch.Tensor.__imul__):
             table[func] = self.scale_inplace
         for func in (torch.Tensor.div_, torch.Tensor.__itruediv__):
-            table[func] = self.scale_numerator_inplace
+            table[func] = self.scale_inplace
         for func in (
             F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
             F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
@@ -471,10 +471,7 @@ class _Propagation:
     def scale_numerator(self, func, args, kwargs):
         return self._scale(func, args, kwargs, inplace=False, numerator_only=True)
 
-    def scale_inplace(self, func, args, kwargs):
-        return self._scale(func, args, kwargs, inplace=True, numerator_only=True)
-
-    def scale_numerator_inplace(self, func, args, kwargs):
+    def scale_inplace(self, func, args, kwargs):  # ``x *= c``, ``x /= c``: x is the signal
         return self._scale(func, args, kwargs, inplace=True, numerator_only=True)
 
     def proportional(self, func, args, kwargs):

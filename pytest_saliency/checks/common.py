@@ -29,7 +29,9 @@ def check_metric(metric: object) -> str:
 
 def check_seed(seed: object) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise SaliencyError(f"seed must be an int in [0, 2**63 - 1] (a 64-bit seed), got {seed!r}")
+        raise SaliencyError(
+            f"seed must be an int in [0, 2**63 - 1] (a signed 64-bit seed), got {seed!r}"
+        )
     return seed
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from ..engine.targets import resolve_targets
-from ..errors import SaliencyError
+from ..errors import NonFiniteError, SaliencyError
 from ..explainer import allow_grad, check_target
 from ..multi import Request, explain_many
 from .common import (
@@ -175,6 +176,15 @@ def output_sensitivity(
     return results if isinstance(method, (list, tuple)) else results[0]
 
 
+@contextlib.contextmanager
+def _numbered_in(n: int):
+    """Errors about samples of a batch of copies of the inputs name the inputs' own numbers."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        raise exc.renumbered([s % n for s in exc.samples]) from None
+
+
 def _pair(maps_for, x, targets, others, batch_size, group, stochastic):
     """Per method, maps for the targets and for the other classes (one 2N batch if possible)."""
     n = x.shape[0]
@@ -185,7 +195,8 @@ def _pair(maps_for, x, targets, others, batch_size, group, stochastic):
             (b,) = maps_for(x, others, batch_size, [i])
             pairs.append((a, b))
         return pairs
-    both = maps_for(torch.cat([x, x]), torch.cat([targets, others]), batch_size, group)
+    with _numbered_in(n):
+        both = maps_for(torch.cat([x, x]), torch.cat([targets, others]), batch_size, group)
     return [(m[:n], m[n:]) for m in both]
 
 
@@ -204,7 +215,8 @@ def _against_all(maps_for, x, targets, classes, metric, batch_size, group, stoch
         # Every class for every sample in one call, in chunks no larger than the 2N pair batch.
         every = torch.arange(classes).repeat_interleave(n)
         repeated = x.repeat(classes, *([1] * (x.dim() - 1)))
-        found = maps_for(repeated, every, batch_size or 2 * n, group)
+        with _numbered_in(n):
+            found = maps_for(repeated, every, batch_size or 2 * n, group)
         per_method = [m.reshape(classes, n, *m.shape[1:]) for m in found]
     return [_all_scores(maps, targets, classes, metric) for maps in per_method]
 

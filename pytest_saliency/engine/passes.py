@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..errors import NonFiniteError, SaliencyError
@@ -102,13 +103,13 @@ def forward_backward(
             score = logits.gather(1, targets[:, None]).sum()
             try:
                 grads = torch.autograd.grad(score, wrt, allow_unused=True)
-            except RuntimeError as exc:
+            except torch.utils.checkpoint.CheckpointError as exc:
                 raise SaliencyError(
                     f"the backward pass of method {method or 'gradient'!r} through model "
-                    f"{type(model).__name__} failed: {type(exc).__name__}: {exc}. Activation "
-                    "checkpointing (torch.utils.checkpoint, memory_efficient=True) recomputes the "
-                    "forward during the backward, outside the method's rules: turn it off for "
-                    "the audit"
+                    f"{type(model).__name__} failed: activation checkpointing "
+                    "(torch.utils.checkpoint, DenseNet's memory_efficient=True) recomputes the "
+                    "forward during the backward, outside the method's rules. Turn "
+                    f"checkpointing off for the audit ({exc})"
                 ) from exc
     grad = None
     if input_grad:
@@ -151,7 +152,9 @@ def chunked(
         try:
             parts.append(run(inputs[start:stop], None if targets is None else targets[start:stop]))
         except NonFiniteError as exc:
-            raise exc.shifted(start) from None  # sample numbers of the caller's batch
+            raise exc.renumbered(
+                [s + start for s in exc.samples]
+            ) from None  # sample numbers of the caller's batch
     if isinstance(parts[0], torch.Tensor):
         return torch.cat(parts)
     return type(parts[0])(torch.cat(list(p)) for p in zip(*parts))

@@ -38,8 +38,8 @@ def check_logits(output: object, model_name: str, n: int) -> torch.Tensor:
     if bad:
         raise NonFiniteError(
             bad,
-            lambda which: (
-                f"model {model_name} returned NaN or inf scores for {which}; the "
+            (
+                f"model {model_name} returned NaN or inf scores for {{which}}; the "
                 "explained class and its gradient are undefined there. Check the model on these "
                 "inputs (an overflow, a division by zero, a float16 model)"
             ),

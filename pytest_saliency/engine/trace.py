@@ -24,8 +24,8 @@ from .accounting import Finding, account, op_label, raise_findings, signal_nodes
 
 WORKING_METHODS = (
     "The methods that need only autograd work on any differentiable model: gradient, "
-    "input_x_gradient, integrated_gradients, smoothgrad, and gradcam, gradcam++ and fullgrad "
-    "(which also need a layer with a spatial output)."
+    "input_x_gradient, integrated_gradients and smoothgrad; gradcam, gradcam++ and fullgrad "
+    "also run on it when it has an eager layer with a spatial output."
 )
 ADVICE = (
     "Write the op as one the rules know (nn.ReLU for a ReLU, nn.Conv*/nn.Linear for a layer), "
