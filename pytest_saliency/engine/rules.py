@@ -356,7 +356,7 @@ class _RuleMode(TorchFunctionMode):
         if self.rules.watch is not None:
             self.rules.watch(func, args, kwargs)
         trace = self.trace
-        inputs = [t for t in tensors_in(args, kwargs)]
+        inputs = list(tensors_in(args, kwargs))
         # Where each differentiable input came from, read before the call (detach_ and other
         # in-place ops change it).
         needs_grad = [t.grad_fn or t for t in inputs if t.requires_grad]

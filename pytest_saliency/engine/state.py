@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,13 +18,15 @@ from ..errors import SaliencyError
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module in eval mode for the block; restore each module's own flag after.
+    """Run the block on the model as the engine needs it; leave the user's model as found.
 
-    Flags are saved per module because users sometimes switch submodules individually
-    (e.g. a frozen, eval-mode backbone inside a model in train mode).
+    For the block: every module in eval mode, and modules compiled in place run eagerly.
+    After it: each module's own training flag (users sometimes switch submodules
+    individually, e.g. a frozen, eval-mode backbone inside a model in train mode), its
+    compiled forward, and its buffers exactly as they were (see :class:`_Buffers`).
     """
     flags = [(m, m.training) for m in model.modules()]
-    buffers = _buffer_snapshot(model)
+    buffers = [_Buffers.of(m) for m in model.modules()]
     # Modules compiled in place (``module.compile()``) run their eager forward for the block:
     # compiled code hides its ops from the rules and its hooks.
     compiled = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
@@ -40,40 +45,42 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
                 module.training = flag
         for m, impl in zip(compiled, saved_impls):
             m._compiled_call_impl = impl
-        _restore_buffers(buffers)
+        for kept in buffers:
+            kept.restore()
 
 
-def _buffer_snapshot(model: nn.Module) -> list[tuple]:
-    """Each module's own buffers: the tensor object, its version and a copy of its values.
+@dataclass
+class _Buffers:
+    """One module's own buffers as a call found them: each tensor object, its version and a
+    copy of its values (None for an inference tensor, which cannot change in place outside
+    inference mode, where every call runs: only a reassignment is to undo)."""
 
-    A forward may update a buffer in place (a call counter, an EMA) or assign a new one; the
-    user's state_dict must read the same after every call.
-    """
-    saved = []
-    for module in model.modules():
-        saved.append((module, None, set(module._buffers.keys()), None, None))
+    module: nn.Module
+    names: set[str]
+    saved: list[tuple[str, torch.Tensor | None, int | None, torch.Tensor | None]]
+
+    @classmethod
+    def of(cls, module: nn.Module) -> _Buffers:
+        saved = []
         for name, buffer in module._buffers.items():
             if buffer is None or buffer.is_inference():
-                # An inference tensor cannot change in place outside inference mode (where
-                # every call runs): only a reassignment is to undo.
-                saved.append((module, name, buffer, None, None))
+                saved.append((name, buffer, None, None))
             else:
-                saved.append((module, name, buffer, buffer._version, buffer.detach().clone()))
-    return saved
+                saved.append((name, buffer, buffer._version, buffer.detach().clone()))
+        return cls(module, set(module._buffers.keys()), saved)
 
-
-def _restore_buffers(saved) -> None:
-    for module, name, buffer, version, values in saved:
-        if name is None:  # the module's buffer names: one registered meanwhile goes
-            for extra in [n for n in module._buffers.keys() if n not in buffer]:
-                del module._buffers[extra]
-            continue
-        current = module._buffers[name] if name in module._buffers else None
-        if current is not buffer:
-            module._buffers[name] = buffer  # reassigned in forward: the original object back
-        if version is not None and buffer._version != version:
-            with torch.no_grad():
-                buffer.copy_(values)
+    def restore(self) -> None:
+        """A forward may update a buffer in place (a call counter, an EMA), assign a new one
+        or register one; the user's state_dict must read the same after every call."""
+        buffers = self.module._buffers
+        for extra in [n for n in buffers.keys() if n not in self.names]:
+            del buffers[extra]
+        for name, buffer, version, values in self.saved:
+            if (buffers[name] if name in buffers else None) is not buffer:
+                buffers[name] = buffer
+            if version is not None and buffer._version != version:
+                with torch.no_grad():
+                    buffer.copy_(values)
 
 
 @contextlib.contextmanager
@@ -175,10 +182,6 @@ def _uncopyable(model: nn.Module) -> str | None:
 def rng_preserved() -> Iterator[None]:
     """The torch (CPU and initialised CUDA devices), numpy and Python RNG states are as they
     were after the block, whatever the user's model draws in its forward."""
-    import random
-
-    import numpy as np
-
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     np_state = np.random.get_state()

@@ -191,7 +191,7 @@ class Trace:
     def hidden_operands(self, func: Callable, inputs: list[torch.Tensor]) -> None:
         """Operands after the first that a rule will treat as constants."""
         for t in inputs[1:]:
-            if t.requires_grad and not isinstance(t, nn.Parameter) or id(t) in self.cut:
+            if (t.requires_grad and not isinstance(t, nn.Parameter)) or id(t) in self.cut:
                 self.hidden.append((op_label(func), self.module, t))
 
     def after(self, func, args, inputs, needs_grad, result, gated: bool) -> None:
