@@ -37,8 +37,19 @@ def _is_compiled(module: nn.Module) -> bool:
     )
 
 
-def _is_scripted(module: nn.Module) -> bool:
-    return isinstance(module, torch.jit.ScriptModule)
+def opaque_module(model: nn.Module, modules=None, *, compiled: bool = True):
+    """``(label, kind)`` of the first of ``modules`` (default: all of ``model``'s) whose ops and
+    hooks Python cannot see: a TorchScript module or, with ``compiled``, a nested
+    ``torch.compile``d one; None if there is none."""
+    for name, module in model.named_modules() if modules is None else modules:
+        if isinstance(module, torch.jit.ScriptModule):
+            kind = "a TorchScript module"
+        elif compiled and name and _is_compiled(module):
+            kind = "a torch.compile'd submodule"
+        else:
+            continue
+        return (repr(name) if name else f"the model ({type(model).__name__})"), kind
+    return None
 
 
 def check_opaque(
@@ -55,7 +66,7 @@ def check_opaque(
     hooks = spec.needs_layer or spec.taps is not _NO_TAPS
     if not (rules or hooks):
         return
-    modules = model.named_modules()
+    modules = None
     if spec.needs_layer and layer is not None and not rules:
         # Only the chosen layer is hooked; a compiled ancestor shows in its name.
         name, module = layer
@@ -63,15 +74,9 @@ def check_opaque(
         if "_orig_mod" in name.split("."):
             prefix = name.split("._orig_mod")[0]
             modules.insert(0, (prefix, dict(model.named_modules())[prefix]))
-    for name, module in modules:
-        kind = (
-            "a TorchScript module" if _is_scripted(module)
-            else "a torch.compile'd submodule" if _is_compiled(module) and name
-            else None
-        )  # fmt: skip
-        if kind is None:
-            continue
-        label = repr(name) if name else f"the model ({type(model).__name__})"
+    found = opaque_module(model, modules)
+    if found is not None:
+        label, kind = found
         need = "see every op it runs" if rules else "hook the layers it reads"
         raise SaliencyError(
             f"method {spec.name!r} must {need}, but {label} is {kind}, whose ops and module "

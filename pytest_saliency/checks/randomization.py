@@ -16,7 +16,7 @@ from ..engine.layers import without_compile_prefix
 from ..engine.state import copy_model, eval_mode, removable_hooks, rng_preserved
 from ..engine.targets import call_model, resolve_targets
 from ..errors import SaliencyError, unknown
-from ..explainer import allow_grad, check_target
+from ..explainer import allow_grad, check_target, opaque_module
 from ..multi import Plan, Request
 from .common import (
     Comparer,
@@ -64,15 +64,14 @@ def forward_order(model: nn.Module, x: torch.Tensor) -> list[str]:
 def check_not_scripted(model: nn.Module) -> None:
     """Randomization re-initialises modules with reset_parameters() and orders them with
     module hooks; TorchScript modules offer neither."""
-    for name, module in model.named_modules():
-        if isinstance(module, torch.jit.ScriptModule):
-            label = repr(name) if name else f"the model ({type(model).__name__})"
-            raise SaliencyError(
-                f"parameter randomization re-initialises layers with reset_parameters() and "
-                f"finds their order with module hooks, but {label} is a TorchScript module, "
-                "which has neither. Audit the eager model (the nn.Module before "
-                "torch.jit.script/trace); its maps are the scripted model's"
-            )
+    found = opaque_module(model, compiled=False)
+    if found is not None:
+        raise SaliencyError(
+            f"parameter randomization re-initialises layers with reset_parameters() and "
+            f"finds their order with module hooks, but {found[0]} is a TorchScript module, "
+            "which has neither. Audit the eager model (the nn.Module before "
+            "torch.jit.script/trace); its maps are the scripted model's"
+        )
 
 
 def has_own_parameters(module: nn.Module) -> bool:

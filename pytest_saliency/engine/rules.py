@@ -11,7 +11,6 @@ plain gradient.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -309,7 +308,7 @@ class RuleSet:
             trace = Trace(method, model, inputs, self.allowed, handles)
             if self.install is not None:
                 self.install(model, handles)
-            with _RuleMode(self, method, model, trace):
+            with _RuleMode(self, method, trace):
                 yield trace
 
 
@@ -325,30 +324,11 @@ def _reject_unknown_activation_modules(model: nn.Module, method: str) -> None:
             )
 
 
-def _running_module(model: nn.Module) -> str | None:
-    """The name of the innermost module of ``model`` whose code is on the call stack.
-
-    Only an error message needs it, so it is looked up from the Python frames when the error
-    is raised instead of tracking every module call with hooks on every pass.
-    """
-    names: dict[int, str] = {}
-    for name, module in model.named_modules():
-        names.setdefault(id(module), name or type(model).__name__)
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, nn.Module) and id(owner) in names:
-            return names[id(owner)]
-        frame = frame.f_back
-    return None
-
-
 class _RuleMode(TorchFunctionMode):
-    def __init__(self, rules: RuleSet, method: str, model: nn.Module, trace: Trace):
+    def __init__(self, rules: RuleSet, method: str, trace: Trace):
         super().__init__()
         self.rules = rules
         self.method = method
-        self.model = model
         self.trace = trace
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -383,8 +363,7 @@ class _RuleMode(TorchFunctionMode):
                     trace.vouch_view(result)
                     return result
             if func in _OTHER_ACTIVATIONS:
-                running = _running_module(self.model)
-                where = f" in module {running!r}" if running else ""
+                where = f" in module {trace.module!r}" if trace.module else ""
                 raise UnsupportedActivationError(
                     f"method {self.method!r} has rules for ReLU activations only, but the model "
                     f"calls {_OTHER_ACTIVATIONS[func]}{where}; its rule cannot be applied "

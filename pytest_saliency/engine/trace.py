@@ -129,7 +129,8 @@ class Trace:
         self.hidden: list[tuple[str, str | None, torch.Tensor]] = []
         self._signal: dict[object, bool] = {}
         for name, module in model.named_modules():
-            handles.append(module.register_forward_pre_hook(self._enter(name or "(model)")))
+            label = name or type(model).__name__
+            handles.append(module.register_forward_pre_hook(self._enter(label)))
             handles.append(module.register_forward_hook(self._leave, always_call=True))
 
     def _enter(self, name: str):
@@ -198,8 +199,10 @@ class Trace:
         """Track cut values through this call (see the module docstring). ``needs_grad`` holds
         the origin (autograd node, or the tensor for a leaf) of each differentiable input,
         read before the call; ``gated`` says the call read a value cut from the signal."""
-        if not needs_grad and not self.cut:
-            return
+        if not self.cut and (
+            not needs_grad or (isinstance(result, torch.Tensor) and result.requires_grad)
+        ):
+            return  # the common case: nothing cut so far, and nothing cut here
         read = self._read(func, args, inputs)
         cut_in = [self.cut[id(t)][1] for t in read if id(t) in self.cut]
         if func in _SHAPE_READERS:
