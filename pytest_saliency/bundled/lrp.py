@@ -296,10 +296,6 @@ def _carries(x: object) -> bool:
     return isinstance(x, torch.Tensor) and x.requires_grad
 
 
-def _is_tensor(x: object) -> bool:
-    return isinstance(x, torch.Tensor)
-
-
 def _signal(x: object) -> bool:
     """A floating tensor that may carry relevance: requires grad and is not a parameter."""
     return _carries(x) and not isinstance(x, nn.Parameter) and x.is_floating_point()
@@ -311,7 +307,7 @@ def _constant(c: object) -> bool:
         return False
     if isinstance(c, (int, float)):
         return True
-    return _is_tensor(c) and (not c.requires_grad or isinstance(c, nn.Parameter))
+    return isinstance(c, torch.Tensor) and (not c.requires_grad or isinstance(c, nn.Parameter))
 
 
 def _activation_pair(a: object, b: object) -> bool:
@@ -459,9 +455,10 @@ class _Propagation:
             return func(*args, **kwargs)
         pairs = ((a, b),) if numerator_only else ((a, b), (b, a))
         for x, c in pairs:
-            if _signal(x) and _constant(c) and not _signal(c):
-                out_shape = torch.broadcast_shapes(x.shape, c.shape) if _is_tensor(c) else x.shape
-                if out_shape == x.shape and (not _is_tensor(c) or c.dtype == x.dtype):
+            if _signal(x) and _constant(c):
+                tensor = isinstance(c, torch.Tensor)
+                out_shape = torch.broadcast_shapes(x.shape, c.shape) if tensor else x.shape
+                if out_shape == x.shape and (not tensor or c.dtype == x.dtype):
                     return _Scale.apply(x, lambda: func(*args, **kwargs), inplace)
         return func(*args, **kwargs)
 
@@ -551,13 +548,13 @@ def lrp_rules(method: str, rule) -> RuleSet:
 
 def _real(opts: dict, key: str) -> float:
     value = opts[key]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value if isinstance(value, float) else 0.0):
-        raise SaliencyError(f"option {key!r} must be a finite number, got {value!r}")
     try:
-        return float(value)
-    except OverflowError:
-        raise SaliencyError(f"option {key!r} must be a finite number, got {value!r}") from None
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not isinstance(value, (int, float)) or not math.isfinite(number):
+        raise SaliencyError(f"option {key!r} must be a finite number, got {value!r}")
+    return number
 
 
 def _validate_epsilon(opts: dict) -> None:
