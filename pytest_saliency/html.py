@@ -354,6 +354,18 @@ def _maps_table(fig: dict) -> str:
     return f'<table class="maps">{"".join(rows)}</table><p class="note">{_e(note)}.</p>'
 
 
+def _coverage(r: dict) -> str:
+    """A randomization record's coverage line: how much was re-initialised, what was not."""
+    text = f"coverage {_fmt(r.get('coverage'))} of the parameters the forward uses"
+    for key, what in (("skipped", "not re-initialised"), ("unused", "unused by the forward"),
+                      ("fallback", "drawn by the fallback")):  # fmt: skip
+        names = r.get(key) or []
+        if names:
+            shown = ", ".join(str(n) for n in names[:12])
+            text += f"; {what}: {shown}{f' ... ({len(names) - 12} more)' if len(names) > 12 else ''}"
+    return text
+
+
 def _section(k: int, r: dict) -> str:
     verdict = str(r.get("verdict", "?"))
     threshold = float(r.get("threshold", 0.5))
@@ -374,6 +386,8 @@ def _section(k: int, r: dict) -> str:
             f'<p class="note">constant maps (NaN scores) for samples '
             f"{_e(r['degenerate'])}: {_e(r.get('cause', ''))}</p>"
         )
+    if r.get("check") == "parameter_randomization" and "coverage" in r:
+        parts.append(f'<p class="note">{_e(_coverage(r))}</p>')
     if r.get("figures"):
         parts.append(_maps_table(r["figures"]))
     scores = r.get("scores") or []

@@ -24,7 +24,8 @@ A *record* is one audit as plain JSON types, built by :func:`make_record`. The J
           "targets":    explained class per sample, "seed", "settings": audit settings,
           "device", "torch", "source": "python" | "suite",
           sensitivity: "against", "others";
-          randomization: "mode", "order", "layers", "skipped", "step_scores"
+          randomization: "mode", "order", "layers", "skipped", "coverage", "unused",
+                         "fallback", "step_scores"
         }
       ]
     }

@@ -383,7 +383,7 @@ def test_batchnorm_running_stats_are_reset(monkeypatch):
 
 
 class Scale(nn.Module):
-    """Parameters but no reset_parameters: cannot be re-initialised, so it is skipped."""
+    """A parameter but no reset_parameters: re-initialised by the fallback, as its own step."""
 
     def __init__(self):
         super().__init__()
@@ -405,16 +405,17 @@ class Blocky(nn.Module):
         return self.head(self.body(self.pool(self.stem(x))).flatten(1))
 
 
-def test_blocks_and_skipped(monkeypatch):
+def test_blocks_and_fallback(monkeypatch):
     model, x = seeded(Blocky()), randn(2, 1, 8, 8, seed=16)
     everything = parameter_randomization(model, x, "gradient")
-    assert everything.layers == ["head", "body.0", "stem.1", "stem.0"]
-    assert everything.skipped == ["body.1"]
+    assert everything.layers == ["head", "body.1.weight", "body.0", "stem.1", "stem.0"]
+    assert everything.skipped == [] and everything.coverage == 1.0
+    assert everything.fallback == ["body.1.weight"]
     recorder = DiffRecorder(model)
     monkeypatch.setattr(randomization_module, "explain_step", recorder)
     blocks = parameter_randomization(model, x, "gradient", layers="blocks", mode="independent")
-    assert blocks.layers == ["head", "body", "stem"] and blocks.skipped == ["body.1"]
-    assert recorder.calls == [set(), {"head"}, {"body.0"}, {"stem.0", "stem.1"}]
+    assert blocks.layers == ["head", "body", "stem"] and blocks.skipped == []
+    assert recorder.calls == [set(), {"head"}, {"body.0", "body.1"}, {"stem.0", "stem.1"}]
 
 
 def test_cam_layer_given_as_module_is_found_on_the_copy():
@@ -439,6 +440,7 @@ def test_summary_and_dict_of_randomization():
     assert all(name in text for name in result.layers) and "worst" in text
     data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert data["layers"] == ["5", "2", "0"] and data["skipped"] == []
+    assert data["coverage"] == 1.0 and data["unused"] == [] and data["fallback"] == []
     assert len(data["scores"]) == 3 and len(data["step_scores"]) == 3
     assert "\n" not in repr(result)
 

@@ -254,7 +254,7 @@ class NumpyInit(nn.Linear):
 
 
 def test_numpy_drawing_reset_is_seeded_and_left_alone():
-    torch.manual_seed(0)
+    np.random.seed(0)  # the layers draw their init from numpy's global generator
     model = nn.Sequential(NumpyInit(6, 8), nn.ReLU(), NumpyInit(8, 3))
     x = randn(4, 6, seed=1)
     np.random.seed(1)
@@ -262,7 +262,7 @@ def test_numpy_drawing_reset_is_seeded_and_left_alone():
     state = np.random.get_state()[1].copy()
     np.random.seed(2)  # another global state: the same seed gives the same scores
     second = ps.parameter_randomization(model, x, "gradient", seed=3, similarity="spearman")
-    assert torch.equal(first.scores, second.scores)
+    assert torch.allclose(first.scores, second.scores, rtol=0, atol=0, equal_nan=True)
     np.random.seed(1)
     ps.parameter_randomization(model, x, "gradient", seed=3, similarity="spearman")
     assert np.array_equal(np.random.get_state()[1], state)

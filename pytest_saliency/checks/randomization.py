@@ -5,17 +5,15 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..engine.layers import without_compile_prefix
-from ..engine.state import copy_model, eval_mode, removable_hooks, rng_preserved
-from ..engine.targets import call_model, resolve_targets
-from ..errors import SaliencyError, unknown
+from ..engine.state import copy_model, rng_preserved
+from ..engine.targets import resolve_targets
+from ..errors import SaliencyError
 from ..explainer import allow_grad, check_target, opaque_module
 from ..multi import Plan, Request
 from .common import (
@@ -32,33 +30,10 @@ from .common import (
     to_cpu,
 )
 from .results import RandomizationResult
+from .steps import Step, plan_steps, randomize
 
 MODES = ("cascading", "independent")
 ORDERS = ("top_down", "bottom_up")
-
-
-@dataclass
-class Step:
-    """One randomization step: the name reported and the modules re-initialised together."""
-
-    name: str
-    modules: list[nn.Module]
-    key: str  # the module name in ``named_modules()`` ("" for the model itself)
-
-
-def forward_order(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """Module names in the order of their first call in a dry forward (not registration order)."""
-    seen: list[str] = []
-    with eval_mode(model), removable_hooks() as handles, torch.no_grad():
-        for name, module in model.named_modules():
-
-            def hook(mod, args, name=name):
-                if name not in seen:
-                    seen.append(name)
-
-            handles.append(module.register_forward_pre_hook(hook))
-        call_model(model, x[:1])
-    return seen
 
 
 def check_not_scripted(model: nn.Module) -> None:
@@ -74,131 +49,18 @@ def check_not_scripted(model: nn.Module) -> None:
         )
 
 
-def has_own_parameters(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False))
+def _saved(step: Step) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A copy of what randomizing ``step`` changes: its tensors and its reset modules' own
+    buffers (running statistics)."""
+    tensors = [p for _, p in step.tensors]
+    tensors += [b for m in step.resets for b in m._buffers.values() if b is not None]
+    return [(t, t.detach().clone()) for t in tensors]
 
 
-def resettable(module: nn.Module) -> bool:
-    return callable(getattr(module, "reset_parameters", None))
-
-
-def _split(root_name: str, root: nn.Module, label: str) -> tuple[list[nn.Module], list[str]]:
-    """The modules under ``root`` that hold parameters: those that can reset, and the names of
-    those that cannot (skipped)."""
-    modules, skipped = [], []
-    for sub_name, sub in root.named_modules():
-        if not has_own_parameters(sub):
-            continue
-        if resettable(sub):
-            modules.append(sub)
-        else:
-            skipped.append(".".join(p for p in (root_name, sub_name) if p) or label)
-    return modules, skipped
-
-
-def plan_steps(model: nn.Module, x: torch.Tensor, layers: object) -> tuple[list[Step], list[str]]:
-    """The steps in forward order (input to logits) and the names of skipped modules."""
-    position = {name: i for i, name in enumerate(forward_order(model, x))}
-    named = dict(model.named_modules())
-    label = type(model).__name__  # how the model's own parameters are named in a report
-    if layers is None:
-        steps, skipped = _every_module(named, label)
-    else:
-        if layers == "blocks":
-            roots = [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
-            if has_own_parameters(model):
-                roots.insert(0, ("", model))  # the model's own parameters form a block too
-        elif isinstance(layers, (list, tuple)):
-            roots = _named_roots(named, layers)
-        else:
-            raise SaliencyError(
-                "layers must be None (every module with parameters), 'blocks' (the model's "
-                f"top-level children) or a list of module names, got {layers!r}"
-            )
-        steps, skipped = _block_steps(roots, label)
-    if not steps:
-        raise SaliencyError(
-            f"no module of {label} with parameters has reset_parameters(), so nothing can be "
-            f"re-initialised (skipped: {skipped}); give layers that hold nn.Conv/nn.Linear/"
-            "nn.BatchNorm-like modules"
-        )
-    # Modules never called in the dry forward go last (they cannot change the maps anyway).
-    steps.sort(key=lambda s: position.get(s.key, len(position)))
-    return steps, skipped
-
-
-def _every_module(named: dict[str, nn.Module], label: str) -> tuple[list[Step], list[str]]:
-    """One step per module with its own parameters and a reset_parameters()."""
-    steps, skipped = [], []
-    for name, module in named.items():
-        if has_own_parameters(module):
-            if resettable(module):
-                steps.append(Step(name or label, [module], name))
-            else:
-                skipped.append(name or label)
-    return steps, skipped
-
-
-def _block_steps(roots, label: str) -> tuple[list[Step], list[str]]:
-    """One step per root module, re-initialising every resettable module inside it."""
-    steps, skipped = [], []
-    for name, root in roots:
-        if name == "":
-            # Only the model's own parameters: its children are blocks of their own.
-            modules = [root] if resettable(root) else []
-            own_skip = [] if modules else [label]
-        else:
-            modules, own_skip = _split(name, root, label)
-        skipped.extend(own_skip)
-        if modules:
-            steps.append(Step(name or label, modules, name))
-    return steps, skipped
-
-
-def _named_roots(named: dict[str, nn.Module], layers) -> list[tuple[str, nn.Module]]:
-    if not layers:
-        raise SaliencyError(
-            "layers is an empty list; give module names from model.named_modules(), "
-            "'blocks', or None for every module with parameters"
-        )
-    names = [n for n in named if n]
-    roots = []
-    for name in layers:
-        if isinstance(name, str) and name not in named:
-            name = without_compile_prefix(name)
-        if not isinstance(name, str) or name not in named or name == "":
-            raise unknown("layer", name, names)
-        if name in (n for n, _ in roots):
-            raise SaliencyError(f"layer {name!r} is listed twice in layers={list(layers)!r}")
-        if not any(True for _ in named[name].parameters()):
-            with_params = [n for n in names if any(True for _ in named[n].parameters())]
-            raise SaliencyError(
-                f"layer {name!r} ({type(named[name]).__name__}) has no parameters to randomize; "
-                f"modules with parameters: {', '.join(repr(n) for n in with_params[:40])}"
-            )
-        roots.append((name, named[name]))
-    return roots
-
-
-def _own_state(modules: list[nn.Module]) -> list[dict[str, torch.Tensor]]:
-    """A copy of each module's own parameters and buffers (what reset_parameters changes)."""
-    return [
-        {
-            n: t.detach().clone()
-            for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
-        }
-        for m in modules
-    ]
-
-
-def _restore(modules: list[nn.Module], saved: list[dict[str, torch.Tensor]]) -> None:
+def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     with torch.no_grad():
-        for module, state in zip(modules, saved):
-            own = dict(
-                [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-            )
-            for n, value in state.items():
-                own[n].copy_(value)
+        for tensor, value in saved:
+            tensor.copy_(value)
 
 
 @contextlib.contextmanager
@@ -219,16 +81,6 @@ def seeded(seed: int, model: nn.Module) -> Iterator[None]:
         np.random.seed(seed % 2**32)
         random.seed(seed)
         yield
-
-
-def randomize(step: Step, seed: int, model: nn.Module) -> None:
-    with seeded(seed, model), torch.no_grad():
-        for module in step.modules:
-            module.reset_parameters()
-            # Running statistics are trained state too; BatchNorm resets them in
-            # reset_parameters, a custom norm layer might not.
-            if callable(getattr(module, "reset_running_stats", None)):
-                module.reset_running_stats()
 
 
 def explain_step(plan: Plan, x: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
@@ -266,8 +118,9 @@ def parameter_randomization(
         mode: "cascading" re-initialises layers cumulatively; "independent" one at a time,
             each on the trained weights.
         order: "top_down" (logits to input, as Adebayo et al. 2018) or "bottom_up".
-        layers: None (every module with its own parameters and a ``reset_parameters()``),
-            "blocks" (the model's top-level children with parameters) or a list of names.
+        layers: None (one step per module with parameters the forward uses, in the order it
+            uses them), "blocks" (the model's children; a child that holds more than half of the
+            parameterised layers is opened, as VGG's ``features`` or a ViT's encoder) or a list of module names.
         similarity: a metric name from :func:`pytest_saliency.metrics`.
         seed: seeds the re-initialisation (step k uses ``seed + k``) and the bootstrap.
         batch_size: samples per pass, to bound memory.
@@ -292,7 +145,8 @@ def parameter_randomization(
     check_not_scripted(model)
     work = copy_model(model)  # the only copy: every step re-initialises it in place
     x = model_inputs(work, inputs)
-    steps, skipped = plan_steps(work, x, layers_arg)
+    planned = plan_steps(work, x, layers_arg)
+    steps = planned.steps
     if order == "top_down":
         steps.reverse()
     logits = logits_of(work, x, batch_size)
@@ -330,8 +184,9 @@ def parameter_randomization(
         for i, flat in zip(idx, comparers[key].constant_reference.split(n)):
             flags[i]["original"] = flat
     for k, step in enumerate(steps):
-        saved = _own_state(step.modules) if mode == "independent" else None
-        randomize(step, seed + k, work)
+        saved = _saved(step) if mode == "independent" else None
+        with seeded(seed + k, work):
+            randomize(step)
         now = maps_now()
         for key, idx in groups.items():
             found = comparers[key].score(torch.cat([now[i] for i in idx]))
@@ -343,7 +198,7 @@ def parameter_randomization(
             maps[i][step.name] = to_cpu(m)
         del now
         if saved is not None:
-            _restore(step.modules, saved)
+            _restore(saved)
     results = []
     for i, (spec, request, layer_name) in enumerate(zip(specs, requests, layer_names)):
         scores = torch.stack(rows[i])
@@ -375,7 +230,10 @@ def parameter_randomization(
                 mode=mode,
                 order=order,
                 layers=[s.name for s in steps],
-                skipped=skipped,
+                skipped=planned.skipped,
+                coverage=planned.coverage,
+                unused=planned.unused,
+                fallback=[name for s in steps for name in s.fallback],
             )
         )
     return results if isinstance(method, (list, tuple)) else results[0]

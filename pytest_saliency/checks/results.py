@@ -54,6 +54,11 @@ def _fmt(value: float) -> str:
     return "nan" if math.isnan(value) else f"{value:.3f}"
 
 
+def _names(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{f', ... ({len(names) - limit} more)' if len(names) > limit else ''}]"
+
+
 def _indices(indices: list[int], limit: int = 8) -> str:
     shown = ", ".join(str(i) for i in indices[:limit])
     return f"[{shown}{', ...' if len(indices) > limit else ''}]"
@@ -167,6 +172,7 @@ class AuditResult:
         lines.append(f"  score {_fmt(self.score)}, 95% CI [{_fmt(low)}, {_fmt(high)}]")
         if self.degenerate:
             lines.append(f"  DEGENERATE: {self._degenerate_note()}")
+        lines.extend(f"  {note}" for note in self._notes())
         if self.blank:
             lines.append(
                 f"  note: {len(self.blank)} sample(s) {_indices(list(self.blank))} got a constant "
@@ -197,6 +203,9 @@ class AuditResult:
 
     def _extra(self) -> dict:
         return {}
+
+    def _notes(self) -> list[str]:
+        return []
 
 
 @dataclass(repr=False)
@@ -236,12 +245,19 @@ class RandomizationResult(AuditResult):
     """Parameter randomization: original maps vs maps after each randomization step, [L, N].
 
     ``score`` is the worst (most similar) step's mean; ``ci`` is that step's bootstrap interval.
+    ``coverage`` is the fraction of the parameter elements the forward uses that the steps
+    re-initialise (all steps together: what the last cascading step has randomized);
+    ``skipped`` names what was used but not re-initialised, ``unused`` what the forward never
+    used, ``fallback`` the parameters drawn by the scale-keeping fallback.
     """
 
     mode: str = "cascading"
     order: str = "top_down"
     layers: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    coverage: float = 1.0
+    unused: list[str] = field(default_factory=list)
+    fallback: list[str] = field(default_factory=list)
 
     @property
     def step_scores(self) -> list[float]:
@@ -265,9 +281,30 @@ class RandomizationResult(AuditResult):
         return math.nan if any(math.isnan(s) for s in steps) else max(steps)
 
     def _head(self) -> str:
-        return (
+        text = (
             f"{super()._head()}, mode={self.mode!r}, order={self.order!r}, steps={len(self.layers)}"
+            f", coverage={self.coverage:.3f}"
         )
+        if self.skipped:
+            text += f", skipped={_names(self.skipped)}"
+        return text
+
+    def _notes(self) -> list[str]:
+        notes = []
+        if self.skipped:
+            notes.append(
+                f"coverage {self.coverage:.3f}: not re-initialised (used by the forward): "
+                f"{_names(self.skipped, 12)}"
+            )
+        if self.unused:
+            notes.append(f"unused by the forward (not steps): {_names(self.unused, 12)}")
+        if self.fallback:
+            notes.append(
+                "re-initialised by the fallback N(0, rms^2) (no reset_parameters, or one "
+                "that left the tensor as it was): "
+                f"{_names(self.fallback, 12)}"
+            )
+        return notes
 
     def _rows(self) -> list[tuple[str, ...]]:
         rows = [("step", "layer", "mean", "min", "max")]
@@ -286,5 +323,8 @@ class RandomizationResult(AuditResult):
             "order": self.order,
             "layers": self.layers,
             "skipped": self.skipped,
+            "coverage": self.coverage,
+            "unused": self.unused,
+            "fallback": self.fallback,
             "step_scores": self.step_scores,
         }
