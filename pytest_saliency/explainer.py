@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .bundled.registry import Context, Method, get_method
-from .engine.layers import default_layer, resolve_layer
+from .engine.layers import CamLayer, parse_cam_layer, resolve_cam_layer
 from .engine.state import eval_mode, exact_kernels, model_device_dtype, rng_preserved
 from .errors import NonFiniteError, SaliencyError, non_finite_samples
 
@@ -245,7 +245,8 @@ def check_rank(model: nn.Module, inputs: torch.Tensor) -> None:
 
 
 def prepare(model, inputs, method, layer, batch_size, options):
-    """Validate a call and resolve the method, its options and its layer."""
+    """Validate a call and resolve the method and its options; the CAM layer is checked
+    (returned as given, resolved later on the inputs by :func:`cam_layer_of`)."""
     model = check_model(model)
     check_devices(model)
     inputs = check_inputs(inputs)
@@ -261,8 +262,12 @@ def prepare(model, inputs, method, layer, batch_size, options):
                 f"method {spec.name!r} reads a spatial layer, but inputs of shape "
                 f"{tuple(inputs.shape)} have no spatial axes; use an input-space method"
             )
-        resolved = resolve_layer(model, layer) if layer is not None else None
+        resolved = None
+        if layer is not None:
+            name, point, module = parse_cam_layer(model, layer)
+            resolved = (name.removesuffix(":input"), module) if module is not None else None
         check_opaque(model, spec, opts, resolved)
+        resolved = layer  # the layer as given: resolved on the model and inputs later
     elif layer is not None:
         raise SaliencyError(
             f"method {spec.name!r} works in input space and takes no layer; layer={layer!r} "
@@ -272,6 +277,15 @@ def prepare(model, inputs, method, layer, batch_size, options):
         resolved = None
         check_opaque(model, spec, opts)
     return model, inputs, batch_size, spec, opts, resolved
+
+
+def cam_layer_of(model: nn.Module, x: torch.Tensor, spec: Method, opts: dict, layer: object
+                 ) -> CamLayer | None:  # fmt: skip
+    """A CAM method's layer (given, or the default) with its layout, on ``x`` (model in eval
+    mode); None for other methods."""
+    if not spec.needs_layer:
+        return None
+    return resolve_cam_layer(model, x, spec.name, layer, opts.get("layout"))
 
 
 def allow_grad(fn: Callable[P, R]) -> Callable[P, R]:
@@ -308,8 +322,9 @@ def explain(
         inputs: a float tensor [N, C, H, W] (or [N, C, L], [N, D]).
         method: a name from :func:`methods`.
         target: None (each sample's predicted class), an int, or a LongTensor [N].
-        layer: for CAM methods, a module name from ``model.named_modules()`` or the module;
-            None picks the last module with a spatial output.
+        layer: for CAM methods, a module of the model or its name (its output),
+            ``"name:input"`` (its first input), ``"<global_pool>"`` (the tensor the model's
+            global pooling reads) or None (the default: see the README).
         batch_size: samples per pass, to bound memory; the maps do not depend on it.
         **options: the method's own options (e.g. ``positive=False``, ``steps=64``).
 
@@ -323,8 +338,7 @@ def explain(
     with eval_mode(model):
         device, dtype = model_device_dtype(model, inputs)
         x = inputs.detach().to(device=device, dtype=dtype)
-        if spec.needs_layer and resolved is None:
-            resolved = default_layer(model, x, spec.name)
+        resolved = cam_layer_of(model, x, spec, opts, resolved)
         if isinstance(target, torch.Tensor):
             target = target.to(device)
         ctx = Context(model, spec.name, resolved, batch_size, tuple(x.shape))

@@ -16,12 +16,11 @@ import torch
 from torch import nn
 
 from .bundled.registry import Context, Method
-from .engine.layers import default_layer
-from .engine.passes import Record, chunked, forward_backward
+from .engine.passes import Record, Tap, chunked, forward_backward
 from .engine.rules import RuleSet
 from .engine.state import eval_mode, model_device_dtype
 from .errors import SaliencyError
-from .explainer import allow_grad, check_maps, check_target, prepare
+from .explainer import allow_grad, cam_layer_of, check_maps, check_target, prepare
 
 
 @dataclass
@@ -65,15 +64,17 @@ class _SharedPass:
 
     def __init__(self, rules: RuleSet, bound: Sequence[_Bound]) -> None:
         self.rules, self.bound = rules, list(bound)
-        self.union: dict[str, tuple[nn.Module, bool]] = {}
+        self.union: dict[str, Tap] = {}
         self.renames: list[dict[str, str]] = []
-        by_module: dict[int, str] = {}
+        by_point: dict[tuple, str] = {}
         for b in self.bound:
             mapping = {}
-            for key, (module, keep) in b.spec.taps(b.ctx, b.opts).items():
-                shared = by_module.setdefault(id(module), f"tap{len(by_module)}")
+            for key, tap in b.spec.taps(b.ctx, b.opts).items():
+                point = (id(tap.module), tap.point, tap.pool)
+                shared = by_point.setdefault(point, f"tap{len(by_point)}")
                 old = self.union.get(shared)
-                self.union[shared] = (module, keep or (old[1] if old else False))
+                keep = tap.keep_activation or (old.keep_activation if old else False)
+                self.union[shared] = tap._replace(keep_activation=keep)
                 mapping[key] = shared
             self.renames.append(mapping)
         self.input_grad = any(b.spec.input_grad for b in self.bound)
@@ -138,15 +139,19 @@ class Plan:
         with eval_mode(model):
             device, dtype = model_device_dtype(model, inputs)
             x = inputs.detach().to(device=device, dtype=dtype)
-            default = None
+            defaults: dict[object, object] = {}
             # Plain autograd is one pass for all. Any other rule set is its own group, keyed by
             # the object, which the group keeps alive: its id() cannot come back for the next
             # method's freshly built rule set (which would merge two methods into one pass).
             groups: dict[object, tuple[RuleSet, list[tuple[int, _Bound]]]] = {}
             for i, (spec, opts, resolved) in enumerate(bound_specs):
-                if spec.needs_layer and resolved is None:
-                    default = default or default_layer(model, x, spec.name)
-                    resolved = default
+                if spec.needs_layer:
+                    # One probe per distinct (layer, layout) the methods ask for.
+                    key = (id(resolved) if isinstance(resolved, nn.Module) else resolved,
+                           opts.get("layout"))  # fmt: skip
+                    if key not in defaults:
+                        defaults[key] = cam_layer_of(model, x, spec, opts, resolved)
+                    resolved = defaults[key]
                 ctx = Context(model, spec.name, resolved, batch_size, tuple(x.shape))
                 b = _Bound(spec, opts, ctx)
                 if spec.compute is not None:

@@ -8,7 +8,7 @@ from torch import nn
 
 import pytest_saliency as ps
 from pytest_saliency.bundled.registry import PLAIN
-from pytest_saliency.engine.passes import forward_backward
+from pytest_saliency.engine.passes import Tap, forward_backward
 from pytest_saliency.errors import SaliencyError
 from pytest_saliency.multi import explain_many
 
@@ -58,7 +58,7 @@ def test_cam_pass_without_input_gradient_keeps_layer_gradients():
     """A pass that stops at the tapped layer gives the same activations and gradients there."""
     model = bn_net()
     x = randn(2, 3, 8, 8, seed=2)
-    taps = {"conv": (model[3], True), "bn": (model[1], False)}
+    taps = {"conv": Tap(model[3], True), "bn": Tap(model[1], False)}
     full = forward_backward(model, x, [1, 2], PLAIN, taps=taps)
     short = forward_backward(model, x, [1, 2], PLAIN, taps=taps, input_grad=False)
     assert short.input_grad is None and full.input_grad.abs().max() > 0

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.passes import Record
+from ..engine.layouts import check_layout_option
+from ..engine.passes import Record, Tap
 from ..errors import SaliencyError
 from .registry import Context, Method, check_bool, register
 
@@ -67,34 +68,31 @@ def _spatial_inputs(ctx: Context) -> None:
 
 
 def _layer_taps(ctx: Context, opts: dict) -> dict:
-    name, module = ctx.layer
-    return {_CAM_TAP + name: (module, True)}
+    layer = ctx.layer
+    return {_CAM_TAP + layer.name: Tap(layer.module, True, layer.point, layer.pool)}
 
 
 def _layer_record(record: Record, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
-    """The activation [N, C, *spatial] and its gradient at the CAM layer, or a clear error."""
-    name, module = ctx.layer
-    calls = record.taps.get(_CAM_TAP + name, [])
-    kind = type(module).__name__
-    if not calls:
+    """The activation [N, C, *grid] and its gradient at the CAM layer (read through the
+    layer's layout), or a clear error."""
+    layer = ctx.layer
+    calls = record.taps.get(_CAM_TAP + layer.name, [])
+    if len(calls) != 1:
+        # The layer was checked on a dry forward; a forward that changes from call to call
+        # (data-dependent control flow) is caught here.
         raise SaliencyError(
-            f"layer {name!r} ({kind}) produced no output that depends on the inputs during the "
-            "forward pass; pick a module on the path from the inputs to the class scores"
-        )
-    if len(calls) > 1:
-        raise SaliencyError(
-            f"layer {name!r} ({kind}) runs {len(calls)} times in one forward pass, so its "
-            "activation is ambiguous; pick a module that runs once (e.g. the block or conv "
-            "around this call)"
+            f"method {ctx.method!r}: {layer.describe()} was recorded {len(calls)} times in "
+            "this forward pass, once in the forward that chose it; the model's forward changes "
+            "between calls, so the CAM layer is ambiguous. Name a layer that runs once"
         )
     activation, gradient = calls[0]
-    if activation.dim() != len(ctx.input_shape):
+    if not layer.layout.fits(tuple(activation.shape)):
         raise SaliencyError(
-            f"layer {name!r} ({kind}) outputs shape {tuple(activation.shape[1:])} per sample; "
-            f"CAM methods need a channels-first spatial output with as many axes as the inputs "
-            f"{ctx.input_shape[1:]} (a conv, pooling or block layer)"
+            f"method {ctx.method!r}: {layer.describe()} gave shape {tuple(activation.shape)}, "
+            f"which does not fit its layout {layer.layout} (found on a dry forward); audit "
+            "inputs of one size"
         )
-    return activation, gradient
+    return layer.layout.to_channels_first(activation), layer.layout.to_channels_first(gradient)
 
 
 def _cam_map(activation: torch.Tensor, weights: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -128,30 +126,35 @@ def _check_positive(opts: dict) -> None:
     check_bool(opts, "positive")
 
 
+def _check_cam(opts: dict) -> None:
+    check_bool(opts, "positive")
+    check_layout_option(opts.get("layout"))
+
+
 register(Method(
     name="gradcam",
     family="aggregation",
     positive=False,
-    defaults={"positive": False},
+    defaults={"positive": False, "layout": None},
     reference="Selvaraju et al. 2017",
     readout=_gradcam,
     needs_layer=True,
     taps=_layer_taps,
     input_grad=False,
-    validate=_check_positive,
+    validate=_check_cam,
 ))  # fmt: skip
 
 register(Method(
     name="gradcam++",
     family="aggregation",
     positive=True,
-    defaults={"positive": True},
+    defaults={"positive": True, "layout": None},
     reference="Chattopadhay et al. 2018",
     readout=_gradcam_pp,
     needs_layer=True,
     taps=_layer_taps,
     input_grad=False,
-    validate=_check_positive,
+    validate=_check_cam,
 ))  # fmt: skip
 
 
@@ -178,7 +181,7 @@ def _bias_taps(ctx: Context, opts: dict) -> dict:
                 "(track_running_stats=False), so its bias depends on the batch; FullGrad needs a "
                 "fixed bias per layer"
             )
-        taps[_BIAS_TAP + name] = (module, False)
+        taps[_BIAS_TAP + name] = Tap(module, False)
     return taps
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.layers import CamLayer
 from ..engine.passes import Record, chunked, forward_backward
 from ..engine.rules import RuleSet
 from ..engine.targets import call_model, check_logits
@@ -24,7 +25,7 @@ class Context:
 
     model: nn.Module
     method: str
-    layer: tuple[str, nn.Module] | None
+    layer: CamLayer | None
     batch_size: int | None
     input_shape: tuple[int, ...]
     _modules: dict[str, nn.Module] | None = field(

@@ -7,9 +7,9 @@ import math
 import torch
 from torch import nn
 
-from ..engine.layers import default_layer
+from ..engine.layers import CamLayer, parse_cam_layer, resolve_cam_layer
 from ..engine.passes import chunked
-from ..engine.state import eval_mode, model_device_dtype, removable_hooks
+from ..engine.state import eval_mode, model_device_dtype
 from ..engine.targets import call_model, check_logits
 from ..errors import SaliencyError, unknown
 from ..explainer import prepare
@@ -46,8 +46,8 @@ def setup(model, inputs, method, layer, batch_size, options, metric, seed):
     metric = check_metric(metric)
     seed = check_seed(seed)
     layer_label = None
-    if spec.needs_layer:
-        layer_label = resolved[0] if resolved is not None else None
+    if spec.needs_layer and resolved is not None:
+        layer_label = parse_cam_layer(model, resolved)[0]
     return model, inputs, batch_size, spec, metric, seed, layer_label
 
 
@@ -72,14 +72,14 @@ def model_inputs(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return inputs.detach().to(device=device, dtype=dtype)
 
 
-def cam_layer(model: nn.Module, x: torch.Tensor, spec, layer_label: str | None) -> str | None:
-    """The CAM layer's name on ``model`` (the default one when the caller gave none)."""
+def cam_layer(model: nn.Module, x: torch.Tensor, spec, layer_label: str | None, options
+              ) -> CamLayer | None:  # fmt: skip
+    """The CAM layer on ``model`` (the default one when the caller gave none), with its
+    layout; found once, on the trained model, and kept for every model state."""
     if not spec.needs_layer:
         return None
-    if layer_label is not None:
-        return layer_label
     with eval_mode(model):
-        return default_layer(model, x, spec.name)[0]
+        return resolve_cam_layer(model, x, spec.name, layer_label, options.get("layout"))
 
 
 def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
@@ -158,36 +158,20 @@ def to_cpu(maps: torch.Tensor) -> torch.Tensor:
     return maps.detach().to("cpu", torch.float32)
 
 
-def layer_spatial_size(model: nn.Module, x: torch.Tensor, name: str) -> tuple[int, ...] | None:
-    """The spatial shape of module ``name``'s output for one input (a dry, no-grad forward)."""
-    module = dict(model.named_modules())[name]
-    shapes: list[tuple[int, ...]] = []
-    with eval_mode(model), removable_hooks() as handles, torch.no_grad():
-
-        def hook(mod, args, output):
-            if isinstance(output, torch.Tensor) and not shapes:
-                shapes.append(tuple(output.shape[2:]))
-
-        handles.append(module.register_forward_hook(hook))
-        call_model(model, x[:1])
-    return shapes[0] if shapes else None
-
-
-def constant_cause(model: nn.Module, x: torch.Tensor, spec, layer: str | None) -> str:
+def constant_cause(spec, layer: CamLayer | None, x: torch.Tensor) -> str:
     """The likeliest reason why some maps were constant, in words."""
     if spec.needs_layer and layer is not None:
-        size = layer_spatial_size(model, x, layer)
-        if size is not None and math.prod(size) == 1:
-            shape = "x".join(str(s) for s in size)
+        if math.prod(layer.layout.grid) == 1:
+            shape = "x".join(str(s) for s in layer.layout.grid)
             inp = "x".join(str(s) for s in x.shape[2:])
             return (
-                f"the CAM layer {layer!r} has a {shape} spatial output for {inp} inputs, so "
-                f"{spec.name} can only give a constant map; pick an earlier layer with more "
-                "spatial positions (layer=...) or use larger inputs"
+                f"the CAM {layer.describe()} has a {shape} grid ({layer.layout}) for {inp} "
+                f"inputs, so {spec.name} can only give a constant map; pick an earlier layer "
+                "with more grid positions (layer=...) or use larger inputs"
             )
         return (
             f"the {spec.name} map was zero everywhere (the ReLU over the weighted activations of "
-            f"layer {layer!r} removed every value, or its gradient was zero)"
+            f"{layer.describe()}, {layer.layout}, removed every value, or its gradient was zero)"
         )
     return (
         "the map had one value everywhere, usually all zero: no gradient reached the input "

@@ -154,9 +154,11 @@ def parameter_randomization(
         target = target.to(logits.device)
     targets = resolve_targets(target, logits)
     specs = [a[3] for a in audited]
-    layer_names = [cam_layer(work, x, spec, a[6]) for spec, a in zip(specs, audited)]
+    layers_of = [
+        cam_layer(work, x, spec, a[6], r.options) for spec, a, r in zip(specs, audited, requests)
+    ]
     shared = [
-        Request(spec.name, r.options, name) for spec, r, name in zip(specs, requests, layer_names)
+        Request(spec.name, r.options, cam) for spec, r, cam in zip(specs, requests, layers_of)
     ]
 
     plan = Plan(work, x, shared, batch_size=batch_size)  # checks and grouping done once
@@ -200,11 +202,11 @@ def parameter_randomization(
         if saved is not None:
             _restore(saved)
     results = []
-    for i, (spec, request, layer_name) in enumerate(zip(specs, requests, layer_names)):
+    for i, (spec, request, cam) in enumerate(zip(specs, requests, layers_of)):
         scores = torch.stack(rows[i])
         constant = describe_constant(maps[i], scores, flags[i])
         # The layer's spatial size does not depend on the weights, so the randomized copy serves.
-        cause = constant_cause(work, x, spec, layer_name) if constant else ""
+        cause = constant_cause(spec, cam, x) if constant else ""
         results.append(
             RandomizationResult(
                 check="parameter_randomization",
@@ -220,7 +222,8 @@ def parameter_randomization(
                     "mode": mode,
                     "order": order,
                     "layers": layers_arg,
-                    "layer": layer_name,
+                    "layer": cam.name if cam else None,
+                    "layout": str(cam.layout) if cam else None,
                     "batch_size": batch_size,
                     "target": target,
                 },

@@ -112,9 +112,11 @@ def output_sensitivity(
     targets = targets.cpu()
     others = other_classes(logits, targets, against, seed)
     specs = [a[3] for a in audited]
-    layer_names = [cam_layer(model, x, spec, a[6]) for spec, a in zip(specs, audited)]
+    layers_of = [
+        cam_layer(model, x, spec, a[6], r.options) for spec, a, r in zip(specs, audited, requests)
+    ]
     shared = [
-        Request(spec.name, r.options, name) for spec, r, name in zip(specs, requests, layer_names)
+        Request(spec.name, r.options, cam) for spec, r, cam in zip(specs, requests, layers_of)
     ]
     # A stochastic method draws its noise per call: separate calls of N samples give both
     # classes the same noise, so only the class differs between the two maps.
@@ -140,7 +142,7 @@ def output_sensitivity(
         for i, item in zip(group, found):
             paired[i] = item
     results = []
-    for i, (spec, request, layer_name) in enumerate(zip(specs, requests, layer_names)):
+    for i, (spec, request, cam) in enumerate(zip(specs, requests, layers_of)):
         if against == "all":
             target_maps, other_maps, scores, blank = paired[i]
         else:
@@ -163,10 +165,11 @@ def output_sensitivity(
                 settings={
                     "against": against,
                     "target": target,
-                    "layer": layer_name,
+                    "layer": cam.name if cam else None,
+                    "layout": str(cam.layout) if cam else None,
                     "batch_size": batch_size,
                 },
-                cause=constant_cause(model, x, spec, layer_name) if constant else "",
+                cause=constant_cause(spec, cam, x) if constant else "",
                 constant=constant,
                 blank=blank,
                 against=against,

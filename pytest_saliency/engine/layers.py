@@ -1,11 +1,34 @@
-"""Find the layer a CAM method reads from: by name, by module, or the last spatial one."""
+"""The layer a CAM method reads: named by the user (a module's output or input, or the input of
+the global pooling), or found by default; and its feature layout.
+
+**The default.** A dry forward and backward on one sample, under the layout tagger
+(:mod:`.layouts`), with every module's input and output recorded:
+
+1. If the forward collapses the grid by a global pooling (a pooling to one position, or a mean
+   or max over every spatial axis or over the tokens) after which nothing spatial is made, the
+   default is the tensor that pooling reads: the output of the module that made it, else the
+   input of a module that reads it, else ``"<global_pool>"`` (a functional ``F.relu`` before a
+   functional pooling: no module sees the rectified map).
+2. Otherwise, or if that map is blank, it is the last recorded tensor, in forward order, that a
+   CAM can read: a known layout with more than one position on a grid of the inputs' rank, a
+   gradient that is not zero at every grid position, an activation that is not constant over
+   the grid, one call per forward. When the forward reads one prefix token (a ViT's class
+   token), only tensors of that token's width count: after the last attention the patch
+   tokens no longer reach the class token (a blank map), so the default is the last block's
+   first norm, where pytorch-grad-cam's ViT tutorial points; attention internals (other
+   widths, other layouts) never qualify.
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import SaliencyError, closest
+from .layouts import TOKENS, Layout, Tagger, given_layout, parse_layout
 
 LayerSpec = "str | nn.Module | None"
 
@@ -52,51 +75,305 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mod
     )
 
 
-def _is_spatial(output: object, input_rank: int) -> bool:
-    if not isinstance(output, torch.Tensor) or output.dim() < 3:
-        return False
-    if output.dim() != input_rank:
-        return False
-    return int(torch.tensor(output.shape[2:]).prod()) > 1
+GLOBAL_POOL = "<global_pool>"
+_POINTS = ("output", "input")
 
 
-def spatial_layers(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
-    """Modules whose output is spatial, in the order their forward calls finish (a dry forward)."""
+@dataclass(frozen=True)
+class CamLayer:
+    """A resolved CAM layer: what the readout taps, and how its tensor is laid out."""
+
+    name: str  # as reported, and as the user can write it again
+    point: str  # "output" | "input" | "pool"
+    module: nn.Module | None  # None for the global-pooling tap
+    layout: Layout
+    default: bool = False
+    pool: tuple[str, int] | None = None  # (function, call) for point == "pool"
+
+    def describe(self) -> str:
+        return f"layer {self.name!r}" + (" (chosen by default)" if self.default else "")
+
+
+def parse_cam_layer(model: nn.Module, layer: object) -> tuple[str, str, nn.Module | None]:
+    """``(name, point, module)`` for a CAM layer as the user wrote it: a module or its name (its
+    output), ``"name:input"`` / ``"name:output"``, or ``"<global_pool>"``."""
+    if isinstance(layer, CamLayer):
+        return layer.name, layer.point, layer.module
+    if isinstance(layer, str) and layer == GLOBAL_POOL:
+        return layer, "pool", None
+    if isinstance(layer, str) and ":" in layer:
+        base, _, point = layer.rpartition(":")
+        if point not in _POINTS:
+            raise SaliencyError(
+                f"layer {layer!r}: {point!r} is not a point of a module; write 'name' or "
+                f"'name:output' for a module's output, 'name:input' for its first input, or "
+                f"{GLOBAL_POOL!r} for the tensor the model's global pooling reads"
+            )
+        name, module = resolve_layer(model, base)
+        return (name if point == "output" else f"{name}:input"), point, module
+    name, module = resolve_layer(model, layer)
+    return name, "output", module
+
+
+@dataclass
+class _Point:
+    name: str
+    point: str
+    module: nn.Module | None
+    tensors: list[torch.Tensor]
+    layout: Layout | None
+    order: int
+
+
+@dataclass
+class _Probe:
+    points: dict[tuple[str, str], _Point]
+    events: list
+    grads: dict[int, torch.Tensor | None]
+    width: int | None  # the channel width of a selected prefix token, if one is read
+    derived: dict[int, torch.Tensor]
+    spatial_after: list[bool]  # per event: was a spatial tensor made after it
+    inputs: torch.Tensor  # the probe's own input: never a CAM layer
+
+    def grad(self, t: torch.Tensor) -> torch.Tensor | None:
+        return self.grads.get(id(t))
+
+
+def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
+    """One dry forward and backward on ``x[:1]`` recording every module's input and output."""
     from .state import removable_hooks
-    from .targets import call_model
+    from .targets import call_model, check_logits
 
-    found: list[tuple[str, tuple[int, ...]]] = []
-    seen: set[str] = set()
-    with removable_hooks() as handles:
+    x1 = x[:1].detach().clone().requires_grad_(True)
+    tagger = _SpatialWatch(x1)
+    points: dict[tuple[str, str], _Point] = {}
+
+    def record(key, module, t):
+        entry = points.get(key)
+        if entry is None:
+            points[key] = _Point(*key, module, [t], tagger.layout_of(t), len(points))
+        else:
+            entry.tensors.append(t)
+
+    with torch.enable_grad(), removable_hooks() as handles:
         for name, module in model.named_modules():
-            if not name:
-                continue
+            if not name or isinstance(module, torch.jit.ScriptModule):
+                continue  # a scripted module takes no hooks: its output is not a CAM layer
 
-            def hook(mod, args, output, name=name):
-                if name not in seen and _is_spatial(output, inputs.dim()):
-                    seen.add(name)
-                    found.append((name, tuple(output.shape[1:])))
+            def pre(mod, args, name=name):
+                if args and isinstance(args[0], torch.Tensor):
+                    record((name, "input"), mod, args[0])
 
-            handles.append(module.register_forward_hook(hook))
-        with torch.no_grad():
-            call_model(model, inputs[:1])
-    return found
+            def post(mod, args, output, name=name):
+                if isinstance(output, torch.Tensor):
+                    copy = output.clone()  # its own tensor: the next module's input differs
+                    record((name, "output"), mod, copy)
+                    return copy
+                return None
+
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
+        with tagger:
+            output = call_model(model, x1)
+        logits = check_logits(output, type(model).__name__, 1)
+        wanted: dict[int, torch.Tensor] = {}
+        for entry in points.values():
+            for t in entry.tensors:
+                wanted.setdefault(id(t), t)
+        for event in tagger.events:
+            wanted.setdefault(id(event.source), event.source)
+            wanted.setdefault(id(event.output), event.output)
+        tensors = [t for t in wanted.values() if t.requires_grad]
+        score = logits[0, int(logits[0].argmax())]
+        found = torch.autograd.grad(score, tensors, allow_unused=True) if tensors else []
+    grads = {id(t): g for t, g in zip(tensors, found)}
+    width = None
+    for event, after in zip(tagger.events, tagger.spatial_after()):
+        if event.kind == "select" and not after and grads.get(id(event.output)) is not None:
+            width = int(event.source.shape[-1])
+    return _Probe(
+        points, tagger.events, grads, width, tagger.derived, tagger.spatial_after(), x1
+    )
 
 
-def default_layer(model: nn.Module, inputs: torch.Tensor, method: str) -> tuple[str, nn.Module]:
-    """The last module (in forward order) whose output still has more than one spatial position."""
-    if inputs.dim() < 3:
+class _SpatialWatch(Tagger):
+    """The tagger, also noting the call count at which each spatial tensor was made, so that a
+    grid collapse can be told apart from a squeeze inside a block (an SE gate's pooling)."""
+
+    def __init__(self, inputs: torch.Tensor) -> None:
+        self.made: list[int] = []
+        self.at: list[int] = []
+        self.calls = 0
+        super().__init__(inputs)
+
+    def tag(self, t, layout) -> None:
+        super().tag(t, layout)
+        if isinstance(t, torch.Tensor) and self.layout_of(t) is not None:
+            if math.prod(self.layout_of(t).grid) > 1:
+                self.made.append(self.calls)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        before = len(self.events)
+        out = super().__torch_function__(func, types, args, kwargs)
+        self.at.extend([self.calls] * (len(self.events) - before))
+        return out
+
+    def spatial_after(self) -> list[bool]:
+        last = self.made[-1] if self.made else -1
+        return [last > at for at in self.at]
+
+
+def _blank(layout: Layout, activation: torch.Tensor, grad: torch.Tensor | None) -> str:
+    """Why a CAM of this tensor is blank by construction ('' when it is not)."""
+    if grad is None:
+        return "no gradient reaches it from the class score"
+    if not bool(layout.positions(grad).ne(0).any()):
+        return "its gradient is zero at every grid position"
+    values = layout.positions(activation.detach())
+    if bool((values.amax(dim=2) == values.amin(dim=2)).all()):
+        return "its activation is constant over the grid"
+    return ""
+
+
+def _readable(layout: Layout | None, spatial: int) -> bool:
+    return layout is not None and len(layout.grid) == spatial and math.prod(layout.grid) > 1
+
+
+def _name_of(probe: _Probe, t: torch.Tensor) -> _Point | None:
+    """The recorded point holding ``t``: a module's output before a module's input."""
+    t = probe.derived.get(id(t), t)
+    if t is probe.inputs:
+        return None
+    best = None
+    for entry in probe.points.values():
+        if any(s is t for s in entry.tensors) and len(entry.tensors) == 1:
+            if entry.point == "output":
+                return entry
+            best = best or entry
+    return best
+
+
+def resolve_cam_layer(
+    model: nn.Module, x: torch.Tensor, method: str, layer: object, layout: object
+) -> CamLayer:
+    """The CAM layer for ``method`` on ``model``: ``layer`` as the user wrote it (None: the
+    default), with its layout (``layout``: None to infer, or a kind)."""
+    if isinstance(layer, CamLayer):
+        return layer  # resolved already, on this model (an audit's plan)
+    given = parse_layout(layout, method)
+    spatial = x.dim() - 2
+    probe = _probe(model, x)
+    if layer is None:
+        return _default(model, x, method, probe, given, spatial)
+    name, point, module = parse_cam_layer(model, layer)
+    if point == "pool":
+        return _pool_layer(model, x, method, probe, given, spatial, default=False)
+    entry = probe.points.get((name.removesuffix(":input"), point))
+    return _checked(model, x, method, name, point, module, entry, given, spatial, False)
+
+
+def _checked(model, x, method, name, point, module, entry, given, spatial, default) -> CamLayer:
+    kind = type(module).__name__
+    where = f"{'layer' if not default else 'the default layer'} {name!r} ({kind})"
+    if entry is None or not entry.tensors:
         raise SaliencyError(
-            f"method {method!r} reads a spatial layer, but the inputs have shape "
-            f"{tuple(inputs.shape)} with no spatial axes; use an input-space method "
-            "(e.g. 'gradient') for [N, D] inputs"
+            f"method {method!r}: {where} was not called with a tensor during the forward pass "
+            "on these inputs; pick a module on the path from the inputs to the class scores"
         )
-    found = spatial_layers(model, inputs)
-    if not found:
+    if len(entry.tensors) > 1:
         raise SaliencyError(
-            f"method {method!r} needs a layer with a spatial output (more than 1 position), but no "
-            f"module of {type(model).__name__} produces one for inputs of shape "
-            f"{tuple(inputs.shape[1:])}; use an input-space method or larger inputs"
+            f"method {method!r}: {where} runs {len(entry.tensors)} times in one forward pass, "
+            "so its activation is ambiguous; pick a module that runs once (e.g. the block or "
+            "conv around this call)"
         )
-    name = found[-1][0]
-    return name, dict(model.named_modules())[name]
+    tensor = entry.tensors[0]
+    shape = tuple(tensor.shape)
+    layout = _layout_for(method, where, shape, x, entry.layout, given, spatial)
+    return CamLayer(name, point, module, layout, default)
+
+
+def _layout_for(method, where, shape, x, tag, given, spatial) -> Layout:
+    if given is not None:
+        return given_layout(*given, shape, tuple(x.shape), tag, f"method {method!r}: {where}")
+    if tag is None or len(tag.grid) != spatial:
+        raise SaliencyError(
+            f"method {method!r}: {where} outputs shape {shape[1:]} per sample, and its layout "
+            "cannot be told from how the tensor is made (an op the layout tagger does not "
+            "know, or attention internals). CAM methods read channels-first [N, C, *grid], "
+            "channels-last [N, *grid, C] or tokens [N, prefix + grid, C] feature maps; if the "
+            "tensor is one of those, give layout='channels_first', 'channels_last', 'tokens' "
+            "or 'tokens:K' (K prefix tokens), else pick another layer"
+        )
+    return tag  # a single grid position gives constant maps, which the audits report
+
+
+def _pool_events(probe: _Probe) -> list:
+    return [
+        e for e, after in zip(probe.events, probe.spatial_after)
+        if e.kind == "pool" and not after and probe.grad(e.output) is not None
+    ]  # fmt: skip
+
+
+def _pool_layer(model, x, method, probe, given, spatial, default) -> CamLayer:
+    events = _pool_events(probe)
+    if not events:
+        raise SaliencyError(
+            f"method {method!r}: layer {GLOBAL_POOL!r} is the input of the model's global "
+            f"pooling, but {type(model).__name__}'s forward pools no feature map to a single "
+            "position before the class scores; name a module instead"
+        )
+    event = events[-1]
+    shape = tuple(event.source.shape)
+    where = f"{'the default layer' if default else 'layer'} {GLOBAL_POOL!r}"
+    layout = _layout_for(method, where, shape, x, event.layout, given, spatial)
+    return CamLayer(GLOBAL_POOL, "pool", None, layout, default, (event.func, event.call))
+
+
+def _default(model, x, method, probe, given, spatial) -> CamLayer:
+    label = type(model).__name__
+    events = _pool_events(probe)
+    if events and probe.width is None:
+        event = events[-1]
+        entry = _name_of(probe, event.source)
+        layout = event.layout
+        if given is not None:
+            where = f"method {method!r}: the pooled map"
+            layout = given_layout(*given, tuple(event.source.shape), tuple(x.shape), layout, where)
+        source = probe.derived.get(id(event.source), event.source)
+        usable = source is not probe.inputs and _readable(layout, spatial)
+        if usable and not _blank(layout, event.source, probe.grad(event.source)):
+            if entry is not None:
+                return CamLayer(entry.name if entry.point == "output" else f"{entry.name}:input",
+                                entry.point, entry.module, layout, True)  # fmt: skip
+            return CamLayer(GLOBAL_POOL, "pool", None, layout, True, (event.func, event.call))
+    reasons: list[str] = []
+    for entry in sorted(probe.points.values(), key=lambda e: e.order, reverse=True):
+        name = entry.name if entry.point == "output" else f"{entry.name}:input"
+        t = entry.tensors[-1]
+        layout = entry.layout
+        if given is not None and layout is not None and layout.kind != given[0]:
+            layout = None
+        why = ""
+        if t is probe.inputs:
+            continue  # the model's inputs: an input-space method's business
+        if len(entry.tensors) > 1:
+            why = f"runs {len(entry.tensors)} times"
+        elif not _readable(layout, spatial):
+            why = "no CAM layout" if layout is None or len(layout.grid) != spatial else \
+                f"one grid position ({layout})"  # fmt: skip
+        elif probe.width is not None and (layout.kind != TOKENS or t.shape[-1] != probe.width):
+            why = f"not the class token's width {probe.width}"
+        else:
+            why = _blank(layout, t, probe.grad(t))
+        if not why:
+            return CamLayer(name, entry.point, entry.module, layout, True)
+        if len(reasons) < 8 and entry.point == "output":
+            reasons.append(f"{name!r} {tuple(t.shape[1:])}: {why}")
+    considered = "; ".join(reasons) or "no module outputs a tensor"
+    raise SaliencyError(
+        f"method {method!r} needs a feature map with more than one grid position, but no "
+        f"module of {label} gives a usable one for inputs of shape {tuple(x.shape[1:])} "
+        f"(the last modules: {considered}). Use larger inputs, name a layer (layer=...), or use "
+        "an input-space method (e.g. 'gradient')"
+    )

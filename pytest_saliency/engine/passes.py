@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import NonFiniteError, SaliencyError
+from .layouts import function_name
 from .rules import RuleSet
 from .state import removable_hooks
 from .targets import call_model, check_logits, resolve_targets
@@ -31,6 +35,49 @@ class Record:
     logits: torch.Tensor
     input_grad: torch.Tensor | None
     taps: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+
+class Tap(NamedTuple):
+    """What a pass records: a module's output (``point="output"``), its first input
+    (``"input"``), or the input of the ``pool[1]``-th call of the function ``pool[0]``
+    (``"pool"``, a functional global pooling); with its activation, or the gradient only."""
+
+    module: nn.Module | None
+    keep_activation: bool = True
+    point: str = "output"
+    pool: tuple[str, int] | None = None
+
+
+def _input_tap(name: str, store: dict[str, list]):
+    def hook(module, args):
+        if not args or not isinstance(args[0], torch.Tensor) or not args[0].requires_grad:
+            return None
+        store.setdefault(name, []).append((args[0], True))
+        return (args[0].clone(), *args[1:])  # the module reads a copy: see _tap
+
+    return hook
+
+
+class _PoolTaps(TorchFunctionMode):
+    """Records the input of chosen calls of a function (by name and call count) and hands the
+    call a copy, as a module tap does."""
+
+    def __init__(self, taps: list[tuple[str, tuple[str, int]]], store: dict[str, list]) -> None:
+        super().__init__()
+        self.wanted = {pool: name for name, pool in taps}
+        self.store = store
+        self.counts: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        fname = function_name(func)
+        call = self.counts.get(fname, 0)
+        self.counts[fname] = call + 1
+        name = self.wanted.get((fname, call))
+        if name is not None and args and isinstance(args[0], torch.Tensor):
+            self.store.setdefault(name, []).append((args[0], True))
+            args = (args[0].clone(), *args[1:])
+        return func(*args, **kwargs)
 
 
 def _tap(name: str, keep_activation: bool, by_hook: bool, store: dict[str, list], handles: list):
@@ -72,24 +119,31 @@ def forward_backward(
     target: object,
     rules: RuleSet,
     *,
-    taps: Mapping[str, tuple[nn.Module, bool]] | None = None,
+    taps: Mapping[str, Tap] | None = None,
     method: str = "",
     input_grad: bool = True,
 ) -> Record:
     """Forward ``inputs`` with ``rules`` installed, backward from each sample's target logit.
 
-    ``taps`` maps a name to ``(module, keep_activation)``. ``target`` is anything
+    ``taps`` maps a name to a :class:`Tap`. ``target`` is anything
     :func:`resolve_targets` accepts (None = predicted class). With ``input_grad=False`` the
     backward only runs down to the tapped outputs (all a CAM readout needs).
     """
     x = inputs.detach().clone().requires_grad_(True)
     store: dict[str, list] = {}
     with torch.enable_grad(), removable_hooks() as tensor_hooks:
+        pools = []
         with removable_hooks() as handles:
-            for name, (module, keep) in (taps or {}).items():
-                tap = _tap(name, keep, input_grad, store, tensor_hooks)
-                handles.append(module.register_forward_hook(tap))
-            with rules.applied(model, method, x) as trace:
+            for name, tap in (taps or {}).items():
+                if tap.point == "pool":
+                    pools.append((name, tap.pool))
+                elif tap.point == "input":
+                    handles.append(tap.module.register_forward_pre_hook(_input_tap(name, store)))
+                else:
+                    hook = _tap(name, tap.keep_activation, input_grad, store, tensor_hooks)
+                    handles.append(tap.module.register_forward_hook(hook))
+            pooling = _PoolTaps(pools, store) if pools else contextlib.nullcontext()
+            with rules.applied(model, method, x) as trace, pooling:
                 output = call_model(model, x)
         logits = check_logits(output, type(model).__name__, x.shape[0])
         check_connected(logits, type(model).__name__)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
 
-from pytest_saliency.engine.layers import default_layer, layer_name, resolve_layer, spatial_layers
+from pytest_saliency.engine.layers import layer_name, resolve_cam_layer, resolve_layer
 from pytest_saliency.errors import SaliencyError
-from tests._models import assert_unchanged, conv1d_net, mlp, randn, small_cnn, snapshot
+from tests._models import assert_unchanged, conv1d_net, randn, small_cnn, snapshot
 
 
 def test_resolve_by_name_and_by_module():
@@ -42,52 +41,47 @@ def test_long_name_lists_are_shortened():
         resolve_layer(model, "nope")
 
 
-def test_spatial_layers_in_forward_order_and_model_untouched():
+def default(model, x, method="gradcam"):
+    layer = resolve_cam_layer(model, x, method, None, None)
+    return layer.name, layer.module
+
+
+def test_default_layer_of_a_flatten_head_is_the_last_readable_output():
     model = small_cnn()
     before = snapshot(model)
-    found = spatial_layers(model, randn(2, 3, 8, 8))
+    assert default(model, randn(2, 3, 8, 8)) == ("acts.2", model.acts[2])
     assert_unchanged(before, snapshot(model))
-    assert found == [
-        ("conv1", (4, 8, 8)),
-        ("acts.0", (4, 8, 8)),
-        ("conv2", (6, 8, 8)),
-        ("acts.1", (6, 8, 8)),
-        ("pool", (6, 4, 4)),
-        ("conv3", (6, 4, 4)),
-        ("acts.2", (6, 4, 4)),
-    ]
-    assert default_layer(model, randn(2, 3, 8, 8), "gradcam") == ("acts.2", model.acts[2])
 
 
-def test_default_layer_skips_single_position_outputs():
+def test_default_layer_is_what_the_global_pooling_reads():
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(4, 2),
     )  # fmt: skip
-    assert default_layer(model, randn(1, 3, 6, 6), "gradcam") == ("1", model[1])
+    layer = resolve_cam_layer(model, randn(1, 3, 6, 6), "gradcam", None, None)
+    assert (layer.name, layer.module, layer.point) == ("1", model[1], "output")
+    assert layer.default and str(layer.layout) == "channels_first(6x6)"
 
 
 def test_default_layer_for_sequences():
     model = conv1d_net()
-    assert default_layer(model, randn(2, 2, 10), "gradcam") == ("3", model[3])
+    assert default(model, randn(2, 2, 10)) == ("3", model[3])
 
 
 def test_default_layer_errors():
-    with pytest.raises(SaliencyError, match="'gradcam'.*no spatial axes"):
-        default_layer(mlp(), randn(2, 6), "gradcam")
     pooled = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
-    with pytest.raises(SaliencyError, match="no module of Sequential"):
-        default_layer(pooled, randn(1, 3, 4, 4), "gradcam")
+    with pytest.raises(SaliencyError, match="no module of Sequential gives a usable one"):
+        default(pooled, randn(1, 3, 4, 4))
 
 
-def test_dry_forward_is_single_sample_and_no_grad():
+def test_dry_forward_is_single_sample():
     seen = []
 
     class Probe(nn.Module):
         def forward(self, x):
-            seen.append((x.shape[0], torch.is_grad_enabled()))
+            seen.append(x.shape[0])
             return x
 
     model = nn.Sequential(nn.Conv2d(3, 2, 1), Probe(), nn.Flatten(), nn.Linear(2 * 16, 2))
-    spatial_layers(model, randn(5, 3, 4, 4))
-    assert seen == [(1, False)]
+    default(model, randn(5, 3, 4, 4))
+    assert seen == [1]

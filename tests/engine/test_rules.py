@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pytest_saliency.engine.passes import chunked, forward_backward
+from pytest_saliency.engine.passes import Tap, chunked, forward_backward
 from pytest_saliency.engine.rules import ActivationRule, RuleSet
 from pytest_saliency.errors import SaliencyError, UnsupportedActivationError
 from tests._models import Lambda, assert_unchanged, mlp, randn, small_cnn, snapshot
@@ -228,7 +228,7 @@ def test_taps_record_activation_and_gradient_per_call():
     model = nn.Sequential(nn.Linear(4, 5), relu, nn.Linear(5, 5), relu, nn.Linear(5, 2))
     x = randn(3, 4, seed=7)
     record = forward_backward(
-        model, x, 0, PLAIN, taps={"lin": (model[2], True), "relu": (relu, False)}
+        model, x, 0, PLAIN, taps={"lin": Tap(model[2], True), "relu": Tap(relu, False)}
     )
     assert len(record.taps["lin"]) == 1 and len(record.taps["relu"]) == 2
     activation, gradient = record.taps["lin"][0]
