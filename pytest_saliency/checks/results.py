@@ -144,7 +144,10 @@ class AuditResult:
         return f"{note}: {self.cause}" if self.cause else note
 
     def _head(self) -> str:
-        return f"method={self.method!r}, similarity={self.similarity!r}"
+        text = f"method={self.method!r}, similarity={self.similarity!r}"
+        if self.settings.get("layer"):
+            text += f", layer={self.settings['layer']!r} ({self.settings.get('layout')})"
+        return text
 
     def __repr__(self) -> str:
         low, high = self.ci

@@ -121,26 +121,37 @@ class _Point:
     point: str
     module: nn.Module | None
     tensors: list[torch.Tensor]
+    versions: list[int]  # each tensor's version counter when recorded (in-place ops bump it)
     layout: Layout | None
     order: int
+
+    @property
+    def label(self) -> str:
+        return self.name if self.point == "output" else f"{self.name}:input"
 
 
 @dataclass
 class _Probe:
     points: dict[tuple[str, str], _Point]
-    events: list
-    grads: dict[int, torch.Tensor | None]
+    events: list  # grid collapses on the way to the class scores, nothing spatial after them
+    grads: dict[int, torch.Tensor | None]  # from the readout events (or the scores), by id
     width: int | None  # the channel width of a selected prefix token, if one is read
     derived: dict[int, torch.Tensor]
-    spatial_after: list[bool]  # per event: was a spatial tensor made after it
     inputs: torch.Tensor  # the probe's own input: never a CAM layer
+    informative: bool  # some recorded gradient is not zero (else blankness is unknown)
 
     def grad(self, t: torch.Tensor) -> torch.Tensor | None:
         return self.grads.get(id(t))
 
 
 def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
-    """One dry forward and backward on ``x[:1]`` recording every module's input and output."""
+    """One dry forward and backward on ``x[:1]`` recording every module's input and output.
+
+    The gradients come from the readout: the outputs of the last grid collapse (the global
+    pooling, or the selected class tokens) under fixed random weights, so that whether a
+    tensor reaches the readout does not hang on the head's weights (torchvision's ViT
+    initialises its head to zeros). Without a collapse, from the class scores the same way.
+    """
     from .state import removable_hooks
     from .targets import call_model, check_logits
 
@@ -151,9 +162,11 @@ def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
     def record(key, module, t):
         entry = points.get(key)
         if entry is None:
-            points[key] = _Point(*key, module, [t], tagger.layout_of(t), len(points))
+            layout = tagger.layout_of(t)
+            points[key] = _Point(*key, module, [t], [t._version], layout, len(points))
         else:
             entry.tensors.append(t)
+            entry.versions.append(t._version)
 
     with torch.enable_grad(), removable_hooks() as handles:
         for name, module in model.named_modules():
@@ -176,24 +189,32 @@ def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
         with tagger:
             output = call_model(model, x1)
         logits = check_logits(output, type(model).__name__, 1)
+        # Collapses that reach the scores, with nothing spatial made after them.
+        late = [e for e, after in zip(tagger.events, tagger.spatial_after()) if not after]
+        outs = [e.output for e in late if e.output.requires_grad]
+        reach = torch.autograd.grad(logits.sum(), outs, allow_unused=True, retain_graph=True) \
+            if outs else []  # fmt: skip
+        reached = {id(o) for o, g in zip(outs, reach) if g is not None}
+        events = [e for e in late if id(e.output) in reached]
         wanted: dict[int, torch.Tensor] = {}
         for entry in points.values():
             for t in entry.tensors:
                 wanted.setdefault(id(t), t)
-        for event in tagger.events:
+        for event in events:
             wanted.setdefault(id(event.source), event.source)
-            wanted.setdefault(id(event.output), event.output)
         tensors = [t for t in wanted.values() if t.requires_grad]
-        score = logits[0, int(logits[0].argmax())]
+        selects = [e for e in events if e.kind == "select"]
+        heads = selects or [e for e in events if e.kind == "pool"][-1:]
+        ends = [e.output for e in heads] or [logits]
+        generator = torch.Generator().manual_seed(0)
+        score = sum(
+            (end * torch.randn(end.shape, generator=generator).to(end)).sum() for end in ends
+        )
         found = torch.autograd.grad(score, tensors, allow_unused=True) if tensors else []
     grads = {id(t): g for t, g in zip(tensors, found)}
-    width = None
-    for event, after in zip(tagger.events, tagger.spatial_after()):
-        if event.kind == "select" and not after and grads.get(id(event.output)) is not None:
-            width = int(event.source.shape[-1])
-    return _Probe(
-        points, tagger.events, grads, width, tagger.derived, tagger.spatial_after(), x1
-    )
+    informative = any(g is not None and bool(g.ne(0).any()) for g in found)
+    width = int(selects[-1].source.shape[-1]) if selects else None
+    return _Probe(points, events, grads, width, tagger.derived, x1, informative)
 
 
 class _SpatialWatch(Tagger):
@@ -240,14 +261,17 @@ def _readable(layout: Layout | None, spatial: int) -> bool:
     return layout is not None and len(layout.grid) == spatial and math.prod(layout.grid) > 1
 
 
-def _name_of(probe: _Probe, t: torch.Tensor) -> _Point | None:
-    """The recorded point holding ``t``: a module's output before a module's input."""
+def _name_of(probe: _Probe, t: torch.Tensor, version: int) -> _Point | None:
+    """The recorded point holding ``t`` as it is now: a module's output before a module's
+    input; none if an in-place op changed ``t`` after it was recorded (DenseNet's
+    ``F.relu(features, inplace=True)``: the module's output is the map before the ReLU)."""
     t = probe.derived.get(id(t), t)
     if t is probe.inputs:
         return None
     best = None
     for entry in probe.points.values():
-        if any(s is t for s in entry.tensors) and len(entry.tensors) == 1:
+        held = [v for s, v in zip(entry.tensors, entry.versions) if s is t]
+        if len(entry.tensors) == 1 and held and held[0] == version:
             if entry.point == "output":
                 return entry
             best = best or entry
@@ -309,10 +333,7 @@ def _layout_for(method, where, shape, x, tag, given, spatial) -> Layout:
 
 
 def _pool_events(probe: _Probe) -> list:
-    return [
-        e for e, after in zip(probe.events, probe.spatial_after)
-        if e.kind == "pool" and not after and probe.grad(e.output) is not None
-    ]  # fmt: skip
+    return [e for e in probe.events if e.kind == "pool"]
 
 
 def _pool_layer(model, x, method, probe, given, spatial, default) -> CamLayer:
@@ -335,7 +356,7 @@ def _default(model, x, method, probe, given, spatial) -> CamLayer:
     events = _pool_events(probe)
     if events and probe.width is None:
         event = events[-1]
-        entry = _name_of(probe, event.source)
+        entry = _name_of(probe, event.source, event.version)
         layout = event.layout
         if given is not None:
             where = f"method {method!r}: the pooled map"
@@ -344,13 +365,24 @@ def _default(model, x, method, probe, given, spatial) -> CamLayer:
         usable = source is not probe.inputs and _readable(layout, spatial)
         if usable and not _blank(layout, event.source, probe.grad(event.source)):
             if entry is not None:
-                return CamLayer(entry.name if entry.point == "output" else f"{entry.name}:input",
-                                entry.point, entry.module, layout, True)  # fmt: skip
+                if given is None and id(event.source) in probe.derived and entry.layout:
+                    layout = entry.layout  # a slice of it was pooled: read the whole tensor
+                return CamLayer(entry.label, entry.point, entry.module, layout, True)
             return CamLayer(GLOBAL_POOL, "pool", None, layout, True, (event.func, event.call))
     reasons: list[str] = []
+    # A module's input is often the output of the module before it: one tensor, named by the
+    # module that made it (the latest such module, for nested ones).
+    owner = {}
+    for entry in sorted(probe.points.values(), key=lambda e: e.order):
+        if entry.point == "output" and len(entry.tensors) == 1:
+            owner[(id(entry.tensors[0]), entry.versions[0])] = entry
     for entry in sorted(probe.points.values(), key=lambda e: e.order, reverse=True):
-        name = entry.name if entry.point == "output" else f"{entry.name}:input"
         t = entry.tensors[-1]
+        if entry.point == "input" and len(entry.tensors) == 1:
+            made = owner.get((id(t), entry.versions[0]))
+            if made is not None:
+                entry = made
+        name = entry.label
         layout = entry.layout
         if given is not None and layout is not None and layout.kind != given[0]:
             layout = None
@@ -364,7 +396,7 @@ def _default(model, x, method, probe, given, spatial) -> CamLayer:
                 f"one grid position ({layout})"  # fmt: skip
         elif probe.width is not None and (layout.kind != TOKENS or t.shape[-1] != probe.width):
             why = f"not the class token's width {probe.width}"
-        else:
+        elif probe.informative:
             why = _blank(layout, t, probe.grad(t))
         if not why:
             return CamLayer(name, entry.point, entry.module, layout, True)

@@ -202,6 +202,10 @@ class Event:
     output: torch.Tensor
     func: str
     call: int  # the how-many-th call of ``func`` in the forward
+    version: int = 0  # ``source``'s version counter then (in-place ops bump it)
+
+    def __post_init__(self) -> None:
+        self.version = self.source._version
 
 
 class Tagger(TorchFunctionMode):
@@ -213,6 +217,7 @@ class Tagger(TorchFunctionMode):
         self.derived: dict[int, torch.Tensor] = {}  # a token slice -> the tensor it was cut from
         self.events: list[Event] = []
         self.counts: dict[str, int] = {}
+        self.size = tuple(inputs.shape[2:])
         if inputs.dim() >= 3:
             self.tag(inputs, Layout(CHANNELS_FIRST, tuple(inputs.shape[2:])))
 
@@ -250,19 +255,31 @@ class Tagger(TorchFunctionMode):
             return
         shape = tuple(out.shape)
         if name in _PRODUCERS:
-            if out.dim() >= 3:
-                self.tag(out, Layout(CHANNELS_FIRST, shape[2:]))
-            if name in _POOLS and tag is not None and tag.kind == CHANNELS_FIRST:
-                if math.prod(shape[2:]) == 1 < math.prod(tag.grid):
-                    self.events.append(Event("pool", first, tag, out, name, call))
+            grown = name.startswith("adaptive") and tag is not None and any(
+                o > i for o, i in zip(shape[2:], tag.grid))  # fmt: skip
+            # An adaptive pooling to a larger grid (VGG's 7x7 on small inputs) resamples.
+            self.tag(out, Layout(CHANNELS_FIRST, shape[2:]) if out.dim() >= 3 and not grown
+                     else None)  # fmt: skip
+            if name in _POOLS and isinstance(first, torch.Tensor) and first.dim() == out.dim():
+                source = tag or self._declared(first, tuple(range(2, first.dim())))
+                if source is not None and source.kind == CHANNELS_FIRST:
+                    if math.prod(shape[2:]) == 1 < math.prod(source.grid):
+                        self.events.append(Event("pool", first, source, out, name, call))
             return
-        if tag is not None and name in _REDUCTIONS:
+        if name in _REDUCTIONS and isinstance(first, torch.Tensor):
             dims = _axes(kwargs.get("dim", args[1] if len(args) > 1 else None), first.dim())
-            if dims == _spatial_axes(tag, first.dim()):
-                self.events.append(Event("pool", first, tag, out, name, call))
+            source = tag
+            if tag is None and dims is not None:
+                source = self._declared(first, dims)
+            if source is not None and dims == _spatial_axes(source, first.dim()):
+                self.events.append(Event("pool", first, source, out, name, call))
+            self.tag(out, None)
             return
         if tag is not None and name == "__getitem__":
             self._index(first, tag, args[1] if len(args) > 1 else None, out, call)
+            return
+        if name == "__getitem__":
+            self.tag(out, None)
             return
         if tag is not None and name in _PERMUTES:
             self.tag(out, _permuted(tag, first.dim(), name, args[1:], kwargs, shape))
@@ -296,7 +313,30 @@ class Tagger(TorchFunctionMode):
                 return None
         return None
 
+    def _declared(self, t: torch.Tensor, dims: tuple[int, ...]) -> Layout | None:
+        """The layout a global pooling over ``dims`` declares for an untagged ``t``: the axes
+        the model itself averages are its grid. Only where the grid fits the inputs."""
+        rank, size = t.dim(), self.size
+        shape = tuple(t.shape)
+        if rank == len(size) + 2:
+            if dims == tuple(range(2, rank)):
+                layout = Layout(CHANNELS_FIRST, shape[2:])
+            elif dims == tuple(range(1, rank - 1)):
+                layout = Layout(CHANNELS_LAST, shape[1:-1])
+            else:
+                return None
+            fits = all(1 <= g <= s for g, s in zip(layout.grid, size))
+            return layout if fits and _same_aspect(layout.grid, size) else None
+        if rank == 3 and dims == (1,):
+            grids = token_grids(shape[1], size, 0)
+            return grids[0] if len(grids) == 1 else None
+        return None
+
     def _index(self, source, tag: Layout, index, out, call) -> None:
+        if tag.kind in (CHANNELS_FIRST, CHANNELS_LAST):
+            self.tag(out, _sliced(tag, index, source.dim(), tuple(out.shape)))
+            return
+        self.tag(out, None)
         if tag.kind != TOKENS or not isinstance(index, tuple) or len(index) < 2:
             return
         head, pick = index[0], index[1]
@@ -337,6 +377,31 @@ class Tagger(TorchFunctionMode):
             after = sum(t.shape[1] for t in tensors[i + 1 :])
             return Layout(TOKENS, first.grid, first.prefix + before) if after == 0 else None
         return None
+
+
+def _same_aspect(grid: tuple[int, ...], size: tuple[int, ...]) -> bool:
+    """A grid made from ``size`` by one stride on every axis (rounding aside)."""
+    stride = size[0] / grid[0]
+    return all(abs(s / stride - g) <= 1 for g, s in zip(grid, size))
+
+
+def _sliced(tag: Layout, index, rank: int, shape: tuple[int, ...]) -> Layout | None:
+    """Slicing a channels-first or channels-last map along its grid axes (Swin's patch
+    merging: ``x[..., 0::2, 0::2, :]``) keeps the layout, on the smaller grid."""
+    items = index if isinstance(index, tuple) else (index,)
+    if sum(1 for i in items if i is Ellipsis) > 1:
+        return None
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items = items[:at] + (slice(None),) * (rank - len(items) + 1) + items[at + 1 :]
+    items = items + (slice(None),) * (rank - len(items))
+    if len(items) != rank or not all(isinstance(i, slice) for i in items):
+        return None
+    channel = 1 if tag.kind == CHANNELS_FIRST else rank - 1
+    if items[0] != slice(None) or items[channel] != slice(None) or len(shape) != rank:
+        return None
+    grid = shape[2:] if tag.kind == CHANNELS_FIRST else shape[1:-1]
+    return Layout(tag.kind, tuple(grid))
 
 
 def _permuted(tag: Layout, rank: int, name: str, args, kwargs, shape) -> Layout | None:

@@ -1,0 +1,306 @@
+"""CAM layers on any feature layout: channels-first, channels-last, tokens; module inputs and
+the global pooling's input; the default layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pytest_saliency as ps
+from pytest_saliency.engine.layers import resolve_cam_layer
+from pytest_saliency.errors import SaliencyError
+from tests._models import Lambda, assert_unchanged, randn, snapshot
+
+
+def gradcam_reference(activation: torch.Tensor, gradient: torch.Tensor, size) -> torch.Tensor:
+    """Grad-CAM from a channels-first activation and gradient [N, C, h, w], upsampled."""
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    cam = (weights * activation).sum(dim=1, keepdim=True).clamp(min=0)
+    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def activation_and_gradient(model, x, target, module, point="output", transform=None):
+    """The tensor at a module's output (or input) and the target score's gradient there,
+    computed with a plain hook, independently of the engine."""
+    kept = []
+
+    def keep(t):
+        t.retain_grad()
+        kept.append(t)
+
+    # The module (or the rest of the forward) gets a copy, so that an in-place op after it
+    # leaves the kept tensor as it was.
+    if point == "output":
+        handle = module.register_forward_hook(lambda m, a, out: keep(out) or out.clone())
+    else:
+        handle = module.register_forward_pre_hook(
+            lambda m, args: keep(args[0]) or (args[0].clone(), *args[1:])
+        )
+    try:
+        out = model(x)
+        out.gather(1, target[:, None]).sum().backward()
+    finally:
+        handle.remove()
+    a, g = kept[0].detach(), kept[0].grad
+    return (transform(a), transform(g)) if transform else (a, g)
+
+
+class Stem(nn.Module):
+    def __init__(self, channels=6):
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+class ChannelsLast(nn.Module):
+    """A conv stem, then a block that works channels-last (as ConvNeXt and Swin do), and a
+    mean over the grid axes (1, 2) before the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = Stem()
+        self.norm = nn.LayerNorm(6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        t = self.stem(x).permute(0, 2, 3, 1)
+        t = t + torch.nn.functional.gelu(self.mix(self.norm(t)))
+        return self.head(t.mean(dim=(1, 2)))
+
+
+class Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, 2, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Linear(width, width)
+
+    def forward(self, t):
+        h = self.norm1(t)
+        t = t + self.attn(h, h, h, need_weights=False)[0]
+        return t + self.mlp(self.norm2(t))
+
+
+class TinyViT(nn.Module):
+    """Patch 4 on 8x8 inputs (a 2x2 grid), a class token, two blocks, a class-token head."""
+
+    def __init__(self, width=8, pool="token"):
+        super().__init__()
+        self.embed = nn.Conv2d(3, width, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.5)
+        self.pos = nn.Parameter(torch.randn(1, 5, width) * 0.5)
+        self.blocks = nn.Sequential(Block(width), Block(width))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 3)
+        self.pool = pool
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls_token.expand(len(t), -1, -1), t], dim=1) + self.pos
+        t = self.norm(self.blocks(t))
+        return self.head(t[:, 0] if self.pool == "token" else t[:, 1:].mean(dim=1))
+
+
+def tokens_to_grid(prefix, grid):
+    def transform(t):
+        return t[:, prefix:].transpose(1, 2).reshape(t.shape[0], t.shape[2], *grid)
+
+    return transform
+
+
+def built(factory, seed=0):
+    torch.manual_seed(seed)
+    return factory().eval()
+
+
+def test_channels_last_layer_is_read_through_its_layout():
+    model, x = built(ChannelsLast), randn(2, 3, 6, 6, seed=1)
+    target = torch.tensor([1, 2])
+    layer = resolve_cam_layer(model, x, "gradcam", "mix", None)
+    assert str(layer.layout) == "channels_last(6x6)"
+    a, g = activation_and_gradient(model, x, target, model.mix,
+                                   transform=lambda t: t.permute(0, 3, 1, 2))  # fmt: skip
+    got = ps.explain(model, x, "gradcam", layer="mix", target=target)
+    torch.testing.assert_close(got, gradcam_reference(a, g, (6, 6)), rtol=1e-5, atol=1e-6)
+    # Read as if channels-first, the same tensor gives another map: the layout matters.
+    wrong = ps.explain(model, x, "gradcam", layer="mix", target=target, layout="channels_first")
+    assert not torch.allclose(wrong, got)
+
+
+def test_default_of_a_grid_mean_is_the_pooled_channels_last_map():
+    model, x = built(ChannelsLast), randn(2, 3, 6, 6, seed=2)
+    layer = resolve_cam_layer(model, x, "gradcam", None, None)
+    # The pooled tensor is the residual sum, which no module outputs or reads.
+    assert (layer.name, layer.point, layer.default) == ("<global_pool>", "pool", True)
+    assert str(layer.layout) == "channels_last(6x6)"
+    target = torch.tensor([0, 3])
+    got = ps.explain(model, x, "gradcam", target=target)
+    assert torch.equal(got, ps.explain(model, x, "gradcam", target=target, layer="<global_pool>"))
+    # Reference: the residual sum, recomputed by hand.
+    t = model.stem(x).permute(0, 2, 3, 1).detach().requires_grad_(True)
+    pooled = t + F.gelu(model.mix(model.norm(t)))
+    pooled.retain_grad()
+    model.head(pooled.mean(dim=(1, 2))).gather(1, target[:, None]).sum().backward()
+    a, g = pooled.detach().permute(0, 3, 1, 2), pooled.grad.permute(0, 3, 1, 2)
+    torch.testing.assert_close(got, gradcam_reference(a, g, (6, 6)), rtol=1e-5, atol=1e-6)
+
+
+def test_token_layer_drops_the_class_token_and_reads_the_grid():
+    model, x = built(TinyViT), randn(2, 3, 8, 8, seed=3)
+    target = torch.tensor([2, 0])
+    layer = resolve_cam_layer(model, x, "gradcam", "blocks.1.norm1", None)
+    assert str(layer.layout) == "tokens(prefix=1, grid=2x2)"
+    a, g = activation_and_gradient(model, x, target, model.blocks[1].norm1,
+                                   transform=tokens_to_grid(1, (2, 2)))  # fmt: skip
+    got = ps.explain(model, x, "gradcam", layer="blocks.1.norm1", target=target)
+    torch.testing.assert_close(got, gradcam_reference(a, g, (8, 8)), rtol=1e-5, atol=1e-6)
+
+
+def test_class_token_default_is_the_last_blocks_first_norm():
+    """After the last attention the patch tokens no longer reach the class token: the last
+    block's norm2, mlp and output, and the final norm, would give blank maps."""
+    model, x = built(TinyViT), randn(2, 3, 8, 8, seed=4)
+    layer = resolve_cam_layer(model, x, "gradcam", None, None)
+    assert (layer.name, str(layer.layout)) == ("blocks.1.norm1", "tokens(prefix=1, grid=2x2)")
+    blank = ps.explain(model, x, "gradcam", layer="blocks.1.norm2")
+    assert torch.equal(blank, torch.zeros_like(blank))
+
+
+def test_mean_pooled_tokens_default_is_the_final_norm():
+    model, x = built(lambda: TinyViT(pool="mean")), randn(2, 3, 8, 8, seed=5)
+    layer = resolve_cam_layer(model, x, "gradcam", None, None)
+    assert (layer.name, str(layer.layout)) == ("norm", "tokens(prefix=1, grid=2x2)")
+
+
+class FunctionalRelu(nn.Module):
+    """DenseNet's head: the last module's output is not rectified; a functional ReLU (in
+    place) and a functional pooling follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5))
+        self.classifier = nn.Linear(5, 3)
+
+    def forward(self, x):
+        out = F.relu(self.features(x), inplace=True)
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1))
+
+
+def test_functional_relu_before_pooling_defaults_to_the_pooled_map():
+    model, x = built(FunctionalRelu), randn(2, 3, 6, 6, seed=6)
+    with torch.no_grad():
+        model.features[1].running_mean.fill_(0.3)
+    target = torch.tensor([1, 1])
+    layer = resolve_cam_layer(model, x, "gradcam++", None, None)
+    assert (layer.name, layer.point) == ("<global_pool>", "pool")
+    a, _ = activation_and_gradient(model, x, target, model.features)
+    assert bool((a < 0).any())  # the module's own output is not rectified
+    pooled = a.clamp(min=0).requires_grad_(True)
+    model.classifier(pooled.mean(dim=(2, 3))).gather(1, target[:, None]).sum().backward()
+    got = ps.explain(model, x, "gradcam", target=target)
+    reference = gradcam_reference(pooled.detach(), pooled.grad, (6, 6))
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
+    features = ps.explain(model, x, "gradcam", target=target, layer="features")
+    assert not torch.allclose(features, got)
+
+
+def test_module_input_layer():
+    model, x = built(ChannelsLast), randn(2, 3, 6, 6, seed=7)
+    target = torch.tensor([0, 1])
+    a, g = activation_and_gradient(model, x, target, model.mix, point="input",
+                                   transform=lambda t: t.permute(0, 3, 1, 2))  # fmt: skip
+    got = ps.explain(model, x, "gradcam", layer="mix:input", target=target)
+    torch.testing.assert_close(got, gradcam_reference(a, g, (6, 6)), rtol=1e-5, atol=1e-6)
+    # mix reads what norm outputs: the same tensor by either name.
+    torch.testing.assert_close(got, ps.explain(model, x, "gradcam", layer="norm", target=target))
+
+
+class Opaque(nn.Module):
+    """A map made by an op the tagger does not know (an einsum over the grid)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = Stem(4)
+        self.mix = Lambda(lambda t: torch.einsum("nchw,hk->nckw", t, torch.eye(t.shape[2])))
+        self.head = nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        return self.head(self.mix(self.stem(x)).flatten(1))
+
+
+def test_unknown_layout_is_refused_and_can_be_given():
+    model, x = built(Opaque), randn(2, 3, 6, 6, seed=8)
+    with pytest.raises(SaliencyError, match=r"layer 'mix' \(Lambda\).*layout='channels_first'"):
+        ps.explain(model, x, "gradcam", layer="mix")
+    given = ps.explain(model, x, "gradcam", layer="mix", layout="channels_first")
+    torch.testing.assert_close(given, ps.explain(model, x, "gradcam", layer="stem"))
+
+
+def test_attention_internals_are_not_a_cam_layout():
+    model, x = built(TinyViT), randn(2, 3, 8, 8, seed=9)
+    # The MultiheadAttention output is a tuple; its out_proj never runs as a module.
+    with pytest.raises(SaliencyError, match="was not called with a tensor"):
+        ps.explain(model, x, "gradcam", layer="blocks.0.attn.out_proj")
+
+
+def test_layout_option_errors():
+    model, x = built(TinyViT), randn(2, 3, 8, 8, seed=10)
+    with pytest.raises(SaliencyError, match=r"layout='nhwc' is not a feature layout; choose"):
+        ps.explain(model, x, "gradcam", layout="nhwc")
+    with pytest.raises(SaliencyError, match=r"layout='channels_last' needs 4 axes"):
+        ps.explain(model, x, "gradcam", layer="norm", layout="channels_last")
+    with pytest.raises(SaliencyError, match=r"'name:output' for a module's output"):
+        ps.explain(model, x, "gradcam", layer="norm:outputs")
+    with pytest.raises(SaliencyError, match=r"Closest names: 'norm'"):
+        ps.explain(model, x, "gradcam", layer="nrom:input")
+
+
+def test_given_token_prefix_and_solved_grid():
+    model, x = built(TinyViT), randn(2, 3, 8, 8, seed=11)
+    inferred = ps.explain(model, x, "gradcam", layer="blocks.1.norm1")
+    for layout in ("tokens", "tokens:1"):
+        given = ps.explain(model, x, "gradcam", layer="blocks.1.norm1", layout=layout)
+        torch.testing.assert_close(given, inferred)
+
+
+class Changing(nn.Module):
+    """A forward whose control flow changes between calls: the chosen layer runs once in the
+    dry forward and twice afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = Stem(3)
+        self.head = nn.Linear(3, 2)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        t = self.stem(x)
+        if self.calls > 1:
+            t = self.stem(t)
+        return self.head(t.mean(dim=(2, 3)))
+
+
+def test_an_error_about_the_default_layer_says_it_was_chosen():
+    model, x = built(Changing), randn(1, 3, 6, 6, seed=12)
+    with pytest.raises(SaliencyError, match=r"layer 'stem' \(chosen by default\) was recorded 2"):
+        ps.explain(model, x, "gradcam")
+
+
+def test_audit_results_carry_the_layer_and_layout():
+    model, x = built(TinyViT), randn(3, 3, 8, 8, seed=13)
+    before = snapshot(model)
+    result = ps.output_sensitivity(model, x, "gradcam")
+    assert_unchanged(before, snapshot(model))
+    assert result.settings["layer"] == "blocks.1.norm1"
+    assert result.settings["layout"] == "tokens(prefix=1, grid=2x2)"
+    assert "layer='blocks.1.norm1' (tokens(prefix=1, grid=2x2))" in repr(result)
+    assert result.to_dict()["settings"]["layout"] == "tokens(prefix=1, grid=2x2)"
+    rand = ps.parameter_randomization(model, x, "gradcam++", layers="blocks")
+    assert rand.settings["layout"] == "tokens(prefix=1, grid=2x2)"
