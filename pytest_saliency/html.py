@@ -362,7 +362,9 @@ def _coverage(r: dict) -> str:
         names = r.get(key) or []
         if names:
             shown = ", ".join(str(n) for n in names[:12])
-            text += f"; {what}: {shown}{f' ... ({len(names) - 12} more)' if len(names) > 12 else ''}"
+            text += (
+                f"; {what}: {shown}{f' ... ({len(names) - 12} more)' if len(names) > 12 else ''}"
+            )
     return text
 
 

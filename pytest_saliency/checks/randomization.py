@@ -120,7 +120,8 @@ def parameter_randomization(
         order: "top_down" (logits to input, as Adebayo et al. 2018) or "bottom_up".
         layers: None (one step per module with parameters the forward uses, in the order it
             uses them), "blocks" (the model's children; a child that holds more than half of the
-            parameterised layers is opened, as VGG's ``features`` or a ViT's encoder) or a list of module names.
+            parameterised layers is opened, as VGG's ``features`` or a ViT's encoder) or a
+            list of module names.
         similarity: a metric name from :func:`pytest_saliency.metrics`.
         seed: seeds the re-initialisation (step k uses ``seed + k``) and the bootstrap.
         batch_size: samples per pass, to bound memory.

@@ -238,7 +238,8 @@ def plan_steps(model: nn.Module, x: torch.Tensor, layers: object) -> StepPlan:
     else:
         raise SaliencyError(
             "layers must be None (every parameter the forward uses), 'blocks' (the model's "
-            f"children, the one holding most layers opened) or a list of module names, got {layers!r}"
+            f"children, the one holding most layers opened) or a list of module names, got "
+            f"{layers!r}"
         )
     never = len(uses) + 1
     kept = []

@@ -281,6 +281,9 @@ class Tagger(TorchFunctionMode):
         if name == "__getitem__":
             self.tag(out, None)
             return
+        if tag is not None and name == "pad":
+            self.tag(out, _padded(tag, args[1] if len(args) > 1 else kwargs.get("pad"), shape))
+            return
         if tag is not None and name in _PERMUTES:
             self.tag(out, _permuted(tag, first.dim(), name, args[1:], kwargs, shape))
             return
@@ -402,6 +405,19 @@ def _sliced(tag: Layout, index, rank: int, shape: tuple[int, ...]) -> Layout | N
         return None
     grid = shape[2:] if tag.kind == CHANNELS_FIRST else shape[1:-1]
     return Layout(tag.kind, tuple(grid))
+
+
+def _padded(tag: Layout, pad, shape: tuple[int, ...]) -> Layout | None:
+    """``F.pad`` along grid axes only keeps the layout (on the padded grid)."""
+    if tag.kind not in (CHANNELS_FIRST, CHANNELS_LAST) or not isinstance(pad, (list, tuple)):
+        return None
+    rank = len(shape)
+    # pad pairs run from the last axis backwards: the axes they touch.
+    touched = {rank - 1 - i // 2 for i, p in enumerate(pad) if p}
+    channel = 1 if tag.kind == CHANNELS_FIRST else rank - 1
+    if touched & {0, channel}:
+        return None
+    return Layout(tag.kind, tuple(shape[2:] if tag.kind == CHANNELS_FIRST else shape[1:-1]))
 
 
 def _permuted(tag: Layout, rank: int, name: str, args, kwargs, shape) -> Layout | None:
