@@ -585,13 +585,13 @@ def _as_targets(raw: Any, n: int) -> Any:
 
 def check_layers(suite: Suite, model: Any) -> None:
     """Every layer a suite names must be a module of the model (collection error otherwise)."""
-    from .engine.layers import resolve_layer
+    from .engine.layers import parse_cam_layer, resolve_layer
 
     p = _Problems(suite.label, suite.lines)
     for entry in suite.methods:
         if entry.layer is not None:
             try:
-                resolve_layer(model, entry.layer)
+                parse_cam_layer(model, entry.layer)
             except SaliencyError as exc:
                 p.add((*entry.path, "layer"), str(exc))
     for check, settings in suite.checks.items():

@@ -430,3 +430,28 @@ def test_xdist_gives_the_same_records_as_a_serial_run(project: pytest.Pytester) 
     assert records("xdist.json") == records("serial.json")
     # Each process (the serial run, two workers) loaded the model once.
     assert len((project.path / "factory_calls.txt").read_text().splitlines()) == 3
+
+
+def test_cam_layer_points_and_layouts_in_a_suite(project: pytest.Pytester) -> None:
+    suite = """\
+        model: helpers:TRAINED
+        inputs: helpers:BATCH
+        max_similarity: 1.0
+        methods:
+          - {{name: gradcam, layer: "3:input", layout: channels_first}}
+          - {{name: gradcam++, layer: "{layer}", layout: {layout}}}
+        checks:
+          output_sensitivity: {{against: random}}
+        """
+    project.makefile(".yaml", saliency_points=suite.format(layer="2:output", layout="null"))
+    project.runpytest().assert_outcomes(passed=2)
+    project.makefile(".yaml", saliency_points=suite.format(layer="2:inputs", layout="null"))
+    result = project.runpytest("--co")
+    result.stdout.fnmatch_lines(
+        ["saliency_points.yaml:6: methods[[]1[]].layer: layer '2:inputs': 'inputs' is not a*"]
+    )
+    no_traceback(result)
+    project.makefile(".yaml", saliency_points=suite.format(layer="2", layout="nhwc"))
+    result = project.runpytest("--co")
+    result.stdout.fnmatch_lines(["saliency_points.yaml:6: *layout='nhwc' is not a feature layout*"])
+    no_traceback(result)
