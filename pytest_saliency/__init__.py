@@ -26,6 +26,7 @@ _EXPORTS = {
     "SaliencyError": ".errors",
     "UnsupportedActivationError": ".errors",
     "NonFiniteError": ".errors",
+    "SaliencyWarning": ".errors",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -38,7 +39,12 @@ if TYPE_CHECKING:  # pragma: no cover
         output_sensitivity,
         parameter_randomization,
     )
-    from .errors import NonFiniteError, SaliencyError, UnsupportedActivationError  # noqa: F401
+    from .errors import (  # noqa: F401
+        NonFiniteError,
+        SaliencyError,
+        SaliencyWarning,
+        UnsupportedActivationError,
+    )
     from .explainer import explain  # noqa: F401
     from .similarities import metrics, similarity  # noqa: F401
 

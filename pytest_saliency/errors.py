@@ -10,6 +10,11 @@ class SaliencyError(ValueError):
     """A call or a suite asked for something pytest-saliency cannot do as asked."""
 
 
+class SaliencyWarning(UserWarning):
+    """A map the engine computed but whose reading the user should know about (FullGrad that
+    cannot place every bias on the input grid)."""
+
+
 class UnsupportedActivationError(SaliencyError):
     """A propagation rule met an activation it cannot handle faithfully."""
 

@@ -341,6 +341,6 @@ def explain(
         resolved = cam_layer_of(model, x, spec, opts, resolved)
         if isinstance(target, torch.Tensor):
             target = target.to(device)
-        ctx = Context(model, spec.name, resolved, batch_size, tuple(x.shape))
+        ctx = Context(model, spec.name, resolved, batch_size, tuple(x.shape), x[:1])
         maps = check_maps(spec(ctx, x, target, opts), spec.name)
     return maps.detach().to(device=inputs.device, dtype=inputs.dtype)

@@ -152,7 +152,7 @@ class Plan:
                     if key not in defaults:
                         defaults[key] = cam_layer_of(model, x, spec, opts, resolved)
                     resolved = defaults[key]
-                ctx = Context(model, spec.name, resolved, batch_size, tuple(x.shape))
+                ctx = Context(model, spec.name, resolved, batch_size, tuple(x.shape), x[:1])
                 b = _Bound(spec, opts, ctx)
                 if spec.compute is not None:
                     self.computed.append((i, b))

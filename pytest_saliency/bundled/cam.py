@@ -1,9 +1,13 @@
 """CAM family: Grad-CAM, Grad-CAM++ and FullGrad, each a readout of one plain-autograd pass.
 
 Grad-CAM and Grad-CAM++ read the activation and its gradient at one layer (``Context.layer``);
-FullGrad reads the input gradient and the gradient at the output of every biased Conv and
-BatchNorm module. All three use plain autograd, so their readouts are pure functions of the
-record and could share one pass.
+FullGrad reads the input gradient and the gradient at the output of every biased Conv, Linear
+and norm layer whose output lies on the inputs' grid, through that output's layout
+(channels-first, channels-last or tokens). Layers whose outputs have no grid (a head on pooled
+features) carry no spatial term and are left out, as in the paper; a grid layer whose bias
+cannot be placed (an unknown layout, a bias used inside another op) is named in a
+:class:`SaliencyWarning` and in the audits' ``settings["terms"]``. All three use plain
+autograd, so their readouts are pure functions of the record and could share one pass.
 
 A CAM layer whose module runs several times in one forward (a reused ``nn.ReLU``, say) is an
 error: which call's activation is meant is ambiguous, and picking one silently would explain a
@@ -13,14 +17,18 @@ different layer than the user named.
 from __future__ import annotations
 
 import functools
+import math
+import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.layouts import check_layout_option
+from ..engine.layers import output_layouts
+from ..engine.layouts import Layout, check_layout_option
 from ..engine.passes import Record, Tap
-from ..errors import SaliencyError
+from ..errors import SaliencyError, SaliencyWarning
 from .registry import Context, Method, check_bool, register
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -161,19 +169,49 @@ register(Method(
 # --- FullGrad -------------------------------------------------------------------------------
 
 
+_BIASED = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear, nn.LayerNorm, nn.GroupNorm, *_NORMS,
+)  # fmt: skip
+
+
 def effective_bias(module: nn.Module) -> torch.Tensor:
-    """A conv's bias, or a BatchNorm's bias in eval mode: beta - mean * gamma / sqrt(var + eps)."""
+    """A layer's bias, or a BatchNorm's bias in eval mode: beta - mean * gamma / sqrt(var + eps).
+    LayerNorm and GroupNorm add beta after normalising: their bias is beta."""
     if isinstance(module, _NORMS):
         scale = module.weight / torch.sqrt(module.running_var + module.eps)
         return (module.bias - module.running_mean * scale).detach()
     return module.bias.detach()
 
 
-def _bias_taps(ctx: Context, opts: dict) -> dict:
-    _spatial_inputs(ctx)
-    taps = {}
-    for name, module in ctx.model.named_modules():
-        if not isinstance(module, _CONVS + _NORMS) or module.bias is None:
+@dataclass
+class BiasTerms:
+    """Which biased layers FullGrad reads, with their output layout per call."""
+
+    read: dict[str, list[Layout | None]]  # None: a call whose output has no grid
+    no_grid: list[str]  # biased layers whose outputs have no grid (heads): not FullGrad terms
+    not_read: dict[str, str]  # layer -> why its bias-gradient cannot be placed on the grid
+
+    def describe(self) -> str:
+        text = f"{len(self.read)} of {len(self.read) + len(self.not_read)} biased grid layers"
+        if self.no_grid:
+            text += f" ({len(self.no_grid)} without a grid, e.g. {self.no_grid[0]!r}, left out)"
+        if self.not_read:
+            shown = ", ".join(f"{k!r} ({v})" for k, v in list(self.not_read.items())[:6])
+            more = f", ... ({len(self.not_read) - 6} more)" if len(self.not_read) > 6 else ""
+            text += f"; not read: {shown}{more}"
+        return text
+
+
+def bias_terms(model: nn.Module, sample: torch.Tensor) -> BiasTerms:
+    """Every biased Conv/Linear/norm layer whose output lies on the inputs' grid, read through
+    its layout (channels-first, channels-last or tokens); the others, with the reason."""
+    outputs = output_layouts(model, sample)
+    spatial = sample.dim() - 2
+    read, no_grid, not_read = {}, [], {}
+    for name, module in model.named_modules():
+        bias = getattr(module, "bias", None)
+        if not isinstance(module, _BIASED) or not isinstance(bias, nn.Parameter):
             continue
         if isinstance(module, _NORMS) and module.running_mean is None:
             raise SaliencyError(
@@ -181,8 +219,49 @@ def _bias_taps(ctx: Context, opts: dict) -> dict:
                 "(track_running_stats=False), so its bias depends on the batch; FullGrad needs a "
                 "fixed bias per layer"
             )
-        taps[_BIAS_TAP + name] = Tap(module, False)
-    return taps
+        calls = outputs.get(name)
+        if not calls:
+            not_read[name] = "not called as a module; its bias is used inside another op"
+            continue
+        layouts, why = [], ""
+        for layout, shape in calls:
+            if len(shape) < 3 or (layout is not None and math.prod(layout.grid) == 1):
+                layouts.append(None)  # no grid: nothing to place on the inputs
+                why = why or "its output has no grid"
+            elif layout is None or len(layout.grid) != spatial:
+                layouts.append(None)
+                why = "its output layout is unknown"
+            elif layout.channels(shape) != bias.numel():
+                layouts.append(None)
+                why = f"its bias ({bias.numel()}) is not one value per channel"
+            else:
+                layouts.append(layout)
+        if any(lay is not None for lay in layouts):
+            read[name] = layouts
+        if why == "its output has no grid" and name not in read:
+            no_grid.append(name)
+        elif why and why != "its output has no grid":
+            not_read[name] = why
+    return BiasTerms(read, no_grid, not_read)
+
+
+def _terms(ctx: Context) -> BiasTerms:
+    terms = ctx.cache.get("fullgrad")
+    if terms is None:
+        terms = ctx.cache["fullgrad"] = bias_terms(ctx.model, ctx.sample)
+        if terms.not_read:
+            warnings.warn(
+                f"fullgrad on {type(ctx.model).__name__} reads {terms.describe()}; the map "
+                "leaves those bias terms out (the audits' settings['terms'] says the same)",
+                SaliencyWarning,
+                stacklevel=2,
+            )
+    return terms
+
+
+def _bias_taps(ctx: Context, opts: dict) -> dict:
+    _spatial_inputs(ctx)
+    return {_BIAS_TAP + name: Tap(ctx.module(name), False) for name in _terms(ctx).read}
 
 
 def _psi(flat: torch.Tensor, positive: bool, factor: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,15 +310,25 @@ def _fullgrad(record: Record, ctx: Context, opts: dict) -> torch.Tensor:
     # is linear: the maps of one size are summed first and upsampled once.
     product = (inputs * record.input_grad).flatten(2)
     grouped: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    terms = _terms(ctx)
     for tap, calls in record.taps.items():
         if not tap.startswith(_BIAS_TAP):
             continue
-        bias = effective_bias(ctx.module(tap[len(_BIAS_TAP) :]))
-        for _, gradient in calls:
-            # No gradient: the output does not reach the target score. Another rank (e.g.
-            # BatchNorm1d on flattened features): no spatial map to bring into input space.
-            if gradient is None or gradient.dim() != inputs.dim():
+        name = tap[len(_BIAS_TAP) :]
+        bias = effective_bias(ctx.module(name))
+        layouts = terms.read[name]
+        if len(calls) != len(layouts):
+            raise SaliencyError(
+                f"fullgrad: layer {name!r} ran {len(calls)} times in this forward pass and "
+                f"{len(layouts)} times in the forward that planned it; the model's forward "
+                "changes between calls"
+            )
+        for (_, gradient), layout in zip(calls, layouts):
+            # No gradient: the output does not reach the target score. No layout: the call's
+            # output has no grid to bring into input space (a head on pooled features).
+            if gradient is None or layout is None:
                 continue
+            gradient = layout.to_channels_first(gradient)
             grouped.setdefault(tuple(gradient.shape[2:]), []).append((gradient, bias))
     by_size = {size: _psi(product, positive)}
     for key, parts in grouped.items():
@@ -260,5 +349,6 @@ register(Method(
     reference="Srinivas & Fleuret 2019",
     readout=_fullgrad,
     taps=_bias_taps,
+    describe=lambda model, x: bias_terms(model, x[:1]).describe(),
     validate=_check_positive,
 ))  # fmt: skip

@@ -28,6 +28,8 @@ class Context:
     layer: CamLayer | None
     batch_size: int | None
     input_shape: tuple[int, ...]
+    sample: torch.Tensor | None = None  # one input sample, for what a method plans per model
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
     _modules: dict[str, nn.Module] | None = field(
         default=None, init=False, repr=False, compare=False
     )
@@ -96,6 +98,8 @@ class Method:
     taps: Callable[[Context, dict], dict] = field(default=lambda ctx, opts: {})
     validate: Callable[[dict], None] = field(default=lambda opts: None)
     input_grad: bool = True
+    # What the method reads on a model, in words, for the audits' settings["terms"].
+    describe: Callable[[nn.Module, torch.Tensor], str] | None = None
 
     def bind(self, options: Mapping[str, Any]) -> dict:
         """Defaults overridden by ``options``; an unknown option is an error naming valid ones."""

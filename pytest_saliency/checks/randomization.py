@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.state import copy_model, rng_preserved
+from ..engine.state import copy_model, eval_mode, rng_preserved
 from ..engine.targets import resolve_targets
 from ..errors import SaliencyError
 from ..explainer import allow_grad, check_target, opaque_module
@@ -155,6 +155,8 @@ def parameter_randomization(
         target = target.to(logits.device)
     targets = resolve_targets(target, logits)
     specs = [a[3] for a in audited]
+    with eval_mode(work):
+        terms = [spec.describe(work, x) if spec.describe else None for spec in specs]
     layers_of = [
         cam_layer(work, x, spec, a[6], r.options) for spec, a, r in zip(specs, audited, requests)
     ]
@@ -225,6 +227,7 @@ def parameter_randomization(
                     "layers": layers_arg,
                     "layer": cam.name if cam else None,
                     "layout": str(cam.layout) if cam else None,
+                    **({"terms": terms[i]} if terms[i] is not None else {}),
                     "batch_size": batch_size,
                     "target": target,
                 },

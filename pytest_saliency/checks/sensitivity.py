@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.state import eval_mode
 from ..engine.targets import resolve_targets
 from ..errors import NonFiniteError, SaliencyError
 from ..explainer import allow_grad, check_target
@@ -112,6 +113,8 @@ def output_sensitivity(
     targets = targets.cpu()
     others = other_classes(logits, targets, against, seed)
     specs = [a[3] for a in audited]
+    with eval_mode(model):
+        terms = [spec.describe(model, x) if spec.describe else None for spec in specs]
     layers_of = [
         cam_layer(model, x, spec, a[6], r.options) for spec, a, r in zip(specs, audited, requests)
     ]
@@ -167,6 +170,7 @@ def output_sensitivity(
                     "target": target,
                     "layer": cam.name if cam else None,
                     "layout": str(cam.layout) if cam else None,
+                    **({"terms": terms[i]} if terms[i] is not None else {}),
                     "batch_size": batch_size,
                 },
                 cause=constant_cause(spec, cam, x) if constant else "",

@@ -22,7 +22,7 @@ the global pooling), or found by default; and its feature layout.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -124,6 +124,7 @@ class _Point:
     versions: list[int]  # each tensor's version counter when recorded (in-place ops bump it)
     layout: Layout | None
     order: int
+    layouts: list[Layout | None] = field(default_factory=list)  # per call
 
     @property
     def label(self) -> str:
@@ -163,10 +164,11 @@ def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
         entry = points.get(key)
         if entry is None:
             layout = tagger.layout_of(t)
-            points[key] = _Point(*key, module, [t], [t._version], layout, len(points))
+            points[key] = _Point(*key, module, [t], [t._version], layout, len(points), [layout])
         else:
             entry.tensors.append(t)
             entry.versions.append(t._version)
+            entry.layouts.append(tagger.layout_of(t))
 
     with torch.enable_grad(), removable_hooks() as handles:
         for name, module in model.named_modules():
@@ -409,3 +411,16 @@ def _default(model, x, method, probe, given, spatial) -> CamLayer:
         f"(the last modules: {considered}). Use larger inputs, name a layer (layer=...), or use "
         "an input-space method (e.g. 'gradient')"
     )
+
+
+def output_layouts(
+    model: nn.Module, x: torch.Tensor
+) -> dict[str, list[tuple[Layout | None, tuple[int, ...]]]]:
+    """Each module's output (layout, shape) per call, from one dry forward on ``x[:1]`` (eval
+    mode); modules never called with a tensor output are absent."""
+    probe = _probe(model, x)
+    return {
+        entry.name: [(lay, tuple(t.shape)) for lay, t in zip(entry.layouts, entry.tensors)]
+        for entry in probe.points.values()
+        if entry.point == "output"
+    }

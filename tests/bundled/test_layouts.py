@@ -3,6 +3,7 @@ the global pooling's input; the default layer."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -304,3 +305,60 @@ def test_audit_results_carry_the_layer_and_layout():
     assert result.to_dict()["settings"]["layout"] == "tokens(prefix=1, grid=2x2)"
     rand = ps.parameter_randomization(model, x, "gradcam++", layers="blocks")
     assert rand.settings["layout"] == "tokens(prefix=1, grid=2x2)"
+
+
+def test_fullgrad_reads_token_and_channels_last_biases_through_their_layouts():
+    from tests.bundled.test_cam import ref_fullgrad
+
+    model, x = built(TinyViT).double(), randn(2, 3, 8, 8, seed=14).double()
+    target = torch.tensor([1, 2])
+    with pytest.warns(ps.SaliencyWarning, match=r"out_proj' \(not called as a module"):
+        got = ps.explain(model, x, "fullgrad", target=target)
+    # Reference: every biased module called on the token grid, its output gradient as a grid.
+    names = ["embed", "blocks.0.norm1", "blocks.0.norm2", "blocks.0.mlp", "blocks.1.norm1",
+             "blocks.1.norm2", "blocks.1.mlp", "norm"]  # fmt: skip
+    modules = dict(model.named_modules())
+    outs = {}
+    handles = [
+        modules[n].register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o)) for n in names
+    ]
+    xg = x.clone().requires_grad_(True)
+    try:
+        score = model(xg).gather(1, target[:, None]).sum()
+    finally:
+        for h in handles:
+            h.remove()
+    grads = torch.autograd.grad(score, [xg, *(outs[n] for n in names)])
+    grid = {n: (lambda t: t) if n == "embed" else tokens_to_grid(1, (2, 2)) for n in names}
+    biased = [(modules[n].bias.detach(), grid[n](g)) for n, g in zip(names, grads[1:])]
+    want = ref_fullgrad(x, grads[0], biased, True)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-12)
+    rand = ps.output_sensitivity(model, x, "fullgrad")
+    assert rand.settings["terms"].startswith("8 of 10 biased grid layers (1 without a grid")
+
+
+def test_fullgrad_on_a_channels_last_block():
+    from tests.bundled.test_cam import ref_fullgrad
+
+    model, x = built(ChannelsLast).double(), randn(2, 3, 6, 6, seed=15).double()
+    target = torch.tensor([0, 3])
+    got = ps.explain(model, x, "fullgrad", target=target)
+    outs = {}
+    handles = [
+        m.register_forward_hook(lambda mod, a, o, n=n: outs.__setitem__(n, o))
+        for n, m in (("conv", model.stem.conv), ("norm", model.norm), ("mix", model.mix))
+    ]
+    xg = x.clone().requires_grad_(True)
+    try:
+        score = model(xg).gather(1, target[:, None]).sum()
+    finally:
+        for h in handles:
+            h.remove()
+    grads = torch.autograd.grad(score, [xg, outs["conv"], outs["norm"], outs["mix"]])
+    biased = [
+        (model.stem.conv.bias.detach(), grads[1]),
+        (model.norm.bias.detach(), grads[2].permute(0, 3, 1, 2)),
+        (model.mix.bias.detach(), grads[3].permute(0, 3, 1, 2)),
+    ]
+    np.testing.assert_allclose(got.numpy(), ref_fullgrad(x, grads[0], biased, True),
+                               rtol=1e-9, atol=1e-12)  # fmt: skip
