@@ -9,8 +9,11 @@ rule. All of it happens in the engine's torch-function mode; the model is never 
 - a BatchNorm with eval statistics whose input is, unchanged, such a layer's output is folded
   into that layer (see :mod:`pytest_saliency.engine.canonize`); any other BatchNorm passes
   relevance through unchanged (zennit's ``Pass``);
-- ReLUs pass relevance unchanged (``Pass``); other activations raise
-  :class:`~pytest_saliency.errors.UnsupportedActivationError`;
+- ReLUs and the other elementwise activations (GELU, SiLU, sigmoid, tanh, Hardswish, ...)
+  pass relevance unchanged (``Pass``);
+- a gate, a product of the signal with the output of a sigmoid-like activation of the signal
+  (``x * sigmoid(g(x))``, squeeze-and-excitation), is a constant multiplier (Arras et al.
+  2017): relevance stays on the signal path, ``x``, and none enters the gate's branch;
 - a sum of two activations (``a + b``, ``a += b``, ``a.add_(b)``, ``torch.add``) splits
   relevance in proportion to the operands (zennit's ``Norm``). An operand pair counts as two
   activations when both are tensors that require grad, neither is an ``nn.Parameter``, and they
@@ -37,7 +40,7 @@ from torch import nn
 
 from ..engine.accounting import ROUTING, rule_function
 from ..engine.canonize import Producers, fold_batch_norm
-from ..engine.rules import ActivationRule, RuleSet
+from ..engine.rules import GATE_MARK, ActivationRule, RuleSet
 from ..errors import SaliencyError, UnsupportedActivationError
 from .registry import Method, input_map, register
 
@@ -455,6 +458,13 @@ class _Propagation:
             return func(*args, **kwargs)
         pairs = ((a, b),) if numerator_only else ((a, b), (b, a))
         for x, c in pairs:
+            if _signal(x) and _signal(c) and getattr(c, GATE_MARK, False) and not numerator_only:
+                # A gate x * sigmoid(g(x)) is a constant multiplier (Arras et al. 2017): the
+                # relevance stays on the signal path and none enters the gate's branch.
+                if torch.broadcast_shapes(x.shape, c.shape) == x.shape and c.dtype == x.dtype:
+                    gate = c.detach()
+                    operands = (x, gate) if x is a else (gate, x)
+                    return _Scale.apply(x, lambda ops=operands: func(*ops), inplace)
             if _signal(x) and _constant(c):
                 tensor = isinstance(c, torch.Tensor)
                 out_shape = torch.broadcast_shapes(x.shape, c.shape) if tensor else x.shape
@@ -497,7 +507,8 @@ class _Propagation:
             raise UnsupportedActivationError(
                 f"method {self.method!r} has no LRP rule for {label}, which the model calls on "
                 "the relevance path; LRP here covers Conv/Linear layers (with BatchNorm folded "
-                "in), ReLU, sums of activations, average and max pooling. Use a plain-gradient "
+                "in), elementwise activations, sigmoid gates, sums of activations, average and "
+                "max pooling. Use a plain-gradient "
                 "method (gradient, input_x_gradient, integrated_gradients, smoothgrad) instead"
             )
 
@@ -538,6 +549,7 @@ def lrp_rules(method: str, rule) -> RuleSet:
     return RuleSet(
         f"{method}:{vars(rule)}",
         activation=PassReLU(),
+        others="pass",
         functions=propagation.functions(),
         install=propagation.install,
         watch=propagation.watch,

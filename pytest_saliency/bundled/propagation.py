@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.accounting import ELEMENTWISE, GATES, LINEAR
 from ..engine.rules import ActivationRule, RuleSet
+from ..errors import SaliencyError
 from .registry import Method, check_bool, check_number, input_map, register
 
 
@@ -70,44 +72,71 @@ class Rectified(ActivationRule):
         return torch.gt(importance, tau, out=importance).mul_(grad_out)
 
 
-_GUIDED = RuleSet("guided", activation=Guided())
-_DECONV = RuleSet("deconvnet", activation=Deconv())
+OTHERS = ("raise", "gradient")
+
+
+def _rules(name: str, activation: ActivationRule, opts: dict) -> RuleSet:
+    """The ReLU rule; with ``other_activations="gradient"`` the plain gradient passes through
+    every other elementwise activation and through products of two signal tensors (gates)."""
+    if opts["other_activations"] == "gradient":
+        allowed = LINEAR | ELEMENTWISE | {GATES}
+        return RuleSet(f"{name}+gradient", activation=activation, allowed=allowed,
+                       others="gradient")  # fmt: skip
+    return RuleSet(name, activation=activation)
+
+
+def _check_others(opts: dict) -> None:
+    value = opts["other_activations"]
+    if value not in OTHERS:
+        raise SaliencyError(
+            f"option 'other_activations' must be one of {', '.join(repr(o) for o in OTHERS)}, "
+            f"got {value!r}: 'raise' refuses activations other than ReLU, 'gradient' passes the "
+            "plain gradient through them and through gates"
+        )
+
+
+_GUIDED = {o: _rules("guided", Guided(), {"other_activations": o}) for o in OTHERS}
+_DECONV = {o: _rules("deconvnet", Deconv(), {"other_activations": o}) for o in OTHERS}
 
 register(Method(
     name="guided_backprop",
     family="propagation",
     positive=True,
-    defaults={},
+    defaults={"other_activations": "raise"},
     reference="Springenberg et al. 2015",
-    rules=lambda opts: _GUIDED,
+    rules=lambda opts: _GUIDED[opts["other_activations"]],
     readout=lambda rec, ctx, opts: input_map(rec.input_grad),
+    validate=_check_others,
 ))  # fmt: skip
 
 register(Method(
     name="deconvnet",
     family="propagation",
     positive=True,
-    defaults={},
+    defaults={"other_activations": "raise"},
     reference="Zeiler & Fergus 2014",
-    rules=lambda opts: _DECONV,
+    rules=lambda opts: _DECONV[opts["other_activations"]],
     readout=lambda rec, ctx, opts: input_map(rec.input_grad),
+    validate=_check_others,
 ))  # fmt: skip
 
 
 def _validate_rectgrad(opts):
     check_number(opts, "percentile", 0.0, 100.0)
     check_bool(opts, "positive")
+    _check_others(opts)
 
 
 register(Method(
     name="rectgrad",
     family="propagation",
     positive=True,
-    defaults={"percentile": 98.0, "positive": True},
+    defaults={"percentile": 98.0, "positive": True, "other_activations": "raise"},
     reference="Kim et al. 2019",
-    rules=lambda opts: RuleSet(
+    rules=lambda opts: _rules(
         f"rectified-{opts['percentile']}-{opts['positive']}",
-        activation=Rectified(float(opts["percentile"]), bool(opts["positive"])),
+        Rectified(float(opts["percentile"]), bool(opts["positive"])),
+        opts,
     ),
     readout=lambda rec, ctx, opts: input_map(rec.inputs * rec.input_grad),
     validate=_validate_rectgrad,

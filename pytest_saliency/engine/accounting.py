@@ -68,6 +68,19 @@ LINEAR = ROUTING | frozenset(
     }
 )  # fmt: skip
 
+# Elementwise activations other than ReLU: their plain gradient is what a rule set that lets
+# "the gradient through other activations" (``other_activations="gradient"``) means.
+ELEMENTWISE = frozenset(
+    {
+        "Gelu", "Silu", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Elu", "Celu",
+        "LeakyRelu", "Softplus", "Mish", "Hardtanh", "LogSigmoid", "PreluKernel",
+        "RreluWithNoise", "Glu", "Softshrink", "Hardshrink", "Threshold",
+    }
+)  # fmt: skip
+# In an allow-list: products of two signal tensors (gates, x * sigmoid(g(x))) keep their
+# plain gradient too.
+GATES = "<gates>"
+
 # Products: linear only while the signal enters through at most one of these operand
 # positions (a second one makes it a gate or an attention product). Division is linear in its
 # numerator only.
@@ -158,7 +171,7 @@ def judge(node: object, flags: tuple[bool, ...], allowed: frozenset[str]) -> str
     operands = _PRODUCT_OPERANDS.get(kind)
     if operands is not None:
         carrying = [i for i in operands if i < len(flags) and flags[i]]
-        if len(carrying) > 1:
+        if len(carrying) > 1 and not (kind == "Mul" and GATES in allowed):
             return "a product of two signal tensors (a gate or an attention product)"
         if kind in _NUMERATOR_ONLY and carrying and carrying[0] != 0:
             return "a division by a signal tensor" if kind == "Div" else "a signal-driven grid"

@@ -11,6 +11,8 @@ plain gradient.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -271,6 +273,10 @@ class RuleSet:
     ``hides``: handled functions whose tensor operands after the first (weights, biases,
     statistics) the rules treat as constants, outside the autograd graph; the pass raises if
     one of them was computed from the signal.
+    ``others``: what elementwise activations other than ReLU get: ``"raise"`` (an error),
+    ``"gradient"`` (their plain gradient, and products of two signal tensors too: the
+    caller's ``allowed`` must say so) or ``"pass"`` (LRP's Pass: relevance through unchanged;
+    the outputs of sigmoid-like gates are marked so the rules can treat them as constants).
     """
 
     name: str
@@ -280,6 +286,7 @@ class RuleSet:
     watch: Callable[[Callable, tuple, dict], None] | None = None
     allowed: frozenset[str] = LINEAR
     hides: frozenset[Callable] = frozenset()
+    others: str = "raise"
 
     @property
     def is_plain(self) -> bool:
@@ -303,13 +310,19 @@ class RuleSet:
             yield None
             return
         with removable_hooks() as handles:
-            if self.activation is not None:
+            if self.activation is not None and self.others == "raise":
                 _reject_unknown_activation_modules(model, method)
             trace = Trace(method, model, inputs, self.allowed, handles)
             if self.install is not None:
                 self.install(model, handles)
             with _RuleMode(self, method, trace):
                 yield trace
+
+
+OTHER_ACTIVATIONS_ADVICE = (
+    "With other_activations='gradient' the plain gradient passes through such activations and "
+    "through multiplicative gates (as captum does silently), and the method id says so."
+)
 
 
 def _reject_unknown_activation_modules(model: nn.Module, method: str) -> None:
@@ -320,8 +333,64 @@ def _reject_unknown_activation_modules(model: nn.Module, method: str) -> None:
             raise UnsupportedActivationError(
                 f"method {method!r} has rules for ReLU activations only, but module {name!r} "
                 f"is {type(module).__name__}; its rule cannot be applied faithfully there. "
-                f"{WORKING_METHODS}"
+                f"{OTHER_ACTIVATIONS_ADVICE} {WORKING_METHODS}"
             )
+
+
+# Activations whose output is a gate in [0, 1] when it multiplies another signal tensor.
+_GATE_FUNCTIONS = frozenset(
+    f for f in (torch.sigmoid, torch.Tensor.sigmoid, F.hardsigmoid,
+                getattr(torch.Tensor, "sigmoid_", None), getattr(torch, "sigmoid_", None))
+    if f is not None
+)  # fmt: skip
+GATE_MARK = "_saliency_gate"
+
+
+@rule_function
+class _PassActivation(torch.autograd.Function):
+    """An elementwise activation whose backward passes relevance unchanged (zennit's Pass)."""
+
+    @staticmethod
+    def forward(ctx, x, compute, inplace):
+        out = compute()
+        if inplace:
+            ctx.mark_dirty(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, r):
+        return r, None, None
+
+
+@functools.cache
+def _inplace_position(func) -> int | None:
+    try:
+        names = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("inplace") if "inplace" in names else None
+
+
+def _inplace_flag(func, args, kwargs) -> bool:
+    position = _inplace_position(func)
+    if position is None:
+        return False
+    return bool(args[position]) if len(args) > position else bool(kwargs.get("inplace", False))
+
+
+def _pass_activation(func, args, kwargs) -> torch.Tensor | None:
+    """``func(*args, **kwargs)`` with Pass as its backward, or None when the call is not an
+    elementwise activation of one signal tensor (it then runs as written and is judged)."""
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, torch.Tensor) or not x.requires_grad or not x.is_floating_point():
+        return None
+    if func is F.glu:
+        return None  # halves the channels: not elementwise
+    inplace = _OTHER_ACTIVATIONS[func].endswith("_") or _inplace_flag(func, args, kwargs)
+    result = _PassActivation.apply(x, lambda: func(*args, **kwargs), inplace and not x.is_leaf)
+    if func in _GATE_FUNCTIONS:
+        setattr(result, GATE_MARK, True)
+    return result
 
 
 class _RuleMode(TorchFunctionMode):
@@ -362,12 +431,17 @@ class _RuleMode(TorchFunctionMode):
                     result = _relu_with_rule(activation, *relu)
                     trace.vouch_view(result)
                     return result
-            if func in _OTHER_ACTIVATIONS:
+            if func in _OTHER_ACTIVATIONS and self.rules.others == "pass":
+                result = _pass_activation(func, args, kwargs)
+                if result is not None:
+                    trace.vouch_view(result)
+                    return result
+            elif func in _OTHER_ACTIVATIONS and self.rules.others == "raise":
                 where = f" in module {trace.module!r}" if trace.module else ""
                 raise UnsupportedActivationError(
                     f"method {self.method!r} has rules for ReLU activations only, but the model "
                     f"calls {_OTHER_ACTIVATIONS[func]}{where}; its rule cannot be applied "
-                    f"faithfully there. {WORKING_METHODS}"
+                    f"faithfully there. {OTHER_ACTIVATIONS_ADVICE} {WORKING_METHODS}"
                 )
         result = func(*args, **kwargs)
         trace.record(func, result)
