@@ -1,7 +1,8 @@
 """Time a cascading randomization audit of five plain-autograd methods, beside floor and quantus.
 
 One run prints, for ``resnet18`` (weights=None, eval) on 8x3x64x64 inputs and every module with
-parameters (41 steps, top-down, cascading), the wall time of:
+parameters (41 steps, top-down, cascading), the wall time of (``--model vit_b_16``: torchvision's
+ViT-B/16 on 64x64 inputs, 77 steps, gradient and Grad-CAM, no quantus):
 
 - the floor: (steps + 1) forward+backward passes back to back (forward, target logits,
   ``autograd.grad`` w.r.t. the inputs), timed right before and right after each configuration;
@@ -44,6 +45,19 @@ import torchvision
 import pytest_saliency as ps
 
 METHODS = ["gradient", "input_x_gradient", "gradcam", "gradcam++", "fullgrad"]
+# Per model: the methods audited together, and how the model is built (weights=None).
+MODELS = {
+    "resnet18": (METHODS, lambda size: torchvision.models.resnet18(weights=None)),
+    "vit_b_16": (["gradient", "gradcam"], lambda size: vit_b_16(size)),
+}
+
+
+def vit_b_16(size: int) -> torch.nn.Module:
+    """torchvision's ViT-B/16 on ``size`` inputs; its head starts at zero (every gradient would
+    be zero), so it is drawn like the other linear layers."""
+    model = torchvision.models.vit_b_16(weights=None, image_size=size)
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
 
 
 def sync() -> None:
@@ -189,6 +203,7 @@ def quantus_runs(model, x, targets) -> tuple[dict[str, Callable[[], object]], st
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="resnet18")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -198,9 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
+    methods, build = MODELS[args.model]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = torchvision.models.resnet18(weights=None).eval()
+        model = build(args.size).eval()
         x = torch.randn(args.batch, 3, args.size, args.size)
     model, x = model.to(device), x.to(device)
     if device.type == "cuda":
@@ -209,21 +225,25 @@ def main(argv: list[str] | None = None) -> None:
         targets = model(x).argmax(dim=1)
 
     def together():
-        return ps.parameter_randomization(model, x, METHODS, similarity="spearman", target=targets)
+        return ps.parameter_randomization(model, x, methods, similarity="spearman", target=targets)
 
     def one_at_a_time():
-        for name in METHODS:
+        for name in methods:
             ps.parameter_randomization(model, x, name, similarity="spearman", target=targets)
 
     steps = len(together()[0].layers)
     fb = forward_backward(model, x, targets)
     fb()
+    k = len(methods)
+    together_name = f"ours, {k} methods together"
     runs: dict[str, Callable[[], object]] = {
-        "ours, 5 methods together": together,
-        "ours, 5 methods one at a time": one_at_a_time,
+        together_name: together,
+        f"ours, {k} methods one at a time": one_at_a_time,
     }
     note = "quantus skipped (--no-quantus)"
-    if not args.no_quantus and device.type != "cpu":
+    if args.model != "resnet18":
+        note = "quantus skipped (its comparison is set up for resnet18)"
+    elif not args.no_quantus and device.type != "cpu":
         note = "quantus skipped (its MPRT runs here on CPU inputs only)"
     elif not args.no_quantus:
         found, note = quantus_runs(model, x, targets)
@@ -249,19 +269,18 @@ def main(argv: list[str] | None = None) -> None:
             ratios["floor"].append(1.0)
             times[name].append(took)
             ratios[name].append(took / floor)
-            if name == "ours, 5 methods together":
+            if name == together_name:
                 single = (steps + 1) * statistics.median(seconds(fb) for _ in range(5))
                 ratios["single-pass floor"].append(took / single)
     median = {name: statistics.median(t) for name, t in times.items()}
     ratio = {name: statistics.median(r) for name, r in ratios.items()}
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"resnet18 (weights=None, eval), batch {args.batch}x3x{args.size}x{args.size}, {where}, "
+    print(f"{args.model} (weights=None, eval), batch {args.batch}x3x{args.size}x{args.size}, {where}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; cascading top-down "
           f"over {steps} modules, spearman; median of {args.repeats} rounds; {note}")  # fmt: skip
-    print(f"methods: {', '.join(METHODS)}\n")
+    print(f"methods: {', '.join(methods)}\n")
     print(f"{'configuration':<42}{'seconds':>9}{'/ floor':>9}{'/ together':>12}")
-    together_name = "ours, 5 methods together"
     for name, value in median.items():
         label = f"floor: ({steps} + 1) x forward+backward" if name == "floor" else name
         print(f"{label:<42}{value:9.2f}{ratio[name]:8.2f}x"
@@ -269,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     quantus_name = "quantus MPRT, 5 calls (one per method)"
     verdict = {True: "met", False: "NOT met"}
     floor_ratio = ratio[together_name]
-    print(f"\ntarget: 5 methods together <= 1.5x floor: {floor_ratio:.2f}x "
+    print(f"\ntarget: {k} methods together <= 1.5x floor: {floor_ratio:.2f}x "
           f"({verdict[floor_ratio <= 1.5]})")  # fmt: skip
     print(f"  (the same runs against (steps + 1) x the median of 5 single passes, the floor "
           f"this script used before: {ratio['single-pass floor']:.2f}x)")  # fmt: skip
@@ -280,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.phases:
         phases = phase_seconds(together)
         total = phases.pop("total")
-        print(f"\nphases of one audit, 5 methods together ({total:.3f} s in all):")
+        print(f"\nphases of one audit, {k} methods together ({total:.3f} s in all):")
         for label, value in phases.items():
             print(f"  {label:<46}{value:8.3f} s {100 * value / total:5.1f}%")
 

@@ -8,10 +8,12 @@ from digits import model as digits_model
 from digits.training import checkpoint_path, load_or_train
 from resnet import model as resnet_model
 from torch import nn
+from vit import model as vit_model
 
 CASES = [
     pytest.param(digits_model, 0.95, (1, 32, 32), id="digitsnet"),
     pytest.param(resnet_model, 0.90, (3, 32, 32), id="resnet18"),
+    pytest.param(vit_model, 0.95, (1, 32, 32), id="digitsvit"),
 ]
 
 

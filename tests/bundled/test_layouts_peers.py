@@ -113,3 +113,27 @@ def test_agrees_with_pytorch_grad_cam(case, method):
 def test_default_layer(case):
     model, x, _, _, _, default = case
     assert resolve_cam_layer(model, x, "gradcam", None, None).name == default
+
+
+@pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "timm_vit_tiny", "timm_deit_tiny"])
+def test_randomization_covers_every_parameter_of_transformers(name):
+    from pytest_saliency.checks.steps import plan_steps
+
+    factory, size, *_ = CASES[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = factory().eval()
+    plan = plan_steps(model, torch.randn(1, 3, size, size), None)
+    assert plan.coverage == 1.0 and plan.skipped == [] and plan.unused == []
+    names = [s.name for s in plan.steps]
+    # Attention weights sit where the attention runs: after the block's first norm, before
+    # its second (bottom-up order).
+    if name == "vit_b_16":
+        block = "encoder.layers.encoder_layer_3."
+        at = [names.index(block + part) for part in
+              ("ln_1", "self_attention", "self_attention.out_proj", "ln_2")]  # fmt: skip
+    else:
+        block = "blocks.3." if name.startswith("timm") else "features.5.1."
+        parts = ("norm1", "attn.qkv", "attn.proj", "norm2")
+        at = [names.index(block + part) for part in parts]
+    assert at == sorted(at)
