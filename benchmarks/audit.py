@@ -276,9 +276,10 @@ def main(argv: list[str] | None = None) -> None:
     ratio = {name: statistics.median(r) for name, r in ratios.items()}
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{args.model} (weights=None, eval), batch {args.batch}x3x{args.size}x{args.size}, {where}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; cascading top-down "
-          f"over {steps} modules, spearman; median of {args.repeats} rounds; {note}")  # fmt: skip
+    print(f"{args.model} (weights=None, eval), batch {args.batch}x3x{args.size}x{args.size}, "
+          f"{where}, torch {torch.__version__}, {torch.get_num_threads()} threads; cascading "
+          f"top-down over {steps} modules, spearman; median of {args.repeats} rounds; "
+          f"{note}")  # fmt: skip
     print(f"methods: {', '.join(methods)}\n")
     print(f"{'configuration':<42}{'seconds':>9}{'/ floor':>9}{'/ together':>12}")
     for name, value in median.items():

@@ -17,10 +17,9 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from digits.data import digits_data, held_out
 from digits.training import accuracy, fit, load_or_train
+from torch import nn
 
 INPUT_SIZE = 32
 CONFIG = {
