@@ -81,8 +81,8 @@ def cause(exc: Exception) -> str:
     for pattern in (
         r"  - ([\w.]+) \(autograd",  # op accounting: the first op listed
         r"module '[^']*' is (\w+)",  # an activation module
-        r"calls ([\w.]+)",  # a functional activation
         r"no LRP rule for ([\w.]+)",
+        r"model calls ([\w.]+)",  # a functional activation
     ):
         found = re.search(pattern, text)
         if found:

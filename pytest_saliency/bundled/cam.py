@@ -28,6 +28,7 @@ from torch import nn
 from ..engine.layers import output_layouts
 from ..engine.layouts import Layout, check_layout_option
 from ..engine.passes import Record, Tap
+from ..engine.uses import parameter_uses
 from ..errors import SaliencyError, SaliencyWarning
 from .registry import Context, Method, check_bool, register
 
@@ -207,6 +208,7 @@ def bias_terms(model: nn.Module, sample: torch.Tensor) -> BiasTerms:
     """Every biased Conv/Linear/norm layer whose output lies on the inputs' grid, read through
     its layout (channels-first, channels-last or tokens); the others, with the reason."""
     outputs = output_layouts(model, sample)
+    used = parameter_uses(model, sample)
     spatial = sample.dim() - 2
     read, no_grid, not_read = {}, [], {}
     for name, module in model.named_modules():
@@ -220,6 +222,8 @@ def bias_terms(model: nn.Module, sample: torch.Tensor) -> BiasTerms:
                 "fixed bias per layer"
             )
         calls = outputs.get(name)
+        if not calls and id(bias) not in used:
+            continue  # never used by the forward (an auxiliary head in eval mode): no term
         if not calls:
             not_read[name] = "not called as a module; its bias is used inside another op"
             continue
