@@ -7,6 +7,7 @@ outcome is one cell: ``ok`` for a finite map of the input's shape, or the error'
 layers it reads; Grad-CAM cells the default layer and its layout.
 
     python benchmarks/supported_models.py > /tmp/table.md   # about 5 minutes on 2 CPU cores
+    python benchmarks/supported_models.py --full             # one column per method
 
 Nothing is downloaded; timm is optional (its rows are left out without it).
 """
@@ -14,6 +15,7 @@ Nothing is downloaded; timm is optional (its rows are left out without it).
 from __future__ import annotations
 
 import re
+import sys
 import time
 import warnings
 
@@ -105,7 +107,29 @@ def cell(model, x, method, options) -> str:
     return "ok"
 
 
+# The README's columns: methods whose outcome is the same on every model share one column.
+GROUPS = [
+    ("gradient, input × gradient, IG, SmoothGrad", ["gradient", "input_x_gradient",
+                                                    "integrated_gradients", "smoothgrad"]),
+    ("guided, deconvnet, RectGrad", ["guided_backprop", "deconvnet", "rectgrad"]),
+    ("the same, `other_activations=\"gradient\"`", ["guided_backprop+gradient",
+                                                    "deconvnet+gradient", "rectgrad+gradient"]),
+    ("LRP (ε, z+, αβ)", ["lrp_epsilon", "lrp_zplus", "lrp_alpha_beta"]),
+    ("Grad-CAM, Grad-CAM++", ["gradcam", "gradcam++"]),
+    ("FullGrad (grid layers read)", ["fullgrad"]),
+]  # fmt: skip
+
+
+def grouped(cells: dict[str, str]) -> list[str]:
+    out = []
+    for _, members in GROUPS:
+        values = [cells[m] for m in members]
+        out.append(values[0] if len(set(values)) == 1 else " / ".join(values))
+    return out
+
+
 def main() -> None:
+    full = "--full" in sys.argv
     try:
         import timm  # noqa: F401
     except ImportError:
@@ -113,9 +137,10 @@ def main() -> None:
     else:
         models = MODELS
     columns = [label(m, o) for m, o in METHODS]
+    heads = columns if full else [g for g, _ in GROUPS]
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}; 2 inputs each\n")
-    print("| model | default CAM layer | " + " | ".join(columns) + " |")
-    print("|---|---|" + "---|" * len(columns))
+    print("| model | default CAM layer | " + " | ".join(heads) + " |")
+    print("|---|---|" + "---|" * len(heads))
     for name, build, size in models:
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
@@ -127,8 +152,9 @@ def main() -> None:
             default = f"`{layer.name}` {layer.layout}"
         except ps.SaliencyError as exc:
             default = f"none: {cause(exc)}"
-        cells = [cell(model, x, m, o) for m, o in METHODS]
-        print(f"| {name} | {default} | " + " | ".join(cells) + " |", flush=True)
+        cells = {label(m, o): cell(model, x, m, o) for m, o in METHODS}
+        shown = list(cells.values()) if full else grouped(cells)
+        print(f"| {name} | {default} | " + " | ".join(shown) + " |", flush=True)
         warnings.warn(f"{name}: {time.perf_counter() - start:.1f} s", stacklevel=1)
 
 
