@@ -95,9 +95,11 @@ def test_each_step_changes_exactly_its_parameters(monkeypatch):
         "embed": {"embed.weight", "embed.bias"},
     }
     for name, state in zip(result.layers, copies.states[1:]):
-        if name == "norm":  # LayerNorm resets to ones and zeros: its init is its own state
-            with torch.no_grad():
-                assert torch.equal(state["norm.weight"], torch.ones(8))
+        if name == "norm":
+            # LayerNorm resets to ones and zeros, which this untrained norm already holds:
+            # nothing changes, and nothing outside the norm may either.
+            assert changed(original, state) <= expected[name]
+            assert torch.equal(state["norm.weight"], torch.ones(8))
             continue
         assert changed(original, state) == expected[name], name
 

@@ -78,7 +78,7 @@ def _spatial_inputs(ctx: Context) -> None:
 
 def _layer_taps(ctx: Context, opts: dict) -> dict:
     layer = ctx.layer
-    return {_CAM_TAP + layer.name: Tap(layer.module, True, layer.point, layer.pool)}
+    return {_CAM_TAP + layer.name: Tap(layer.module, True, layer.point, layer.pool, layer.name)}
 
 
 def _layer_record(record: Record, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +86,13 @@ def _layer_record(record: Record, ctx: Context) -> tuple[torch.Tensor, torch.Ten
     layer's layout), or a clear error."""
     layer = ctx.layer
     calls = record.taps.get(_CAM_TAP + layer.name, [])
+    if not calls:
+        raise SaliencyError(
+            f"method {ctx.method!r}: {layer.describe()} produced no tensor that depends on the "
+            "inputs in this forward pass (its output does not require grad: a buffer, a "
+            "detached or no_grad computation); pick a layer on the path from the inputs to the "
+            "class scores"
+        )
     if len(calls) != 1:
         # The layer was checked on a dry forward; a forward that changes from call to call
         # (data-dependent control flow) is caught here.
@@ -211,10 +218,12 @@ def bias_terms(model: nn.Module, sample: torch.Tensor) -> BiasTerms:
     used = parameter_uses(model, sample)
     spatial = sample.dim() - 2
     read, no_grid, not_read = {}, [], {}
+    layer_biases: set[int] = set()
     for name, module in model.named_modules():
         bias = getattr(module, "bias", None)
         if not isinstance(module, _BIASED) or not isinstance(bias, nn.Parameter):
             continue
+        layer_biases.add(id(bias))
         if isinstance(module, _NORMS) and module.running_mean is None:
             raise SaliencyError(
                 f"fullgrad: BatchNorm layer {name!r} keeps no running statistics "
@@ -229,8 +238,10 @@ def bias_terms(model: nn.Module, sample: torch.Tensor) -> BiasTerms:
             continue
         layouts, why = [], ""
         for layout, shape in calls:
-            if len(shape) < 3 or (layout is not None and math.prod(layout.grid) == 1):
-                layouts.append(None)  # no grid: nothing to place on the inputs
+            if shape[0] == 1 and (
+                len(shape) < 3 or (layout is not None and math.prod(layout.grid) == 1)
+            ):
+                layouts.append(None)  # one vector per sample, no grid: nothing to place
                 why = why or "its output has no grid"
             elif layout is None or len(layout.grid) != spatial:
                 layouts.append(None)
@@ -246,6 +257,12 @@ def bias_terms(model: nn.Module, sample: torch.Tensor) -> BiasTerms:
             no_grid.append(name)
         elif why and why != "its output has no grid":
             not_read[name] = why
+    # Biases that no Conv/Linear/norm layer call adds (MultiheadAttention's in_proj_bias, a
+    # bare bias parameter): their terms are not read either.
+    for pname, p in model.named_parameters():
+        if pname.rsplit(".", 1)[-1].endswith("bias") and id(p) not in layer_biases:
+            if id(p) in used:
+                not_read[pname] = "a bias parameter outside a Conv/Linear/norm layer's call"
     return BiasTerms(read, no_grid, not_read)
 
 

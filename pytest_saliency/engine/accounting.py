@@ -77,8 +77,8 @@ ELEMENTWISE = frozenset(
         "RreluWithNoise", "Glu", "Softshrink", "Hardshrink", "Threshold",
     }
 )  # fmt: skip
-# In an allow-list: products of two signal tensors (gates, x * sigmoid(g(x))) keep their
-# plain gradient too.
+# In an allow-list: products of the signal with a sigmoid gate of it (x * sigmoid(g(x))) keep
+# their plain gradient too; other products of two signal tensors (x * x) still do not.
 GATES = "<gates>"
 
 # Products: linear only while the signal enters through at most one of these operand
@@ -147,6 +147,29 @@ def signal_nodes(root: object, sinks: tuple[torch.Tensor, ...]):
             yield node, flags
 
 
+_GATE_KINDS = frozenset({"Sigmoid", "Hardsigmoid"})
+_PASSING = frozenset({"Expand", "View", "UnsafeView", "Reshape", "ReshapeAlias", "Unsqueeze",
+                      "Squeeze", "Clone", "ToCopy", "Alias", "Permute", "Transpose", "Repeat",
+                      "ExpandAs"})  # fmt: skip
+
+
+def _gated(node: object, carrying: list[int]) -> bool:
+    """A product of two signal tensors in which one of them is a gate: the output of a sigmoid
+    (or hard sigmoid), possibly reshaped or broadcast on the way."""
+    for i in carrying:
+        child = node.next_functions[i][0]
+        for _ in range(8):
+            if child is None:
+                break
+            kind = node_kind(child)
+            if kind in _GATE_KINDS:
+                return True
+            if kind not in _PASSING or not child.next_functions:
+                break
+            child = child.next_functions[0][0]
+    return False
+
+
 def judge(node: object, flags: tuple[bool, ...], allowed: frozenset[str]) -> str | None:
     """None when ``node`` is accounted for under a rule set allowing ``allowed``; else why not."""
     forward_cls = getattr(type(node), "_forward_cls", None)
@@ -171,7 +194,8 @@ def judge(node: object, flags: tuple[bool, ...], allowed: frozenset[str]) -> str
     operands = _PRODUCT_OPERANDS.get(kind)
     if operands is not None:
         carrying = [i for i in operands if i < len(flags) and flags[i]]
-        if len(carrying) > 1 and not (kind == "Mul" and GATES in allowed):
+        gate = kind == "Mul" and GATES in allowed and _gated(node, carrying)
+        if len(carrying) > 1 and not gate:
             return "a product of two signal tensors (a gate or an attention product)"
         if kind in _NUMERATOR_ONLY and carrying and carrying[0] != 0:
             return "a division by a signal tensor" if kind == "Div" else "a signal-driven grid"

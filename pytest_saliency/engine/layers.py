@@ -22,6 +22,7 @@ the global pooling), or found by default; and its feature layout.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -247,6 +248,27 @@ class _SpatialWatch(Tagger):
         return [last > at for at in self.at]
 
 
+def _attention_scopes(model: nn.Module) -> list[str]:
+    """Names of the modules whose class is an attention: a class name with ``Attention`` or
+    ``Attn`` in it that is not a block or layer around one (timm's
+    ``LayerScaleBlockClassAttn``)."""
+    found = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if name and re.search(r"attention|attn", kind, re.IGNORECASE):
+            if not re.search(r"block|layer", kind, re.IGNORECASE):
+                found.append(name)
+    return found
+
+
+def _inside(entry: _Point, scopes: list[str]) -> bool:
+    """An attention module's output, or any tensor inside one (its input is the block's)."""
+    for scope in scopes:
+        if entry.name.startswith(scope + ".") or (entry.name == scope and entry.point == "output"):
+            return True
+    return False
+
+
 def _blank(layout: Layout, activation: torch.Tensor, grad: torch.Tensor | None) -> str:
     """Why a CAM of this tensor is blank by construction ('' when it is not)."""
     if grad is None:
@@ -304,8 +326,11 @@ def _checked(model, x, method, name, point, module, entry, given, spatial, defau
     where = f"{'layer' if not default else 'the default layer'} {name!r} ({kind})"
     if entry is None or not entry.tensors:
         raise SaliencyError(
-            f"method {method!r}: {where} was not called with a tensor during the forward pass "
-            "on these inputs; pick a module on the path from the inputs to the class scores"
+            f"method {method!r}: {where} did not "
+            f"{'get a tensor input' if point == 'input' else 'return a tensor'} during the "
+            "forward pass on these inputs (it was not called, or its output is a tuple or "
+            "another non-tensor); pick a module on the path from the inputs to the class "
+            "scores that returns its feature map"
         )
     if len(entry.tensors) > 1:
         raise SaliencyError(
@@ -359,19 +384,20 @@ def _default(model, x, method, probe, given, spatial) -> CamLayer:
     if events and probe.width is None:
         event = events[-1]
         entry = _name_of(probe, event.source, event.version)
-        layout = event.layout
+        source = probe.derived.get(id(event.source), event.source)
+        tensor, layout = event.source, event.layout
+        if source is not event.source and entry is not None:
+            tensor, layout = source, entry.layout  # a slice was pooled: read the whole tensor
         if given is not None:
             where = f"method {method!r}: the pooled map"
-            layout = given_layout(*given, tuple(event.source.shape), tuple(x.shape), layout, where)
-        source = probe.derived.get(id(event.source), event.source)
+            layout = given_layout(*given, tuple(tensor.shape), tuple(x.shape), layout, where)
         usable = source is not probe.inputs and _readable(layout, spatial)
-        if usable and not _blank(layout, event.source, probe.grad(event.source)):
+        if usable and not _blank(layout, tensor, probe.grad(tensor)):
             if entry is not None:
-                if given is None and id(event.source) in probe.derived and entry.layout:
-                    layout = entry.layout  # a slice of it was pooled: read the whole tensor
                 return CamLayer(entry.label, entry.point, entry.module, layout, True)
             return CamLayer(GLOBAL_POOL, "pool", None, layout, True, (event.func, event.call))
     reasons: list[str] = []
+    attention = _attention_scopes(model)
     # A module's input is often the output of the module before it: one tensor, named by the
     # module that made it (the latest such module, for nested ones).
     owner = {}
@@ -386,11 +412,17 @@ def _default(model, x, method, probe, given, spatial) -> CamLayer:
                 entry = made
         name = entry.label
         layout = entry.layout
-        if given is not None and layout is not None and layout.kind != given[0]:
+        if (
+            given is not None
+            and layout is not None
+            and (layout.kind != given[0] or (given[1] is not None and layout.prefix != given[1]))
+        ):
             layout = None
         why = ""
         if t is probe.inputs:
             continue  # the model's inputs: an input-space method's business
+        if _inside(entry, attention):
+            continue  # attention internals: queries, keys, values, mixed heads
         if len(entry.tensors) > 1:
             why = f"runs {len(entry.tensors)} times"
         elif not _readable(layout, spatial):

@@ -115,6 +115,12 @@ def given_layout(
     if tag is not None and tag.kind == TOKENS and (prefix is None or prefix == tag.prefix):
         return tag
     options = token_grids(shape[1], inputs[2:], prefix)
+    if not options and prefix is not None:
+        raise SaliencyError(
+            f"{where} has {shape[1]} tokens; with {prefix} prefix tokens the other "
+            f"{shape[1] - prefix} form no grid of square patches on inputs {tuple(inputs[2:])}; "
+            "check the prefix count, or give layout='tokens' to infer it"
+        )
     if len(options) != 1:
         found = ", ".join(str(o) for o in options) or "none"
         raise SaliencyError(
@@ -155,14 +161,25 @@ _RESHAPES = {"view", "reshape", "flatten", "unflatten", "contiguous"}
 _PERMUTES = {"permute", "transpose", "swapaxes", "movedim", "moveaxis"}
 # Ops that act along the last axis only: they keep a channels-last or tokens tag.
 _LAST_AXIS = {"linear", "layer_norm", "rms_norm", "matmul", "softmax", "log_softmax", "normalize"}
-# Ops whose output is never read as a tagged input's copy, whatever its shape.
-_STRUCTURAL = _RESHAPES | _PERMUTES | {
-    "__getitem__", "cat", "concat", "concatenate", "stack", "mm", "bmm", "einsum", "split",
-    "chunk", "unbind", "roll", "narrow", "expand", "repeat", "squeeze", "unsqueeze", "t",
-    "pad", "unfold", "fold", "flip", "gather", "index_select", "masked_select", "take",
-    "as_strided", "diagonal", "tril", "triu", "cumsum", "cumprod", "sort", "topk", "argsort",
-    "__property__",
+# Pointwise ops (an allow-list): an output of a tagged input's shape keeps its tag. Every
+# other op drops it, whatever its output's shape (a swapdims or rot90 of a square map keeps
+# the shape and moves the grid).
+_POINTWISE = {
+    "add", "sub", "rsub", "mul", "div", "true_divide", "neg", "abs", "sign", "pow", "square",
+    "sqrt", "rsqrt", "reciprocal", "exp", "log", "log1p", "expm1", "erf", "sin", "cos",
+    "maximum", "minimum", "clamp", "clip", "clamp_min", "clamp_max", "where", "masked_fill",
+    "lerp", "addcmul", "addcdiv", "nan_to_num", "floor", "ceil", "round", "trunc",
+    "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
+    "hardtanh", "elu", "selu", "celu", "leaky_relu", "softplus", "mish", "prelu", "rrelu",
+    "threshold", "logsigmoid", "softsign", "tanhshrink", "hardshrink", "softshrink",
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+    "feature_alpha_dropout", "clone", "detach", "to", "type", "type_as", "float", "double",
+    "half", "bfloat16", "cpu", "cuda", "requires_grad", "__add__", "__radd__", "__iadd__",
+    "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__", "__truediv__",
+    "__rtruediv__", "__itruediv__", "__neg__", "__pow__", "__rpow__", "__ipow__", "__abs__",
 }  # fmt: skip
+# Ops that copy along the channel axis only (a grey image repeated to three channels).
+_CHANNEL_COPIES = {"repeat", "expand", "expand_as", "tile", "repeat_interleave"}
 
 
 def function_name(func) -> str:
@@ -255,11 +272,14 @@ class Tagger(TorchFunctionMode):
             return
         shape = tuple(out.shape)
         if name in _PRODUCERS:
+            # A convolution, pooling or norm keeps a channels-first map channels-first, on
+            # its own grid; on a map it did not get from the inputs that way (a transposed or
+            # rotated one, or an untagged one) its grid is not the inputs' and has no tag.
             grown = name.startswith("adaptive") and tag is not None and any(
                 o > i for o, i in zip(shape[2:], tag.grid))  # fmt: skip
             # An adaptive pooling to a larger grid (VGG's 7x7 on small inputs) resamples.
-            self.tag(out, Layout(CHANNELS_FIRST, shape[2:]) if out.dim() >= 3 and not grown
-                     else None)  # fmt: skip
+            keeps = tag is not None and tag.kind == CHANNELS_FIRST and out.dim() == first.dim()
+            self.tag(out, Layout(CHANNELS_FIRST, shape[2:]) if keeps and not grown else None)
             if name in _POOLS and isinstance(first, torch.Tensor) and first.dim() == out.dim():
                 source = tag or self._declared(first, tuple(range(2, first.dim())))
                 if source is not None and source.kind == CHANNELS_FIRST:
@@ -294,7 +314,10 @@ class Tagger(TorchFunctionMode):
             self.tag(out, self._concatenated(first, kwargs.get("dim", args[1] if len(args) > 1
                                                                else 0), shape))  # fmt: skip
             return
-        if name in _LAST_AXIS or name not in _STRUCTURAL:
+        if tag is not None and name in _CHANNEL_COPIES:
+            self.tag(out, _channel_copy(tag, tuple(first.shape), shape))
+            return
+        if name in _LAST_AXIS or name in _POINTWISE:
             self.tag(out, self._kept(name, args, kwargs, shape))
             return
         self.tag(out, None)
@@ -380,6 +403,13 @@ class Tagger(TorchFunctionMode):
             after = sum(t.shape[1] for t in tensors[i + 1 :])
             return Layout(TOKENS, first.grid, first.prefix + before) if after == 0 else None
         return None
+
+
+def _channel_copy(tag: Layout, before, after) -> Layout | None:
+    if tag.kind not in (CHANNELS_FIRST, CHANNELS_LAST) or len(after) != len(before):
+        return None
+    grid = after[2:] if tag.kind == CHANNELS_FIRST else after[1:-1]
+    return tag if after[0] == before[0] and tuple(grid) == tag.grid else None
 
 
 def _same_aspect(grid: tuple[int, ...], size: tuple[int, ...]) -> bool:

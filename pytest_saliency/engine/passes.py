@@ -46,13 +46,15 @@ class Tap(NamedTuple):
     keep_activation: bool = True
     point: str = "output"
     pool: tuple[str, int] | None = None
+    label: str = ""  # how errors name it (the CAM layer as the user wrote it)
 
 
-def _input_tap(name: str, store: dict[str, list]):
+def _input_tap(name: str, label: str, store: dict[str, list], versions: list):
     def hook(module, args):
         if not args or not isinstance(args[0], torch.Tensor) or not args[0].requires_grad:
             return None
         store.setdefault(name, []).append((args[0], True))
+        versions.append((label, args[0], args[0]._version))
         return (args[0].clone(), *args[1:])  # the module reads a copy: see _tap
 
     return hook
@@ -62,10 +64,14 @@ class _PoolTaps(TorchFunctionMode):
     """Records the input of chosen calls of a function (by name and call count) and hands the
     call a copy, as a module tap does."""
 
-    def __init__(self, taps: list[tuple[str, tuple[str, int]]], store: dict[str, list]) -> None:
+    def __init__(
+        self, taps: list[tuple[str, tuple[str, int], str]], store: dict[str, list],
+        versions: list,
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.wanted = {pool: name for name, pool in taps}
+        self.wanted = {pool: (name, label) for name, pool, label in taps}
         self.store = store
+        self.versions = versions
         self.counts: dict[str, int] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -73,9 +79,11 @@ class _PoolTaps(TorchFunctionMode):
         fname = function_name(func)
         call = self.counts.get(fname, 0)
         self.counts[fname] = call + 1
-        name = self.wanted.get((fname, call))
-        if name is not None and args and isinstance(args[0], torch.Tensor):
+        wanted = self.wanted.get((fname, call))
+        if wanted is not None and args and isinstance(args[0], torch.Tensor):
+            name, label = wanted
             self.store.setdefault(name, []).append((args[0], True))
+            self.versions.append((label, args[0], args[0]._version))
             args = (args[0].clone(), *args[1:])
         return func(*args, **kwargs)
 
@@ -132,19 +140,29 @@ def forward_backward(
     x = inputs.detach().clone().requires_grad_(True)
     store: dict[str, list] = {}
     with torch.enable_grad(), removable_hooks() as tensor_hooks:
-        pools = []
+        pools: list = []
+        versions: list = []  # tapped inputs, which the forward may still change in place
         with removable_hooks() as handles:
             for name, tap in (taps or {}).items():
                 if tap.point == "pool":
-                    pools.append((name, tap.pool))
+                    pools.append((name, tap.pool, tap.label))
                 elif tap.point == "input":
-                    handles.append(tap.module.register_forward_pre_hook(_input_tap(name, store)))
+                    hook = _input_tap(name, tap.label, store, versions)
+                    handles.append(tap.module.register_forward_pre_hook(hook))
                 else:
                     hook = _tap(name, tap.keep_activation, input_grad, store, tensor_hooks)
                     handles.append(tap.module.register_forward_hook(hook))
-            pooling = _PoolTaps(pools, store) if pools else contextlib.nullcontext()
+            pooling = _PoolTaps(pools, store, versions) if pools else contextlib.nullcontext()
             with rules.applied(model, method, x) as trace, pooling:
                 output = call_model(model, x)
+        for label, tensor, version in versions:
+            if tensor._version != version:
+                raise SaliencyError(
+                    f"the tensor read as layer {label!r} was changed in place later "
+                    "in the forward pass (e.g. h += f(h)), so it is no longer the map that was "
+                    "read; name a module's output instead (its output is copied before any "
+                    "in-place op can change it)"
+                )
         logits = check_logits(output, type(model).__name__, x.shape[0])
         check_connected(logits, type(model).__name__)
         if trace is not None:

@@ -364,7 +364,7 @@ def test_layer_errors(net64, x64):
 def test_layer_that_does_not_run(x64):
     model = build(Net).double()
     model.spare = nn.Conv2d(3, 3, 1).double()  # registered, never called
-    with pytest.raises(SaliencyError, match=r"'spare' \(Conv2d\) was not called with a tensor"):
+    with pytest.raises(SaliencyError, match=r"'spare' \(Conv2d\) did not return a tensor"):
         ps.explain(model, x64, "gradcam", layer="spare")
     # A module that never runs adds no FullGrad term, and is no unread term to warn about.
     plain = build(Net).double()

@@ -246,7 +246,7 @@ def test_unknown_layout_is_refused_and_can_be_given():
 def test_attention_internals_are_not_a_cam_layout():
     model, x = built(TinyViT), randn(2, 3, 8, 8, seed=9)
     # The MultiheadAttention output is a tuple; its out_proj never runs as a module.
-    with pytest.raises(SaliencyError, match="was not called with a tensor"):
+    with pytest.raises(SaliencyError, match="did not return a tensor"):
         ps.explain(model, x, "gradcam", layer="blocks.0.attn.out_proj")
 
 
@@ -312,8 +312,9 @@ def test_fullgrad_reads_token_and_channels_last_biases_through_their_layouts():
 
     model, x = built(TinyViT).double(), randn(2, 3, 8, 8, seed=14).double()
     target = torch.tensor([1, 2])
-    with pytest.warns(ps.SaliencyWarning, match=r"out_proj' \(not called as a module"):
+    with pytest.warns(ps.SaliencyWarning, match=r"out_proj' \(not called as a module") as seen:
         got = ps.explain(model, x, "fullgrad", target=target)
+    assert "'blocks.0.attn.in_proj_bias' (a bias parameter outside" in str(seen[0].message)
     # Reference: every biased module called on the token grid, its output gradient as a grid.
     names = ["embed", "blocks.0.norm1", "blocks.0.norm2", "blocks.0.mlp", "blocks.1.norm1",
              "blocks.1.norm2", "blocks.1.mlp", "norm"]  # fmt: skip
@@ -334,7 +335,7 @@ def test_fullgrad_reads_token_and_channels_last_biases_through_their_layouts():
     want = ref_fullgrad(x, grads[0], biased, True)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-12)
     rand = ps.output_sensitivity(model, x, "fullgrad")
-    assert rand.settings["terms"].startswith("8 of 10 biased grid layers (1 without a grid")
+    assert rand.settings["terms"].startswith("8 of 12 biased grid layers (1 without a grid")
 
 
 def test_fullgrad_on_a_channels_last_block():
@@ -362,3 +363,116 @@ def test_fullgrad_on_a_channels_last_block():
     ]
     np.testing.assert_allclose(got.numpy(), ref_fullgrad(x, grads[0], biased, True),
                                rtol=1e-9, atol=1e-12)  # fmt: skip
+
+
+class Swapped(nn.Module):
+    """A square conv map whose channel and width axes are swapped: the same shape, another
+    layout. Pooled over what are now the grid axes (1, 2)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.stem = Stem(8)
+        self.swap = Lambda(op)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.swap(self.stem(x)).mean(dim=(1, 2)))
+
+
+@pytest.mark.parametrize(
+    "op",
+    [lambda t: torch.swapdims(t, 1, 3), lambda t: torch.rot90(t, 1, (2, 3)), lambda t: t.mT],
+    ids=["swapdims", "rot90", "mT"],
+)
+def test_same_shape_ops_that_move_the_grid_drop_the_tag(op):
+    model, x = built(lambda: Swapped(op)), randn(2, 3, 8, 8, seed=16)
+    with pytest.raises(SaliencyError, match=r"layer 'swap' \(Lambda\).*cannot be told"):
+        ps.explain(model, x, "gradcam", layer="swap")
+
+
+class TransposedConv(nn.Module):
+    """A convolution of the transposed input: its grid is not the input's."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x.transpose(2, 3))).flatten(1))
+
+
+def test_a_producer_on_a_moved_grid_has_no_layout():
+    model, x = built(TransposedConv), randn(2, 3, 6, 6, seed=17)
+    with pytest.raises(SaliencyError, match=r"layer 'conv' \(Conv2d\).*cannot be told"):
+        ps.explain(model, x, "gradcam", layer="conv")
+
+
+class InPlaceAfter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = Stem(4)
+        self.block = Lambda(lambda t: 2 * t)  # saves nothing for backward: h may change
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.stem(x) * 1.0  # no module outputs h
+        h += self.block(h)  # changes the block's input in place
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_a_tapped_input_changed_in_place_later_is_refused():
+    model, x = built(InPlaceAfter), randn(2, 3, 6, 6, seed=18)
+    with pytest.raises(SaliencyError, match=r"layer 'block:input' was changed in place later"):
+        ps.explain(model, x, "gradcam", layer="block:input")
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, t):
+        weights = (self.q(t) @ self.k(t).transpose(1, 2)).softmax(dim=-1)
+        return self.proj(weights @ self.v(t))
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Linear(width, width)
+
+    def forward(self, t):
+        t = t + self.attn(self.norm1(t))
+        return t + self.mlp(self.norm2(t))
+
+
+def test_the_default_is_never_inside_an_attention_module():
+    """The values v(t) have the class token's width and are read after norm1: without the
+    attention rule the default would be 'blocks.1.attn.v'."""
+    model = built(TinyViT)
+    model.blocks = nn.Sequential(AttnBlock(8), AttnBlock(8)).eval()
+    layer = resolve_cam_layer(model, randn(2, 3, 8, 8, seed=19), "gradcam", None, None)
+    assert layer.name == "blocks.1.norm1"
+
+
+def test_a_given_token_prefix_is_honoured_by_the_default():
+    model, x = built(TinyViT), randn(2, 3, 8, 8, seed=20)
+    assert resolve_cam_layer(model, x, "gradcam", None, "tokens:1").name == "blocks.1.norm1"
+    with pytest.raises(SaliencyError, match="no module of TinyViT gives a usable one"):
+        resolve_cam_layer(model, x, "gradcam", None, "tokens:0")
+    with pytest.raises(SaliencyError, match=r"with 3 prefix tokens the other 2 form no grid"):
+        ps.explain(model, x, "gradcam", layer="norm", layout="tokens:3")
+
+
+def test_a_given_layout_with_a_mean_pooled_slice():
+    model, x = built(lambda: TinyViT(pool="mean")), randn(2, 3, 8, 8, seed=21)
+    layer = resolve_cam_layer(model, x, "gradcam", None, "tokens")
+    assert (layer.name, str(layer.layout)) == ("norm", "tokens(prefix=1, grid=2x2)")
+    torch.testing.assert_close(
+        ps.explain(model, x, "gradcam", layout="tokens"), ps.explain(model, x, "gradcam")
+    )

@@ -190,3 +190,19 @@ def test_a_product_of_two_signals_that_is_not_a_gate_still_raises_under_lrp():
     torch.manual_seed(9)
     with pytest.raises(UnsupportedActivationError, match=r"Tensor.mul \(autograd MulBackward0\)"):
         ps.explain(Square().eval(), randn(2, 3, 5, 5), "lrp_epsilon")
+
+
+def test_gradient_passthrough_lets_gates_through_but_not_other_products():
+    class Square(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3, padding=1)
+            self.head = nn.Linear(2, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            return self.head((h * h).mean(dim=(2, 3)))
+
+    torch.manual_seed(10)
+    with pytest.raises(UnsupportedActivationError, match="a product of two signal tensors"):
+        ps.explain(Square().eval(), randn(2, 3, 5, 5), "guided_backprop", **GRADIENT)
