@@ -238,9 +238,10 @@ def bias_terms(model: nn.Module, sample: torch.Tensor) -> BiasTerms:
             continue
         layouts, why = [], ""
         for layout, shape in calls:
-            if shape[0] == 1 and (
-                len(shape) < 3 or (layout is not None and math.prod(layout.grid) == 1)
-            ):
+            # One position per sample ([1, C], [1, C, 1, 1], one token): no grid. The probe
+            # runs one sample, so a first axis above 1 is samples and positions flattened.
+            single = len(shape) < 3 or math.prod(shape[2:]) == 1 or shape[1] == 1
+            if shape[0] == 1 and single:
                 layouts.append(None)  # one vector per sample, no grid: nothing to place
                 why = why or "its output has no grid"
             elif layout is None or len(layout.grid) != spatial:

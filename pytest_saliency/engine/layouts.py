@@ -291,9 +291,13 @@ class Tagger(TorchFunctionMode):
             source = tag
             if tag is None and dims is not None:
                 source = self._declared(first, dims)
-            if source is not None and dims == _spatial_axes(source, first.dim()):
+            pooled = source is not None and dims == _spatial_axes(source, first.dim())
+            if pooled:
                 self.events.append(Event("pool", first, source, out, name, call))
-            self.tag(out, None)
+            keepdim = bool(kwargs.get("keepdim", args[2] if len(args) > 2 else False))
+            # A pooling that keeps its axes (an SE block's squeeze) leaves a one-position map.
+            one = pooled and keepdim and source.kind in (CHANNELS_FIRST, CHANNELS_LAST)
+            self.tag(out, Layout(source.kind, (1,) * len(source.grid)) if one else None)
             return
         if tag is not None and name == "__getitem__":
             self._index(first, tag, args[1] if len(args) > 1 else None, out, call)

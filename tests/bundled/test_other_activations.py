@@ -206,3 +206,18 @@ def test_gradient_passthrough_lets_gates_through_but_not_other_products():
     torch.manual_seed(10)
     with pytest.raises(UnsupportedActivationError, match="a product of two signal tensors"):
         ps.explain(Square().eval(), randn(2, 3, 5, 5), "guided_backprop", **GRADIENT)
+
+
+def test_fullgrad_leaves_the_se_squeeze_out_without_a_warning():
+    import warnings
+
+    from pytest_saliency.bundled.cam import bias_terms
+
+    model, x = senet(11), randn(2, 3, 8, 8, seed=12)
+    terms = bias_terms(model, x[:1])
+    assert sorted(terms.read) == ["conv1", "conv2"] and terms.not_read == {}
+    assert terms.no_grid == ["se.fc1", "se.fc2", "head"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ps.SaliencyWarning)
+        maps = ps.explain(model, x, "fullgrad")
+    assert bool(torch.isfinite(maps).all())
