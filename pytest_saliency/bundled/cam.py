@@ -179,7 +179,8 @@ register(Method(
 
 _BIASED = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.Linear, nn.LayerNorm, nn.GroupNorm, *_NORMS,
+    nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+    nn.InstanceNorm3d, *_NORMS,
 )  # fmt: skip
 
 
@@ -240,7 +241,9 @@ def bias_terms(model: nn.Module, sample: torch.Tensor) -> BiasTerms:
         for layout, shape in calls:
             # One position per sample ([1, C], [1, C, 1, 1], one token): no grid. The probe
             # runs one sample, so a first axis above 1 is samples and positions flattened.
-            single = len(shape) < 3 or math.prod(shape[2:]) == 1 or shape[1] == 1
+            single = (
+                len(shape) < 3 or math.prod(shape[2:]) == 1 or (len(shape) == 3 and shape[1] == 1)
+            )
             if shape[0] == 1 and single:
                 layouts.append(None)  # one vector per sample, no grid: nothing to place
                 why = why or "its output has no grid"
@@ -263,7 +266,10 @@ def bias_terms(model: nn.Module, sample: torch.Tensor) -> BiasTerms:
     for pname, p in model.named_parameters():
         if pname.rsplit(".", 1)[-1].endswith("bias") and id(p) not in layer_biases:
             if id(p) in used:
-                not_read[pname] = "a bias parameter outside a Conv/Linear/norm layer's call"
+                not_read[pname] = (
+                    "a bias parameter that no Conv/Linear/BatchNorm/LayerNorm/GroupNorm/"
+                    "InstanceNorm call adds"
+                )
     return BiasTerms(read, no_grid, not_read)
 
 

@@ -77,7 +77,8 @@ OTHERS = ("raise", "gradient")
 
 def _rules(name: str, activation: ActivationRule, opts: dict) -> RuleSet:
     """The ReLU rule; with ``other_activations="gradient"`` the plain gradient passes through
-    every other elementwise activation and through products of two signal tensors (gates)."""
+    every other elementwise activation and through gates: products of the signal with a
+    sigmoid-like, SiLU, GELU or tanh activation of it (other products of two signals raise)."""
     if opts["other_activations"] == "gradient":
         allowed = LINEAR | ELEMENTWISE | {GATES}
         return RuleSet(f"{name}+gradient", activation=activation, allowed=allowed,

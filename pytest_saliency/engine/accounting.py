@@ -77,8 +77,8 @@ ELEMENTWISE = frozenset(
         "RreluWithNoise", "Glu", "Softshrink", "Hardshrink", "Threshold",
     }
 )  # fmt: skip
-# In an allow-list: products of the signal with a sigmoid gate of it (x * sigmoid(g(x))) keep
-# their plain gradient too; other products of two signal tensors (x * x) still do not.
+# In an allow-list: products of the signal with a gate of it (x * sigmoid(g(x)), SwiGLU's
+# x * silu(g)) keep their plain gradient too; other products of two signals (x * x) do not.
 GATES = "<gates>"
 
 # Products: linear only while the signal enters through at most one of these operand
@@ -147,15 +147,18 @@ def signal_nodes(root: object, sinks: tuple[torch.Tensor, ...]):
             yield node, flags
 
 
-_GATE_KINDS = frozenset({"Sigmoid", "Hardsigmoid"})
+# Gates: sigmoid-like activations, and the GLU family's SiLU, GELU and tanh (SwiGLU, GEGLU);
+# ``relu6(x + 3) / 6`` is a hand-written hard sigmoid (its Hardtanh under a division).
+_GATE_KINDS = frozenset({"Sigmoid", "Hardsigmoid", "Silu", "Gelu", "Tanh", "Hardtanh"})
 _PASSING = frozenset({"Expand", "View", "UnsafeView", "Reshape", "ReshapeAlias", "Unsqueeze",
                       "Squeeze", "Clone", "ToCopy", "Alias", "Permute", "Transpose", "Repeat",
-                      "ExpandAs"})  # fmt: skip
+                      "ExpandAs", "Mul", "Div", "Add", "Sub"})  # fmt: skip
 
 
 def _gated(node: object, carrying: list[int]) -> bool:
-    """A product of two signal tensors in which one of them is a gate: the output of a sigmoid
-    (or hard sigmoid), possibly reshaped or broadcast on the way."""
+    """A product of two signal tensors in which one of them is a gate: the output of a gating
+    activation, possibly reshaped, broadcast, shifted or scaled by constants on the way (only
+    the first operand of those is followed, so ``x * h`` with two signals is not a gate)."""
     for i in carrying:
         child = node.next_functions[i][0]
         for _ in range(8):

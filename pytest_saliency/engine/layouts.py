@@ -157,8 +157,8 @@ _PRODUCERS = {
 }  # fmt: skip
 _POOLS = {n for n in _PRODUCERS if "pool" in n}
 _REDUCTIONS = {"mean", "amax", "max", "sum", "nanmean", "logsumexp", "nansum"}
-_RESHAPES = {"view", "reshape", "flatten", "unflatten", "contiguous"}
-_PERMUTES = {"permute", "transpose", "swapaxes", "movedim", "moveaxis"}
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "contiguous", "view_as", "reshape_as"}
+_PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"}
 # Ops that act along the last axis only: they keep a channels-last or tokens tag.
 _LAST_AXIS = {"linear", "layer_norm", "rms_norm", "matmul", "softmax", "log_softmax", "normalize"}
 # Pointwise ops (an allow-list): an output of a tagged input's shape keeps its tag. Every
@@ -176,8 +176,12 @@ _POINTWISE = {
     "feature_alpha_dropout", "clone", "detach", "to", "type", "type_as", "float", "double",
     "half", "bfloat16", "cpu", "cuda", "requires_grad", "__add__", "__radd__", "__iadd__",
     "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__", "__truediv__",
-    "__rtruediv__", "__itruediv__", "__neg__", "__pow__", "__rpow__", "__ipow__", "__abs__",
+    "__rtruediv__", "__rdiv__", "__itruediv__", "__neg__", "__pow__", "__rpow__", "__ipow__",
+    "__abs__",
 }  # fmt: skip
+# Ops that rearrange axes: when they leave no tag, the grid is moved (see ``Tagger.moved``).
+_REARRANGES = _PERMUTES | {"rot90", "flip", "fliplr", "flipud", "swapdims", "t", "adjoint",
+                           "__property__", "roll", "mT", "mH"}  # fmt: skip
 # Ops that copy along the channel axis only (a grey image repeated to three channels).
 _CHANNEL_COPIES = {"repeat", "expand", "expand_as", "tile", "repeat_interleave"}
 
@@ -232,6 +236,10 @@ class Tagger(TorchFunctionMode):
         super().__init__()
         self.tags: dict[int, tuple[torch.Tensor, Layout]] = {}
         self.derived: dict[int, torch.Tensor] = {}  # a token slice -> the tensor it was cut from
+        # Tensors whose grid is known to be moved off the inputs' (transposed, rotated, read
+        # across the wrong axes): nothing made from them gets a tag again. An untagged tensor
+        # that is not moved (after a channel slice, say) is tagged again by a convolution.
+        self.moved: dict[int, torch.Tensor] = {}
         self.events: list[Event] = []
         self.counts: dict[str, int] = {}
         self.size = tuple(inputs.shape[2:])
@@ -244,6 +252,14 @@ class Tagger(TorchFunctionMode):
                 self.tags[id(t)] = (t, layout)
             else:
                 self.tags.pop(id(t), None)
+
+    def is_moved(self, t: object) -> bool:
+        return isinstance(t, torch.Tensor) and self.moved.get(id(t)) is t
+
+    def move(self, t: object) -> None:
+        if isinstance(t, torch.Tensor):
+            self.tags.pop(id(t), None)
+            self.moved[id(t)] = t
 
     def layout_of(self, t: object) -> Layout | None:
         if not isinstance(t, torch.Tensor):
@@ -259,9 +275,23 @@ class Tagger(TorchFunctionMode):
         self.counts[name] = call + 1
         try:
             self._after(name, call, args, kwargs, out)
+            self._moved_after(name, args, kwargs, out)
         except Exception:  # the tagger must never break the user's forward: no tag, no event
-            self.tag(out if isinstance(out, torch.Tensor) else None, None)
+            self.move(out if isinstance(out, torch.Tensor) else None)
         return out
+
+    def _moved_after(self, name, args, kwargs, out) -> None:
+        """An op that rearranges axes of a tagged (or moved) tensor and leaves no tag moves the
+        grid; a pointwise op or a producer of a moved tensor keeps it moved."""
+        if not isinstance(out, torch.Tensor) or self.layout_of(out) is not None:
+            self.moved.pop(id(out), None) if isinstance(out, torch.Tensor) else None
+            return
+        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        first = leaves[0] if leaves else None
+        if name in _REARRANGES and (self.layout_of(first) is not None or self.is_moved(first)):
+            self.move(out)
+        elif name in _POINTWISE | _PRODUCERS | _LAST_AXIS and any(self.is_moved(t) for t in leaves):
+            self.move(out)
 
     def _after(self, name, call, args, kwargs, out) -> None:
         first = args[0] if args else None
@@ -278,10 +308,17 @@ class Tagger(TorchFunctionMode):
             grown = name.startswith("adaptive") and tag is not None and any(
                 o > i for o, i in zip(shape[2:], tag.grid))  # fmt: skip
             # An adaptive pooling to a larger grid (VGG's 7x7 on small inputs) resamples.
-            keeps = tag is not None and tag.kind == CHANNELS_FIRST and out.dim() == first.dim()
-            self.tag(out, Layout(CHANNELS_FIRST, shape[2:]) if keeps and not grown else None)
+            # An untagged input that is not known to be moved (a channel slice, a concatenation
+            # with an untagged part) is tagged again.
+            aligned = isinstance(first, torch.Tensor) and out.dim() == first.dim() and (
+                (tag is not None and tag.kind == CHANNELS_FIRST)
+                or (tag is None and not self.is_moved(first))
+            )  # fmt: skip
+            self.tag(out, Layout(CHANNELS_FIRST, shape[2:]) if aligned and not grown else None)
             if name in _POOLS and isinstance(first, torch.Tensor) and first.dim() == out.dim():
-                source = tag or self._declared(first, tuple(range(2, first.dim())))
+                source = tag
+                if tag is None and not self.is_moved(first):
+                    source = self._declared(first, tuple(range(2, first.dim())))
                 if source is not None and source.kind == CHANNELS_FIRST:
                     if math.prod(shape[2:]) == 1 < math.prod(source.grid):
                         self.events.append(Event("pool", first, source, out, name, call))
@@ -289,7 +326,7 @@ class Tagger(TorchFunctionMode):
         if name in _REDUCTIONS and isinstance(first, torch.Tensor):
             dims = _axes(kwargs.get("dim", args[1] if len(args) > 1 else None), first.dim())
             source = tag
-            if tag is None and dims is not None:
+            if tag is None and dims is not None and not self.is_moved(first):
                 source = self._declared(first, dims)
             pooled = source is not None and dims == _spatial_axes(source, first.dim())
             if pooled:
@@ -459,7 +496,7 @@ def _permuted(tag: Layout, rank: int, name: str, args, kwargs, shape) -> Layout 
         dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
         dims = kwargs.get("dims", dims)
         order = tuple(d % rank for d in dims)
-    elif name in ("transpose", "swapaxes"):
+    elif name in ("transpose", "swapaxes", "swapdims"):
         a, b = (args[0], args[1]) if len(args) >= 2 else (kwargs.get("dim0"), kwargs.get("dim1"))
         order = list(range(rank))
         order[a % rank], order[b % rank] = order[b % rank], order[a % rank]

@@ -314,7 +314,7 @@ def test_fullgrad_reads_token_and_channels_last_biases_through_their_layouts():
     target = torch.tensor([1, 2])
     with pytest.warns(ps.SaliencyWarning, match=r"out_proj' \(not called as a module") as seen:
         got = ps.explain(model, x, "fullgrad", target=target)
-    assert "'blocks.0.attn.in_proj_bias' (a bias parameter outside" in str(seen[0].message)
+    assert "'blocks.0.attn.in_proj_bias' (a bias parameter that no Conv" in str(seen[0].message)
     # Reference: every biased module called on the token grid, its output gradient as a grid.
     names = ["embed", "blocks.0.norm1", "blocks.0.norm2", "blocks.0.mlp", "blocks.1.norm1",
              "blocks.1.norm2", "blocks.1.mlp", "norm"]  # fmt: skip
@@ -476,3 +476,41 @@ def test_a_given_layout_with_a_mean_pooled_slice():
     torch.testing.assert_close(
         ps.explain(model, x, "gradcam", layout="tokens"), ps.explain(model, x, "gradcam")
     )
+
+
+class ChannelSliced(nn.Module):
+    """GoogLeNet's transform_input: channel slices, scaled, concatenated, then convolved; a
+    flatten head (so no pooling declares the layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        x = torch.cat([x[:, :1] * 0.5, x[:, [2, 1]]], dim=1)
+        return self.head(self.features(x).flatten(1))
+
+
+def test_a_convolution_tags_an_untagged_map_again_after_a_channel_shuffle():
+    model, x = built(ChannelSliced), randn(2, 3, 6, 6, seed=22)
+    layer = resolve_cam_layer(model, x, "gradcam", None, None)
+    assert (layer.name, str(layer.layout)) == ("features", "channels_first(6x6)")
+
+
+def test_fullgrad_reads_a_one_channel_map_on_the_grid():
+    from pytest_saliency.bundled.cam import bias_terms
+
+    class SpatialGate(nn.Module):  # CBAM-style: h * sigmoid(conv(h) -> 1 channel)
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.sa = nn.Conv2d(8, 1, 7, padding=3)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return self.head((h * torch.sigmoid(self.sa(h))).mean(dim=(2, 3)))
+
+    terms = bias_terms(built(SpatialGate), randn(1, 3, 8, 8, seed=23))
+    assert sorted(terms.read) == ["conv", "sa"] and terms.no_grid == ["head"]

@@ -221,3 +221,26 @@ def test_fullgrad_leaves_the_se_squeeze_out_without_a_warning():
         warnings.simplefilter("error", ps.SaliencyWarning)
         maps = ps.explain(model, x, "fullgrad")
     assert bool(torch.isfinite(maps).all())
+
+
+def test_a_hand_written_hard_sigmoid_gate_counts_as_a_gate():
+    class HardSE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.relu = nn.ReLU()  # a module: captum only overrides ReLU modules
+            self.fc = nn.Conv2d(4, 4, 1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.relu(self.conv(x))
+            gate = F.relu6(self.fc(h.mean(dim=(2, 3), keepdim=True)) + 3.0) / 6.0
+            return self.head((h * gate).mean(dim=(2, 3)))
+
+    torch.manual_seed(13)
+    model, x = HardSE().eval(), randn(2, 3, 5, 5)
+    import captum.attr
+
+    want = captum.attr.GuidedBackprop(copy.deepcopy(model)).attribute(x, target=1).sum(1)
+    got = ps.explain(model, x, "guided_backprop", target=1, **GRADIENT)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
