@@ -48,6 +48,22 @@ def activation_and_gradient(model, x, target, module, point="output", transform=
     return (transform(a), transform(g)) if transform else (a, g)
 
 
+def output_gradients(model, x, target, modules):
+    """The target score's gradient at the inputs, then at each module's output (plain
+    autograd, hooks removed)."""
+    outs: dict[int, torch.Tensor] = {}
+    handles = [
+        m.register_forward_hook(lambda mod, a, o: outs.__setitem__(id(mod), o)) for m in modules
+    ]
+    xg = x.clone().requires_grad_(True)
+    try:
+        score = model(xg).gather(1, target[:, None]).sum()
+    finally:
+        for h in handles:
+            h.remove()
+    return list(torch.autograd.grad(score, [xg, *(outs[id(m)] for m in modules)]))
+
+
 class Stem(nn.Module):
     def __init__(self, channels=6):
         super().__init__()
@@ -319,17 +335,8 @@ def test_fullgrad_reads_token_and_channels_last_biases_through_their_layouts():
     names = ["embed", "blocks.0.norm1", "blocks.0.norm2", "blocks.0.mlp", "blocks.1.norm1",
              "blocks.1.norm2", "blocks.1.mlp", "norm"]  # fmt: skip
     modules = dict(model.named_modules())
-    outs = {}
-    handles = [
-        modules[n].register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o)) for n in names
-    ]
-    xg = x.clone().requires_grad_(True)
-    try:
-        score = model(xg).gather(1, target[:, None]).sum()
-    finally:
-        for h in handles:
-            h.remove()
-    grads = torch.autograd.grad(score, [xg, *(outs[n] for n in names)])
+    gx, *grads = output_gradients(model, x, target, [modules[n] for n in names])
+    grads = [gx, *grads]
     grid = {n: (lambda t: t) if n == "embed" else tokens_to_grid(1, (2, 2)) for n in names}
     biased = [(modules[n].bias.detach(), grid[n](g)) for n, g in zip(names, grads[1:])]
     want = ref_fullgrad(x, grads[0], biased, True)
@@ -344,18 +351,7 @@ def test_fullgrad_on_a_channels_last_block():
     model, x = built(ChannelsLast).double(), randn(2, 3, 6, 6, seed=15).double()
     target = torch.tensor([0, 3])
     got = ps.explain(model, x, "fullgrad", target=target)
-    outs = {}
-    handles = [
-        m.register_forward_hook(lambda mod, a, o, n=n: outs.__setitem__(n, o))
-        for n, m in (("conv", model.stem.conv), ("norm", model.norm), ("mix", model.mix))
-    ]
-    xg = x.clone().requires_grad_(True)
-    try:
-        score = model(xg).gather(1, target[:, None]).sum()
-    finally:
-        for h in handles:
-            h.remove()
-    grads = torch.autograd.grad(score, [xg, outs["conv"], outs["norm"], outs["mix"]])
+    grads = output_gradients(model, x, target, [model.stem.conv, model.norm, model.mix])
     biased = [
         (model.stem.conv.bias.detach(), grads[1]),
         (model.norm.bias.detach(), grads[2].permute(0, 3, 1, 2)),

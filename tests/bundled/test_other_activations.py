@@ -176,36 +176,30 @@ def test_lrp_treats_a_sigmoid_gate_as_a_constant_multiplier():
     torch.testing.assert_close(got, r_x.sum(1), rtol=1e-9, atol=1e-12)
 
 
+class Product(nn.Module):
+    """conv, then ``h * f(h)`` for ``f`` given, a global mean and a head."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        self.head = nn.Linear(2, 2)
+        self.f = f
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.head((h * self.f(h)).mean(dim=(2, 3)))
+
+
 def test_a_product_of_two_signals_that_is_not_a_gate_still_raises_under_lrp():
-    class Square(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 2, 3, padding=1)
-            self.head = nn.Linear(2, 2)
-
-        def forward(self, x):
-            h = self.conv(x)
-            return self.head((h * torch.tanh(h)).mean(dim=(2, 3)))
-
     torch.manual_seed(9)
     with pytest.raises(UnsupportedActivationError, match=r"Tensor.mul \(autograd MulBackward0\)"):
-        ps.explain(Square().eval(), randn(2, 3, 5, 5), "lrp_epsilon")
+        ps.explain(Product(torch.tanh).eval(), randn(2, 3, 5, 5), "lrp_epsilon")
 
 
 def test_gradient_passthrough_lets_gates_through_but_not_other_products():
-    class Square(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 2, 3, padding=1)
-            self.head = nn.Linear(2, 2)
-
-        def forward(self, x):
-            h = torch.relu(self.conv(x))
-            return self.head((h * h).mean(dim=(2, 3)))
-
     torch.manual_seed(10)
     with pytest.raises(UnsupportedActivationError, match="a product of two signal tensors"):
-        ps.explain(Square().eval(), randn(2, 3, 5, 5), "guided_backprop", **GRADIENT)
+        ps.explain(Product(lambda h: h).eval(), randn(2, 3, 5, 5), "guided_backprop", **GRADIENT)
 
 
 def test_fullgrad_leaves_the_se_squeeze_out_without_a_warning():
