@@ -109,7 +109,10 @@ def test_fallback_draws_normal_with_the_tensors_rms(monkeypatch):
     copies = Copies()
     monkeypatch.setattr(randomization_module, "explain_step", copies)
     result = parameter_randomization(model, x, "gradient", mode="independent", seed=7)
-    for name, rms in (("pos", float(model.pos.double().pow(2).mean().sqrt())), ("cls_token", 0)):
+    for name, rms in (
+        ("pos", float(model.pos.detach().double().pow(2).mean().sqrt())),
+        ("cls_token", 0),
+    ):
         k = result.layers.index(name)
         draw = torch.randn(
             getattr(model, name).shape,
