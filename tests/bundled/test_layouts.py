@@ -510,3 +510,13 @@ def test_fullgrad_reads_a_one_channel_map_on_the_grid():
 
     terms = bias_terms(built(SpatialGate), randn(1, 3, 8, 8, seed=23))
     assert sorted(terms.read) == ["conv", "sa"] and terms.no_grid == ["head"]
+
+
+def test_global_pool_layer_needs_a_global_pooling():
+    from tests._models import small_cnn
+
+    with pytest.raises(SaliencyError, match=r"'<global_pool>'.*pools no feature map"):
+        ps.explain(small_cnn(), randn(2, 3, 8, 8, seed=24), "gradcam", layer="<global_pool>")
+    model, x = built(FunctionalRelu), randn(2, 3, 6, 6, seed=25)
+    layer = resolve_cam_layer(model, x, "gradcam", "<global_pool>", None)
+    assert (layer.name, layer.point, layer.default) == ("<global_pool>", "pool", False)
