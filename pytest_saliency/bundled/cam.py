@@ -28,7 +28,6 @@ from torch import nn
 from ..engine.layers import output_layouts
 from ..engine.layouts import Layout, check_layout_option
 from ..engine.passes import Record, Tap
-from ..engine.uses import parameter_uses
 from ..errors import SaliencyError, SaliencyWarning
 from .registry import Context, Method, check_bool, register
 
@@ -215,8 +214,7 @@ class BiasTerms:
 def bias_terms(model: nn.Module, sample: torch.Tensor) -> BiasTerms:
     """Every biased Conv/Linear/norm layer whose output lies on the inputs' grid, read through
     its layout (channels-first, channels-last or tokens); the others, with the reason."""
-    outputs = output_layouts(model, sample)
-    used = parameter_uses(model, sample)
+    outputs, used = output_layouts(model, sample)
     spatial = sample.dim() - 2
     read, no_grid, not_read = {}, [], {}
     layer_biases: set[int] = set()

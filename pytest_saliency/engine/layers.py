@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from ..errors import SaliencyError, closest
 from .layouts import TOKENS, Layout, Tagger, given_layout, parse_layout
@@ -141,12 +142,13 @@ class _Probe:
     derived: dict[int, torch.Tensor]
     inputs: torch.Tensor  # the probe's own input: never a CAM layer
     informative: bool  # some recorded gradient is not zero (else blankness is unknown)
+    used: set[int]  # ids of the parameters the forward took as arguments
 
     def grad(self, t: torch.Tensor) -> torch.Tensor | None:
         return self.grads.get(id(t))
 
 
-def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
+def _probe(model: nn.Module, x: torch.Tensor, *, gradients: bool = True) -> _Probe:
     """One dry forward and backward on ``x[:1]`` recording every module's input and output.
 
     The gradients come from the readout: the outputs of the last grid collapse (the global
@@ -157,8 +159,8 @@ def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
     from .state import removable_hooks
     from .targets import call_model, check_logits
 
-    x1 = x[:1].detach().clone().requires_grad_(True)
-    tagger = _SpatialWatch(x1)
+    x1 = x[:1].detach().clone().requires_grad_(gradients)
+    tagger = _SpatialWatch(x1, {id(p) for p in model.parameters()})
     points: dict[tuple[str, str], _Point] = {}
 
     def record(key, module, t):
@@ -171,7 +173,8 @@ def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
             entry.versions.append(t._version)
             entry.layouts.append(tagger.layout_of(t))
 
-    with torch.enable_grad(), removable_hooks() as handles:
+    grad_mode = torch.enable_grad() if gradients else torch.no_grad()
+    with grad_mode, removable_hooks() as handles:
         for name, module in model.named_modules():
             if not name or isinstance(module, torch.jit.ScriptModule):
                 continue  # a scripted module takes no hooks: its output is not a CAM layer
@@ -192,6 +195,8 @@ def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
         with tagger:
             output = call_model(model, x1)
         logits = check_logits(output, type(model).__name__, 1)
+        if not gradients:
+            return _Probe(points, [], {}, None, tagger.derived, x1, False, tagger.used)
         # Collapses that reach the scores, with nothing spatial made after them.
         late = [e for e, after in zip(tagger.events, tagger.spatial_after()) if not after]
         outs = [e.output for e in late if e.output.requires_grad]
@@ -217,17 +222,19 @@ def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
     grads = {id(t): g for t, g in zip(tensors, found)}
     informative = any(g is not None and bool(g.ne(0).any()) for g in found)
     width = int(selects[-1].source.shape[-1]) if selects else None
-    return _Probe(points, events, grads, width, tagger.derived, x1, informative)
+    return _Probe(points, events, grads, width, tagger.derived, x1, informative, tagger.used)
 
 
 class _SpatialWatch(Tagger):
     """The tagger, also noting the call count at which each spatial tensor was made, so that a
     grid collapse can be told apart from a squeeze inside a block (an SE gate's pooling)."""
 
-    def __init__(self, inputs: torch.Tensor) -> None:
+    def __init__(self, inputs: torch.Tensor, params: set[int]) -> None:
         self.made: list[int] = []
         self.at: list[int] = []
         self.calls = 0
+        self.params = params
+        self.used: set[int] = set()
         super().__init__(inputs)
 
     def tag(self, t, layout) -> None:
@@ -238,6 +245,10 @@ class _SpatialWatch(Tagger):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.calls += 1
+        if self.params:
+            for leaf in tree_flatten((args, kwargs or {}))[0]:
+                if id(leaf) in self.params:
+                    self.used.add(id(leaf))
         before = len(self.events)
         out = super().__torch_function__(func, types, args, kwargs)
         self.at.extend([self.calls] * (len(self.events) - before))
@@ -447,12 +458,14 @@ def _default(model, x, method, probe, given, spatial) -> CamLayer:
 
 def output_layouts(
     model: nn.Module, x: torch.Tensor
-) -> dict[str, list[tuple[Layout | None, tuple[int, ...]]]]:
-    """Each module's output (layout, shape) per call, from one dry forward on ``x[:1]`` (eval
-    mode); modules never called with a tensor output are absent."""
-    probe = _probe(model, x)
-    return {
+) -> tuple[dict[str, list[tuple[Layout | None, tuple[int, ...]]]], set[int]]:
+    """Each module's output (layout, shape) per call, from one dry forward (no backward) on
+    ``x[:1]`` (eval mode), and the ids of the parameters the forward used; modules never
+    called with a tensor output are absent."""
+    probe = _probe(model, x, gradients=False)
+    layouts = {
         entry.name: [(lay, tuple(t.shape)) for lay, t in zip(entry.layouts, entry.tensors)]
         for entry in probe.points.values()
         if entry.point == "output"
     }
+    return layouts, probe.used
