@@ -32,8 +32,6 @@ from torch.utils._pytree import tree_flatten
 from ..errors import SaliencyError, closest
 from .layouts import TOKENS, Layout, Tagger, given_layout, parse_layout
 
-LayerSpec = "str | nn.Module | None"
-
 
 def layer_name(model: nn.Module, module: nn.Module) -> str:
     for name, candidate in model.named_modules():
@@ -322,13 +320,13 @@ def resolve_cam_layer(
         return layer  # resolved already, on this model (an audit's plan)
     given = parse_layout(layout, method)
     spatial = x.dim() - 2
-    probe = _probe(model, x)
     if layer is None:
-        return _default(model, x, method, probe, given, spatial)
+        return _default(model, x, method, _probe(model, x), given, spatial)
     name, point, module = parse_cam_layer(model, layer)
     if point == "pool":
-        return _pool_layer(model, x, method, probe, given, spatial, default=False)
-    entry = probe.points.get((name.removesuffix(":input"), point))
+        return _pool_layer(model, x, method, _probe(model, x), given, spatial, default=False)
+    # A named module needs only its tensors and their layouts: no backward.
+    entry = _probe(model, x, gradients=False).points.get((name.removesuffix(":input"), point))
     return _checked(model, x, method, name, point, module, entry, given, spatial, False)
 
 
