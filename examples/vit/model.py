@@ -17,11 +17,18 @@ import os
 
 import torch
 import torch.nn.functional as F
-from digits.data import digits_data, held_out
-from digits.training import accuracy, fit, load_or_train
+from digits.data import digits_data
+
+# The same 1 x 32 x 32 digits as DigitsNet: its size, audit batch and accuracy helpers.
+from digits.model import (  # noqa: F401 (re-exported for the suite and the smoke tests)
+    INPUT_SIZE,
+    audit_batch,
+    audit_labels,
+    held_out_accuracy,
+)
+from digits.training import fit, load_or_train
 from torch import nn
 
-INPUT_SIZE = 32
 CONFIG = {
     "arch": "DigitsViT-p4-w48-d4-h4-v1",
     "size": INPUT_SIZE,
@@ -96,18 +103,3 @@ def train(seed: int = CONFIG["seed"]) -> nn.Module:
 def trained_model(cache_dir: str | os.PathLike[str] | None = None) -> nn.Module:
     """The default-config model, loaded from the checkpoint cache or trained and cached."""
     return load_or_train("digitsvit", CONFIG, DigitsViT, train, cache_dir)
-
-
-def held_out_accuracy(model: nn.Module) -> float:
-    data = digits_data(INPUT_SIZE, 1)
-    return accuracy(model, data.test_x, data.test_y)
-
-
-def audit_batch(n: int = 16) -> torch.Tensor:
-    """The first ``n`` held-out images, ``[n, 1, 32, 32]``, class-balanced and deterministic."""
-    return held_out(n, INPUT_SIZE, 1)[0]
-
-
-def audit_labels(n: int = 16) -> torch.Tensor:
-    """Labels of `audit_batch` (``[n]`` LongTensor)."""
-    return held_out(n, INPUT_SIZE, 1)[1]
