@@ -1,7 +1,8 @@
 """pytest-saliency: audit saliency methods with output-sensitivity and randomization checks.
 
-Public API: :func:`explain`, :func:`methods`, :func:`output_sensitivity`,
-:func:`parameter_randomization`, :func:`similarity`.
+Public API: :func:`explain`, :func:`methods`, :func:`checks`, the checks
+(:func:`output_sensitivity`, :func:`parameter_randomization`, :func:`smooth_randomization`,
+:func:`efficient_randomization`, :func:`data_randomization`), :func:`similarity`.
 
 Everything is imported lazily, so that installing the pytest plugin does not make every pytest
 run import torch.
@@ -21,23 +22,35 @@ _EXPORTS = {
     "metrics": ".similarities",
     "output_sensitivity": ".checks",
     "parameter_randomization": ".checks",
+    "smooth_randomization": ".checks",
+    "efficient_randomization": ".checks",
+    "data_randomization": ".checks",
+    "AuditResult": ".checks",
     "SensitivityResult": ".checks",
     "RandomizationResult": ".checks",
+    "ComplexityResult": ".checks",
+    "DataRandomizationResult": ".checks",
     "SaliencyError": ".errors",
     "UnsupportedActivationError": ".errors",
     "NonFiniteError": ".errors",
     "SaliencyWarning": ".errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "checks"])
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bundled.registry import methods  # noqa: F401
     from .checks import (  # noqa: F401
+        AuditResult,
+        ComplexityResult,
+        DataRandomizationResult,
         RandomizationResult,
         SensitivityResult,
+        data_randomization,
+        efficient_randomization,
         output_sensitivity,
         parameter_randomization,
+        smooth_randomization,
     )
     from .errors import (  # noqa: F401
         NonFiniteError,
@@ -50,6 +63,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def __getattr__(name: str) -> Any:
+    if name == "checks":
+        # The subpackage is callable: ``ps.checks()`` lists the registered checks.
+        return importlib.import_module(".checks", __name__)
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value

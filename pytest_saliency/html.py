@@ -138,6 +138,15 @@ def figures(result: Any) -> dict[str, Any]:
                 int(result.targets[i]) if col == 0 else int(others[i]) if others is not None else -1
             )
             return f"class {cls}" if cls >= 0 else "all others"
+    elif not hasattr(result, "layers"):  # two maps per sample: reference, compared
+        keys = list(result.maps)
+        headers = [k.replace("_", " ") for k in keys]
+
+        def cell_score(col: int, i: int) -> float | None:
+            return None if col == 0 else _score(scores[i])
+
+        def caption(col: int, i: int) -> str:
+            return ""
     else:
         steps = _shown_steps(len(result.layers))
         keys = ["original", *(result.layers[s] for s in steps)]
@@ -240,7 +249,7 @@ def _polyline(points: list[tuple[float, Any]], y, cls: str) -> str:
     return "".join(f'<polyline points="{" ".join(r)}" class="{cls}"/>' for r in runs)
 
 
-def strip_svg(scores: list[Any], threshold: float) -> str:
+def strip_svg(scores: list[Any], threshold: float, key: str = "max_similarity") -> str:
     """Output sensitivity: each sample's similarity on a [-1, 1] axis, the mean and threshold."""
     width, height, left, right = 360, 46, 16, 16
 
@@ -256,7 +265,7 @@ def strip_svg(scores: list[Any], threshold: float) -> str:
         parts.append(f'<text x="{x(v):.1f}" y="40" text-anchor="middle">{v:g}</text>')
     parts.append(
         f'<line x1="{x(threshold):.1f}" x2="{x(threshold):.1f}" y1="4" y2="32" '
-        f'class="threshold"><title>max_similarity {threshold:g}</title></line>'
+        f'class="threshold"><title>{key} {threshold:g}</title></line>'
     )
     for i, v in enumerate(scores):
         if v is not None and not math.isnan(v):
@@ -314,8 +323,18 @@ def _ci(record: dict) -> str:
     return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
 
+def _symbol(r: dict) -> str:
+    return "&lt;=" if (r.get("threshold_key") or "max_similarity") == "max_similarity" else "&gt;="
+
+
+def _controls(r: dict) -> str:
+    controls = r.get("controls") or {}
+    return "/".join(_fmt(controls.get(k)) if k in controls else "-" for k in ("noise", "edge"))
+
+
 def _summary(records: list[dict]) -> str:
-    head = ("test", "method", "check", "metric", "score", "95% CI", "threshold", "verdict")
+    head = ("test", "method", "check", "metric", "score", "95% CI", "noise/edge", "threshold",
+            "verdict")  # fmt: skip
     rows = ["<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for k, r in enumerate(records):
         verdict = str(r.get("verdict", "?"))
@@ -323,7 +342,8 @@ def _summary(records: list[dict]) -> str:
             f'<tr><td><a href="#audit-{k}">{_e(r.get("nodeid", ""))}</a></td>'
             f"<td>{_e(_label(r))}</td><td>{_e(r.get('check', ''))}</td>"
             f"<td>{_e(r.get('similarity', ''))}</td><td class=num>{_fmt(r.get('score'))}</td>"
-            f"<td class=num>{_ci(r)}</td><td class=num>{_fmt(r.get('threshold'), 2)}</td>"
+            f"<td class=num>{_ci(r)}</td><td class=num>{_e(_controls(r))}</td>"
+            f"<td class=num>{_symbol(r)} {_fmt(r.get('threshold'), 2)}</td>"
             f'<td><span class="verdict {_e(verdict)}">{_e(verdict.upper())}</span></td></tr>'
         )
     return '<table class="summary">' + "".join(rows) + "</table>"
@@ -371,13 +391,20 @@ def _coverage(r: dict) -> str:
 def _section(k: int, r: dict) -> str:
     verdict = str(r.get("verdict", "?"))
     threshold = float(r.get("threshold", 0.5))
+    key = str(r.get("threshold_key") or "max_similarity")
     parts = [
         f'<section class="audit" id="audit-{k}"><h2>{_e(r.get("nodeid", ""))}</h2>',
         f'<p><span class="verdict {_e(verdict)}">{_e(verdict.upper())}</span> '
         f"{_e(_label(r))} · {_e(r.get('check', ''))} · {_e(r.get('similarity', ''))} "
-        f"score <b>{_fmt(r.get('score'))}</b> 95% CI {_ci(r)} · max_similarity "
-        f"{_fmt(threshold, 2)}{' (CI upper bound)' if r.get('confidence') else ''}</p>",
+        f"score <b>{_fmt(r.get('score'))}</b> 95% CI {_ci(r)} · {_e(key)} "
+        f"{_fmt(threshold, 2)}{' (CI bound too)' if r.get('confidence') else ''}</p>",
     ]
+    if r.get("controls"):
+        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in r["controls"].items())
+        parts.append(
+            f'<p class="note">null controls (the same check on maps that cannot be faithful: '
+            f"fresh noise, the input's edges): {_e(shown)}</p>"
+        )
     settings = {**(r.get("options") or {}), **(r.get("settings") or {})}
     if settings:
         parts.append(
@@ -388,16 +415,17 @@ def _section(k: int, r: dict) -> str:
             f'<p class="note">constant maps (NaN scores) for samples '
             f"{_e(r['degenerate'])}: {_e(r.get('cause', ''))}</p>"
         )
-    if r.get("check") == "parameter_randomization" and "coverage" in r:
+    if "coverage" in r:
         parts.append(f'<p class="note">{_e(_coverage(r))}</p>')
     if r.get("figures"):
         parts.append(_maps_table(r["figures"]))
     scores = r.get("scores") or []
-    if r.get("check") == "parameter_randomization" and scores:
+    if r.get("step_scores") is not None and scores:
         parts.append("<h3>similarity per step</h3>")
         parts.append(curve_svg([str(n) for n in r.get("layers", [])], scores, threshold))
     elif scores:
-        parts.append("<h3>similarity per sample</h3>" + strip_svg(scores, threshold))
+        what = "similarity" if key == "max_similarity" else "score"
+        parts.append(f"<h3>{what} per sample</h3>" + strip_svg(scores, threshold, key))
     parts.append("</section>")
     return "".join(parts)
 

@@ -26,11 +26,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 REPORT_SUFFIXES = (".json", ".html")
-MARKER_KEYS = ("methods", "max_similarity", "similarity", "seed", "confidence", "batch_size")
+MARKER_KEYS = ("methods", "max_similarity", "min_rise", "similarity", "seed", "confidence",
+               "batch_size")  # fmt: skip
 MARKER_HELP = (
-    "saliency(methods=[...], max_similarity=X, similarity=NAME, seed=N, confidence=False, "
-    "batch_size=None): audit settings for the `saliency` fixture; `methods` parametrizes "
-    "`saliency_method` (a name or {'name': ..., **options})."
+    "saliency(methods=[...], max_similarity=X, min_rise=X, similarity=NAME, seed=N, "
+    "confidence=False, batch_size=None): audit settings for the `saliency` fixture; `methods` "
+    "parametrizes `saliency_method` (a name or {'name': ..., **options})."
 )
 
 
@@ -55,8 +56,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="DEVICE")  # fmt: skip
     add("--saliency-seed", "saliency_seed", "seed of every audit (default 0)", "0", type=int,
         metavar="N")  # fmt: skip
-    add("--saliency-similarity", "saliency_similarity", "similarity metric (default ssim)",
-        "ssim", metavar="NAME")  # fmt: skip
+    add("--saliency-similarity", "saliency_similarity", "similarity metric of every check that "
+        "compares maps (default: each check's own: ssim, smooth_randomization spearman_abs)",
+        "", metavar="NAME")  # fmt: skip
     add("--saliency-max-similarity", "saliency_max_similarity", "default threshold in [-1, 1]: "
         "an audit passes when its similarity is at most this (default 0.5)", "0.5", type=float,
         metavar="X")  # fmt: skip
@@ -70,7 +72,7 @@ class Settings:
 
     device: str = "auto"
     seed: int = 0
-    similarity: str = "ssim"
+    similarity: str | None = None  # None: each check's own default metric
     max_similarity: float = 0.5
     reports: list[Path] = field(default_factory=list)
     device_from_cli: bool = False
@@ -117,7 +119,7 @@ class Settings:
                     "(repeat the option to write both)"
                 )
         reports = list(dict.fromkeys(path.resolve() for path in reports))
-        similarity = str(value("saliency_similarity")[0]).strip()
+        similarity = str(value("saliency_similarity")[0] or "").strip() or None
         return cls(device, seed, similarity, limit, reports, from_cli)
 
     def torch_device(self) -> torch.device:
@@ -262,7 +264,7 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = Settings.from_config(config)
     if settings.device.startswith("cuda"):
         settings.torch_device()  # fail now, as a usage error, not in every test
-    if settings.similarity != "ssim":
+    if settings.similarity is not None:
         check_similarity(settings.similarity)
     config.stash[SESSION_KEY] = SaliencySession(settings)
 
@@ -384,11 +386,17 @@ class Auditor:
         self._session = session
         self._node = node
         self.seed: int = marker.get("seed", settings.seed)
-        self.similarity: str = marker.get("similarity", settings.similarity)
+        # None: each check's own default metric
+        self.similarity: str | None = marker.get("similarity", settings.similarity)
         self.max_similarity: float = marker.get("max_similarity", settings.max_similarity)
+        self.min_rise: float | None = marker.get("min_rise")
         self.confidence: bool = bool(marker.get("confidence", False))
         self.batch_size: int | None = marker.get("batch_size")
         _check_threshold(self.max_similarity, "@pytest.mark.saliency(max_similarity=...)")
+        if self.min_rise is not None:
+            from .checks.base import MIN_RISE
+
+            MIN_RISE.check(self.min_rise, "@pytest.mark.saliency(min_rise=...)")
 
     @property
     def device(self) -> torch.device:
@@ -417,18 +425,50 @@ class Auditor:
         kw.setdefault("batch_size", self.batch_size)
         return explain(model, inputs, name, **{**options, **kw})
 
-    def _audit(self, check: str, model, inputs, method, max_similarity, confidence, kw):
-        from . import checks
+    def audit(self, check: str, *args: Any, confidence: bool | None = None, **kw: Any) -> Any:
+        """Run and record the check called ``check`` (see ``pytest_saliency.checks()``):
+        ``saliency.audit("efficient_randomization", model, inputs, method, min_rise=0.2)``.
+        The arguments are the check's API function's; its threshold (``max_similarity`` or
+        ``min_rise``) defaults to the marker's, then the run's, then the check's."""
+        return self._audit(check, args, confidence, kw)[0]
 
-        name, options, given = split_method(method)
-        ident = given if given is not None else method_id(method)
-        threshold = self.max_similarity if max_similarity is None else max_similarity
-        _check_threshold(threshold, "max_similarity")
+    def _audit(self, name: str, args: tuple, confidence: bool | None, kw: dict):
+        from .checks.base import api, get_check
+
+        check = get_check(name)
+        if len(args) != len(check.models) + 2:
+            names = ", ".join([*check.models, "inputs", "method"])
+            raise SaliencyError(
+                f"saliency.{check.name}() takes {len(check.models) + 2} positional arguments "
+                f"({names}), got {len(args)}"
+            )
+        key = check.threshold.key
+        other = {"max_similarity", "min_rise"} - {key}
+        given = [k for k in other if k in kw and kw[k] is not None]
+        if given:
+            raise SaliencyError(
+                f"{check.name} passes by {key} ({check.threshold.help}), not by {given[0]}; "
+                f"give {key}=..."
+            )
+        for k in other:
+            kw.pop(k, None)
+        threshold = kw.pop(key, None)
+        if threshold is None:
+            threshold = self.max_similarity if key == "max_similarity" else self.min_rise
+        if threshold is None:
+            threshold = check.threshold.default
+        threshold = check.threshold.check(threshold, key)
         confidence = self.confidence if confidence is None else confidence
-        kw = {"similarity": self.similarity, "seed": self.seed, "batch_size": self.batch_size,
-              **options, **kw}  # fmt: skip
-        model, inputs = self._place(model, inputs)
-        result = getattr(checks, check)(model, inputs, name, **kw)
+        models, (inputs, method) = list(args[:-2]), args[-2:]
+        name_, options, given_id = split_method(method)
+        ident = given_id if given_id is not None else method_id(method)
+        defaults = {"seed": self.seed, "batch_size": self.batch_size}
+        if check.similarity:
+            defaults["similarity"] = self.similarity or check.similarity
+        kw = {**defaults, **options, **kw}
+        placed = [self._place(m, None)[0] for m in models]
+        _, inputs = self._place(None, inputs)
+        result = api(check)(*placed, inputs, name_, **kw)
         rec = self._session.record(
             self._node.nodeid,
             result,
@@ -438,42 +478,61 @@ class Auditor:
             expected="fail" if _expects_failure(self._node) else "pass",
         )
         props = self._node.user_properties
+        props.append(("saliency_check", check.name))
         props.append(("saliency_score", rec["score"]))
         props.append(("saliency_threshold", rec["threshold"]))
         props.append(("saliency_verdict", rec["verdict"]))
+        for control, value in (rec.get("controls") or {}).items():
+            props.append((f"saliency_control_{control}", value))
         return result, rec
 
-    def output_sensitivity(self, model, inputs, method, *, max_similarity=None, confidence=None,
-                           **kw: Any):  # fmt: skip
-        """Run and record ``pytest_saliency.output_sensitivity``; returns its result."""
-        return self._audit("output_sensitivity", model, inputs, method, max_similarity,
-                           confidence, kw)[0]  # fmt: skip
-
-    def parameter_randomization(self, model, inputs, method, *, max_similarity=None,
-                                confidence=None, **kw: Any):  # fmt: skip
-        """Run and record ``pytest_saliency.parameter_randomization``; returns its result."""
-        return self._audit("parameter_randomization", model, inputs, method, max_similarity,
-                           confidence, kw)[0]  # fmt: skip
-
-    def assert_output_sensitive(self, model, inputs, method, *, max_similarity=None,
-                                confidence=None, **kw: Any):  # fmt: skip
-        """Fail the test (with a table) when the maps barely change with the explained class."""
+    def _asserting(self, name: str, args: tuple, confidence: bool | None, kw: dict):
         __tracebackhide__ = True
-        result, rec = self._audit("output_sensitivity", model, inputs, method, max_similarity,
-                                  confidence, kw)  # fmt: skip
+        result, rec = self._audit(name, args, confidence, kw)
         if not rec["passed"]:
             raise AssertionError(report.format_failure(rec))
         return result
 
-    def assert_randomization_sensitive(self, model, inputs, method, *, max_similarity=None,
-                                       confidence=None, **kw: Any):  # fmt: skip
-        """Fail the test (with a table) when the maps survive randomizing the weights."""
-        __tracebackhide__ = True
-        result, rec = self._audit("parameter_randomization", model, inputs, method,
-                                  max_similarity, confidence, kw)  # fmt: skip
-        if not rec["passed"]:
-            raise AssertionError(report.format_failure(rec))
-        return result
+    def __getattr__(self, attr: str) -> Any:
+        """``saliency.<check>(...)`` runs and records a check; ``saliency.assert_...(...)``
+        also fails the test (with a table) when the check does not pass."""
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        from .checks.base import checks, get_check
+
+        for name in checks():
+            check = get_check(name)
+            if attr == name:
+
+                def run(*args: Any, confidence: bool | None = None, _name: str = name,
+                        **kw: Any) -> Any:  # fmt: skip
+                    return self._audit(_name, args, confidence, kw)[0]
+
+                run.__doc__ = f"Run and record ``pytest_saliency.{name}``; returns its result."
+                return run
+            if attr == check.assert_name:
+
+                def asserting(*args: Any, confidence: bool | None = None, _name: str = name,
+                              **kw: Any) -> Any:  # fmt: skip
+                    __tracebackhide__ = True
+                    return self._asserting(_name, args, confidence, kw)
+
+                asserting.__doc__ = (
+                    f"Run and record ``pytest_saliency.{name}``; fail the test when it does not "
+                    "pass."
+                )
+                return asserting
+        raise AttributeError(
+            f"the saliency fixture has no {attr!r}; it has explain, audit, the checks "
+            f"({', '.join(checks())}) and their assert_* helpers "
+            f"({', '.join(get_check(n).assert_name for n in checks())})"
+        )
+
+    def __dir__(self) -> list[str]:
+        from .checks.base import checks, get_check
+
+        names = [n for c in checks() for n in (c, get_check(c).assert_name)]
+        return sorted({*super().__dir__(), *names})
 
 
 def _expects_failure(node: pytest.Item) -> bool:

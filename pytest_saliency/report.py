@@ -12,20 +12,26 @@ A *record* is one audit as plain JSON types, built by :func:`make_record`. The J
           "nodeid":     test id, e.g. "test_x.py::test_a[gradcam]" or a suite item's id,
           "method_id":  readable method id ("gradcam++-positive=false"),
           "method":     registry name,   "options": method options given,
-          "check":      "output_sensitivity" | "parameter_randomization",
+          "check":      a name from pytest_saliency.checks(),
           "similarity": metric name,
           "score":      mean similarity (randomization: the worst step's); null if degenerate,
           "ci":         [low, high] 95% bootstrap interval of the score,
           "scores":     per-sample scores [N] (randomization: [steps][N]); null = degenerate,
-          "threshold":  max_similarity,  "confidence": the CI's upper end had to pass too,
+          "threshold":  the limit, "threshold_key": "max_similarity" (passes when the score
+                        is at most it) | "min_rise" (at least it),
+          "confidence": the CI's bound had to pass too,
+          "controls":   {"noise": score, "edge": score} of the null controls (no edge for
+                        [N, D] inputs), scored by the same check, metric and samples,
           "passed":     bool,  "expected": "pass" | "fail",
           "verdict":    "pass" | "fail" | "xfail" | "xpass",
           "degenerate": sample indices with a constant map, "cause": why,
           "targets":    explained class per sample, "seed", "settings": audit settings,
           "device", "torch", "source": "python" | "suite",
           sensitivity: "against", "others";
-          randomization: "mode", "order", "layers", "skipped", "coverage", "unused",
-                         "fallback", "step_scores"
+          parameter/smooth randomization: "mode", "order", "layers", "skipped",
+                         "coverage", "unused", "fallback", "step_scores";
+          efficient randomization: "entropies" {"original", "randomized"}, "bins",
+                         "coverage", "skipped", "unused", "fallback"
         }
       ]
     }
@@ -123,14 +129,30 @@ def _shown_verdict(record: dict) -> str:
     return verdict.upper() if verdict in ("fail", "xpass") else verdict
 
 
+def _key(record: dict) -> str:
+    return record.get("threshold_key") or "max_similarity"
+
+
+def _symbol(record: dict) -> str:
+    return "<=" if _key(record) == "max_similarity" else ">="
+
+
+def _controls(record: dict) -> str:
+    """The null controls' scores, compact: ``noise/edge``."""
+    controls = record.get("controls") or {}
+    return "/".join(_num(controls[k]) if controls.get(k) is not None else "-"
+                    for k in ("noise", "edge")) if controls else "-"  # fmt: skip
+
+
 def format_table(records: list[dict]) -> str:
-    """The terminal verdict table: one row per audit."""
-    rows = [["test", "method", "check", "metric", "score", "95% CI", "threshold", "verdict"]]
+    """The terminal verdict table: one row per audit, with the null controls' scores."""
+    rows = [["test", "method", "check", "metric", "score", "95% CI", "noise/edge", "threshold",
+             "verdict"]]  # fmt: skip
     for r in records:
-        limit = f"<= {r['threshold']:.3f}" + (" (CI)" if r.get("confidence") else "")
+        limit = f"{_symbol(r)} {r['threshold']:.3f}" + (" (CI)" if r.get("confidence") else "")
         rows.append(
             [r["nodeid"], r.get("method_id") or r["method"], r["check"], r["similarity"],
-             _num(r["score"]), _ci(r), limit, _shown_verdict(r)]
+             _num(r["score"]), _ci(r), _controls(r), limit, _shown_verdict(r)]
         )  # fmt: skip
     counts = {v: sum(r["verdict"] == v for r in records) for v in VERDICTS}
     tally = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
@@ -139,14 +161,18 @@ def format_table(records: list[dict]) -> str:
 
 
 def _why(record: dict) -> str:
-    score, threshold = record["score"], record["threshold"]
+    score, threshold, key = record["score"], record["threshold"], _key(record)
     if score is None:
-        return "degenerate maps (a constant map has no similarity)"
-    if score > threshold:
-        return f"score {score:.3f} > max_similarity {threshold:.3f}"
-    high = (record.get("ci") or [None, None])[1]
-    if record.get("confidence") and (high is None or high > threshold):
-        return f"95% CI upper bound {_num(high)} > max_similarity {threshold:.3f}"
+        return "degenerate maps (a constant map has no score)"
+    at_most = key == "max_similarity"
+    if (score > threshold) if at_most else (score < threshold):
+        return f"score {score:.3f} {'>' if at_most else '<'} {key} {threshold:.3f}"
+    low, high = record.get("ci") or [None, None]
+    bound = high if at_most else low
+    missed = bound is None or ((bound > threshold) if at_most else (bound < threshold))
+    if record.get("confidence") and missed:
+        side, op = ("upper", ">") if at_most else ("lower", "<")
+        return f"95% CI {side} bound {_num(bound)} {op} {key} {threshold:.3f}"
     return "passed"
 
 
@@ -176,12 +202,15 @@ def format_failure(record: dict) -> str:
         ["check", record["check"]],
         ["metric", record["similarity"]],
         ["score", f"{_num(record['score'])}  95% CI {_ci(record)}"],
-        ["threshold", f"max_similarity {record['threshold']:.3f}"
-                      + (" (upper CI bound too)" if record.get("confidence") else "")],
+        ["threshold", f"{_key(record)} {record['threshold']:.3f}"
+                      + (" (the CI bound too)" if record.get("confidence") else "")],
         ["verdict", f"{record['verdict'].upper()}: {_why(record)}"],
     ]  # fmt: skip
     parts = [f"saliency audit failed: {record['nodeid']}", _table(head, "  ", header=False)]
-    if record["check"] == "parameter_randomization" and record.get("layers"):
+    if record.get("controls"):
+        head.insert(4, ["controls", ", ".join(f"{k} {_num(v)}"
+                                              for k, v in record["controls"].items())])  # fmt: skip
+    if record.get("step_scores") and record.get("layers"):
         rows = [["step", "randomized layer", "mean similarity"]]
         for i, (layer, value) in enumerate(zip(record["layers"], record.get("step_scores", []))):
             rows.append([str(i + 1), layer, _num(value)])

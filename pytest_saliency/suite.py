@@ -15,9 +15,12 @@ Schema (keys other than these are errors)::
     methods:                       # a name, or {name, id, layer (CAM methods), **options}
       - gradient
       - {name: gradcam, layer: features.10}
-    checks:                        # default: both checks with default settings
+    checks:                        # default: output_sensitivity and parameter_randomization
       output_sensitivity: {against: random}
       parameter_randomization: {mode: cascading, order: top_down, layers: blocks}
+      smooth_randomization: {noise_samples: 50, noise_magnitude: 0.1}
+      efficient_randomization: {bins: 100, min_rise: 0.1}
+      data_randomization: {model: pkg.models:permuted_net}   # the permuted-label twin
     expect:                        # by method id: fail (both checks) or {check: fail}
       guided_backprop: fail        # strict: xfailed while failing, a failure once it passes
 
@@ -51,17 +54,29 @@ import yaml
 
 from .errors import SaliencyError, closest
 
-CHECKS = ("output_sensitivity", "parameter_randomization")
+# The checks a suite runs when it has no ``checks:`` key.
+DEFAULT_CHECKS = ("output_sensitivity", "parameter_randomization")
 TOP_KEYS = (
-    "model", "inputs", "targets", "device", "seed", "similarity", "max_similarity",
+    "model", "inputs", "targets", "device", "seed", "similarity", "max_similarity", "min_rise",
     "batch_size", "confidence", "methods", "checks", "expect",
 )  # fmt: skip
-# Settings a check may override; the suite's top-level value applies otherwise.
-SHARED_KEYS = ("similarity", "seed", "max_similarity", "batch_size", "confidence")
-CHECK_KEYS = {
-    "output_sensitivity": ("against", *SHARED_KEYS),
-    "parameter_randomization": ("mode", "order", "layers", *SHARED_KEYS),
-}
+# Settings a check may override; the suite's top-level value applies otherwise (a threshold
+# or a metric only to the checks that have one).
+SHARED_KEYS = ("similarity", "seed", "max_similarity", "min_rise", "batch_size", "confidence")
+
+
+def _registry() -> list[str]:
+    from .checks.base import checks
+
+    return checks()
+
+
+def _check(name: str) -> Any:
+    from .checks.base import get_check
+
+    return get_check(name)
+
+
 _SUITE_NAME = re.compile(r"^(saliency_.+|.+\.saliency)\.ya?ml$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -202,11 +217,24 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_setting(p: _Problems, path: KeyPath, key: str, value: Any) -> None:
-    """Validate one shared or check-specific setting; records problems in ``p``."""
-    if key == "max_similarity":
-        if not _is_number(value) or not -1.0 <= value <= 1.0:
-            p.add(path, f"expected a number in [-1, 1] (similarity threshold), got {value!r}")
+def _check_setting(p: _Problems, path: KeyPath, key: str, value: Any, check: Any = None) -> None:
+    """Validate one shared or check-specific setting; records problems in ``p``.
+
+    A check's own options are validated by the check's schema (the same validators as the
+    API); ``check`` is None for the suite's top-level keys."""
+    from .checks.base import MIN_RISE, SIMILARITY_THRESHOLD
+
+    if check is not None and key in [o.name for o in check.options]:
+        try:
+            check.option(key).validate(value)
+        except SaliencyError as exc:
+            p.add(path, str(exc))
+    elif key in ("max_similarity", "min_rise"):
+        threshold = SIMILARITY_THRESHOLD if key == "max_similarity" else MIN_RISE
+        low, high = threshold.bounds
+        if not _is_number(value) or not math.isfinite(value) or not low <= value <= high:
+            p.add(path, f"expected a number in [{low:g}, {high:g}] ({threshold.help}), "
+                        f"got {value!r}")  # fmt: skip
     elif key == "seed":
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             p.add(path, f"expected a non-negative integer, got {value!r}")
@@ -223,20 +251,8 @@ def _check_setting(p: _Problems, path: KeyPath, key: str, value: Any) -> None:
 
         if value not in metrics():
             p.unknown(path, "similarity", value, metrics())
-    elif key in ("against", "mode", "order"):
-        from .checks.randomization import MODES, ORDERS
-        from .checks.sensitivity import AGAINST
-
-        choices = {"against": AGAINST, "mode": MODES, "order": ORDERS}[key]
-        if value not in choices:
-            p.unknown(path, key, value, choices)
-    elif key == "layers":
-        names = value if isinstance(value, list) else None
-        if not (value in (None, "blocks") or (names and all(isinstance(n, str) for n in names))):
-            p.add(
-                path,
-                f"expected null (all layers), 'blocks' or a list of module names, got {value!r}",
-            )
+    elif key == "model":  # a check's second model (data randomization's twin)
+        _source(p, path, value)
     elif key == "device":
         if not isinstance(value, str) or not _DEVICE.match(value):
             p.add(path, f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
@@ -295,27 +311,36 @@ def _method_entry(p: _Problems, index: int, entry: Any) -> MethodEntry | None:
 
 
 def _checks(p: _Problems, raw: Any) -> dict[str, dict[str, Any]]:
+    names = _registry()
     if raw is None:
-        return {name: {} for name in CHECKS}
+        return {name: {} for name in DEFAULT_CHECKS}
     if not isinstance(raw, dict) or not raw:
-        p.add(("checks",), f"expected a mapping with one or more of: {', '.join(CHECKS)}")
+        p.add(("checks",), f"expected a mapping with one or more of: {', '.join(names)}")
         return {}
     out: dict[str, dict[str, Any]] = {}
     for name, settings in raw.items():
-        if name not in CHECKS:
-            p.unknown(("checks", name), "check", name, CHECKS)
+        if name not in names:
+            p.unknown(("checks", name), "check", name, names)
             continue
+        check = _check(name)
+        keys = check.suite_keys
         settings = {} if settings is None else settings
         if not isinstance(settings, dict):
-            p.add(
-                ("checks", name), f"expected a mapping of settings ({', '.join(CHECK_KEYS[name])})"
-            )
+            p.add(("checks", name), f"expected a mapping of settings ({', '.join(keys)})")
             continue
         for key, value in settings.items():
-            if key not in CHECK_KEYS[name]:
-                p.unknown(("checks", name, key), f"setting of {name}", key, CHECK_KEYS[name])
+            if key not in keys:
+                p.unknown(("checks", name, key), f"setting of {name}", key, keys)
             else:
-                _check_setting(p, ("checks", name, key), key, value)
+                _check_setting(p, ("checks", name, key), key, value, check)
+        for key in check.models[1:]:
+            if settings.get(check.model_keys.get(key, key)) is None:
+                p.add(
+                    ("checks", name),
+                    f"{name} needs '{check.model_keys.get(key, key)}:' naming "
+                    f"{check.model_help.get(key, key)} (the forms of the top-level 'model:', "
+                    "e.g. 'package.module:attribute')",
+                )
         out[name] = dict(settings)
     return out
 
@@ -349,7 +374,9 @@ def _expect(p: _Problems, raw: Any, ids: list[str], checks: list[str]) -> dict:
     return out
 
 
-def _source(p: _Problems, key: str, value: Any, *, allow_list: bool = False) -> None:
+def _source(p: _Problems, key: str | KeyPath, value: Any, *, allow_list: bool = False) -> None:
+    path = key if isinstance(key, tuple) else (key,)
+    key = path[-1]
     if isinstance(value, str) and value.lower().endswith(_TENSOR_FILE) and key != "model":
         return
     if isinstance(value, str) and _IMPORT_PATH.match(value):
@@ -364,7 +391,7 @@ def _source(p: _Problems, key: str, value: Any, *, allow_list: bool = False) -> 
         forms += " or a path to a .pt file (relative to the suite file)"
     if allow_list:
         forms += ", or a list of class indices"
-    p.add((key,), f"expected {forms}, got {value!r}")
+    p.add(path, f"expected {forms}, got {value!r}")
 
 
 def parse_suite(data: Any, lines: dict[KeyPath, int], file: Path, label: str) -> Suite:
@@ -480,6 +507,8 @@ class Loaded:
     model: Any
     inputs: Any
     targets: Any
+    # each check's extra model (data randomization's permuted-label twin), by check name
+    others: dict[str, Any] = field(default_factory=dict)
 
 
 def load_objects(suite: Suite, search: list[str]) -> Loaded:
@@ -510,22 +539,33 @@ def load_objects(suite: Suite, search: list[str]) -> Loaded:
             else obj
         )
 
-    try:
-        obj = _import_object(suite.model, search)
+    def module_from(spec: str) -> Any:
+        obj = _import_object(spec, search)
         if not isinstance(obj, nn.Module):
             if not callable(obj):
                 raise SaliencyError(
-                    f"{suite.model} is a {type(obj).__name__}, not a torch.nn.Module or a "
+                    f"{spec} is a {type(obj).__name__}, not a torch.nn.Module or a "
                     "zero-argument callable returning one"
                 )
-            obj = _call_factory(suite.model, obj)
+            obj = _call_factory(spec, obj)
             if not isinstance(obj, nn.Module):
                 raise SaliencyError(
-                    f"{suite.model}() returned a {type(obj).__name__}; expected a torch.nn.Module"
+                    f"{spec}() returned a {type(obj).__name__}; expected a torch.nn.Module"
                 )
-        model = obj
+        return obj
+
+    try:
+        model = module_from(suite.model)
     except SaliencyError as exc:
         raise fail("model", str(exc)) from None
+    others: dict[str, Any] = {}
+    for check, settings in suite.checks.items():
+        spec = settings.get("model")
+        if spec is not None:
+            try:
+                others[check] = model if spec == suite.model else module_from(spec)
+            except SaliencyError as exc:
+                raise SuiteError(f"{suite.where(('checks', check, 'model'))}: {exc}") from None
     try:
         inputs = tensor_from("inputs", suite.inputs)
         check_inputs(inputs)
@@ -538,7 +578,7 @@ def load_objects(suite: Suite, search: list[str]) -> Loaded:
             targets = _as_targets(raw, len(inputs))
         except SaliencyError as exc:
             raise fail("targets", str(exc)) from None
-    return Loaded(model, inputs, targets)
+    return Loaded(model, inputs, targets, others)
 
 
 def check_forward(suite: Suite, loaded: Loaded) -> None:
@@ -651,20 +691,27 @@ class SuiteFile(pytest.File):
                     expected=self.suite.expect.get((entry.id, check), "pass"),
                 )
 
-    def placed(self, device: Any) -> tuple[Any, Any, Any]:
-        """Model, inputs and targets on ``device`` (moved once; the user's model is not moved)."""
+    def placed(self, device: Any, check: str | None = None) -> tuple[Any, Any, Any]:
+        """Models, inputs and targets on ``device`` (moved once; the user's models are not
+        moved): the models are the suite's model, then ``check``'s extra model if it has one."""
         key = str(device)
         if key not in self._placed:
-            model = self.loaded.model
-            if any(p.device != device for p in model.parameters()):
-                model = copy.deepcopy(model).to(device)
+
+            def moved(model):
+                if any(p.device != device for p in model.parameters()):
+                    return copy.deepcopy(model).to(device)
+                return model
+
             targets = self.loaded.targets
             self._placed[key] = (
-                model,
+                moved(self.loaded.model),
+                {name: moved(m) for name, m in self.loaded.others.items()},
                 self.loaded.inputs.to(device),
                 None if targets is None else targets.to(device),
             )
-        return self._placed[key]
+        model, others, inputs, targets = self._placed[key]
+        models = [model] + ([others[check]] if check in others else [])
+        return models, inputs, targets
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, SuiteError):
@@ -698,20 +745,25 @@ class SuiteFile(pytest.File):
         self._tried.update((key, other.entry.id) for other in peers)
         if len(peers) == 1:
             return item.own_audit(device, settings)
-        from . import checks
-
-        model, inputs, targets = self.placed(device)
+        models, inputs, targets = self.placed(device, item.check)
         methods = [{"name": o.entry.name, "layer": o.entry.layer, **o.entry.options} for o in peers]
         try:
-            results = getattr(checks, item.check)(
-                model, inputs, methods, target=targets, **settings
-            )
+            results = run_check(item.check, models, inputs, methods, target=targets, **settings)
         except SaliencyError:
             return item.own_audit(device, settings)
         for other, result in zip(peers, results):
             if other is not item:
                 done[other.entry.id] = result
         return results[peers.index(item)]
+
+
+def run_check(check: str, models: list, inputs: Any, method: Any, **kwargs: Any) -> Any:
+    """One check through its API function (``model:`` of the check's settings is the extra
+    model, already loaded, so it leaves the settings here)."""
+    from .checks.base import api, get_check
+
+    kwargs.pop("model", None)
+    return api(get_check(check))(*models, inputs, method, **kwargs)
 
 
 class AuditFailed(Exception):
@@ -728,20 +780,30 @@ class SuiteItem(pytest.Item):
         self.expected = expected
 
     def settings(self, defaults: Any) -> dict[str, Any]:
-        """Check keys > suite top-level keys > session defaults (ini / CLI)."""
+        """Check keys > suite top-level keys > session defaults (ini / CLI) > the check's
+        defaults. A threshold or a metric applies only to the checks that have one: the
+        result holds the check's threshold under ``"threshold"``."""
         suite: Suite = self.parent.suite
+        check = _check(self.check)
+        key = check.threshold.key
+        session_limit = defaults.max_similarity if key == "max_similarity" else None
         base = {
-            "similarity": defaults.similarity,
             "seed": defaults.seed,
-            "max_similarity": defaults.max_similarity,
+            key: check.threshold.default if session_limit is None else session_limit,
             "batch_size": None,
             "confidence": False,
         }
-        return {
+        if check.similarity:
+            base["similarity"] = defaults.similarity or check.similarity
+        merged = {
             **base,
             **{k: v for k, v in suite.top.items() if k != "device"},
             **suite.checks[self.check],
         }
+        merged["threshold"] = merged.pop(key)
+        for other in ("max_similarity", "min_rise", *([] if check.similarity else ["similarity"])):
+            merged.pop(other, None)
+        return merged
 
     def device(self, defaults: Any) -> Any:
         """``--saliency-device`` wins; then the suite's ``device``; then ini / default."""
@@ -755,7 +817,7 @@ class SuiteItem(pytest.Item):
 
         session = get_session(self.config)
         settings = self.settings(session.settings)
-        threshold = float(settings.pop("max_similarity"))
+        threshold = float(settings.pop("threshold"))
         confidence = bool(settings.pop("confidence"))
         try:
             device = self.device(session.settings)
@@ -789,18 +851,9 @@ class SuiteItem(pytest.Item):
 
     def own_audit(self, device: Any, settings: dict[str, Any]) -> Any:
         """This item's audit on its own (one method)."""
-        from . import checks
-
-        model, inputs, targets = self.parent.placed(device)
-        return getattr(checks, self.check)(
-            model,
-            inputs,
-            self.entry.name,
-            target=targets,
-            layer=self.entry.layer,
-            **settings,
-            **self.entry.options,
-        )
+        models, inputs, targets = self.parent.placed(device, self.check)
+        return run_check(self.check, models, inputs, self.entry.name, target=targets,
+                         layer=self.entry.layer, **settings, **self.entry.options)  # fmt: skip
 
     def location_text(self) -> str:
         return self.parent.suite.where(self.entry.path)
@@ -819,26 +872,35 @@ def failure_text(where: str, result: Any, record: dict, threshold: float, confid
     """Why the item failed, the result's summary table and its most similar samples."""
     import torch
 
-    score, high = result.score, result.ci[1]
-    measured = f"score {score:.3f}" + (f", CI upper bound {high:.3f}" if confidence else "")
+    rule = result.threshold
+    key, at_most = rule.key, rule.passes == "at_most"
+    score = result.score
+    low, high = result.ci
+    bound = high if at_most else low
+    side = "upper" if at_most else "lower"
+    measured = f"score {score:.3f}" + (f", CI {side} bound {bound:.3f}" if confidence else "")
     if record["verdict"] == "xpass":
         head = (
-            f"expected to fail (expect: fail), but the audit passed ({measured} <= max_similarity "
-            f"{threshold:g}); the method is sensitive now: remove its 'expect' entry"
+            f"expected to fail (expect: fail), but the audit passed ({measured} "
+            f"{rule.symbol()} {key} {threshold:g}); the method is sensitive now: remove its "
+            "'expect' entry"
         )
     elif math.isnan(score):
         head = f"{result.method}: some maps were constant, so {result.check} has no valid score"
     else:
-        limit = high if confidence and score <= threshold else score
+        met = score <= threshold if at_most else score >= threshold
+        limit = bound if confidence and met else score
         head = (
             f"{result.method} is not sensitive enough under {result.check}: "
-            f"{limit:.3f} > max_similarity {threshold:g} ({measured})"
+            f"{limit:.3f} {'>' if at_most else '<'} {key} {threshold:g} ({measured})"
         )
     lines = [f"{where}: {head}", "", result.summary()]
     row = result.scores if result.scores.dim() == 1 else result.scores[result.worst_step]
-    order = torch.argsort(row.nan_to_num(-2.0), descending=True).tolist()
+    sign = 1.0 if at_most else -1.0  # the worst samples first: most similar, or least risen
+    order = torch.argsort((sign * row).nan_to_num(-1e9), descending=True).tolist()
     finite = [i for i in order if not math.isnan(float(row[i]))]
     if finite:
+        worst = "most similar" if at_most else "least risen"
         shown = ", ".join(f"#{i} ({float(row[i]):.3f})" for i in finite[:3])
-        lines += ["", f"most similar samples: {shown}"]
+        lines += ["", f"{worst} samples: {shown}"]
     return "\n".join(lines)

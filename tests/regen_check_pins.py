@@ -25,19 +25,33 @@ def cases():
     net1d, x1d = conv1d_net(seed=2), randn(3, 2, 16, seed=4)
     tab, xt = mlp(seed=5), randn(5, 6, seed=6)
     yield "sens-random", lambda: ps.output_sensitivity(cnn, x, METHODS)
-    yield "sens-all-spearman", lambda: ps.output_sensitivity(
-        cnn, x, ["gradient", "gradcam"], against="all", similarity="spearman"
+    yield (
+        "sens-all-spearman",
+        lambda: ps.output_sensitivity(
+            cnn, x, ["gradient", "gradcam"], against="all", similarity="spearman"
+        ),
     )
-    yield "sens-second-seed", lambda: ps.output_sensitivity(
-        cnn, x, ["input_x_gradient", "rectgrad"], against="second", seed=7
+    yield (
+        "sens-second-seed",
+        lambda: ps.output_sensitivity(
+            cnn, x, ["input_x_gradient", "rectgrad"], against="second", seed=7
+        ),
     )
     yield "rand-td", lambda: ps.parameter_randomization(cnn, x, METHODS)
-    yield "rand-bu-indep", lambda: ps.parameter_randomization(
-        cnn, x, ["gradient", "gradcam"], mode="independent", order="bottom_up",
-        similarity="pearson",
+    yield (
+        "rand-bu-indep",
+        lambda: ps.parameter_randomization(
+            cnn,
+            x,
+            ["gradient", "gradcam"],
+            mode="independent",
+            order="bottom_up",
+            similarity="pearson",
+        ),
     )
-    yield "rand-blocks", lambda: ps.parameter_randomization(
-        cnn, x, ["gradient"], layers="blocks", seed=11
+    yield (
+        "rand-blocks",
+        lambda: ps.parameter_randomization(cnn, x, ["gradient"], layers="blocks", seed=11),
     )
     yield "1d", lambda: ps.parameter_randomization(net1d, x1d, ["gradient"], similarity="spearman")
     yield "tab", lambda: ps.output_sensitivity(tab, xt, ["gradient"], similarity="pearson")

@@ -4,29 +4,34 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..engine.state import copy_model, eval_mode, rng_preserved
-from ..engine.targets import resolve_targets
+from ..engine.state import copy_model, rng_preserved
 from ..errors import SaliencyError
-from ..explainer import allow_grad, check_target, opaque_module
-from ..multi import Plan, Request
+from ..explainer import opaque_module
+from .base import (
+    SIMILARITY_THRESHOLD,
+    Audit,
+    Check,
+    Option,
+    api,
+    choice,
+    int_at_least,
+    layers_value,
+    number_in,
+    register,
+)
 from .common import (
     Comparer,
-    cam_layer,
-    check_choice,
     constant_cause,
     describe_blank,
     describe_constant,
-    logits_of,
-    method_requests,
     model_inputs,
-    setup,
     to_cpu,
 )
 from .results import RandomizationResult
@@ -83,108 +88,79 @@ def seeded(seed: int, model: nn.Module) -> Iterator[None]:
         yield
 
 
-def explain_step(plan: Plan, x: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
-    """The maps of every audited method on the model's current weights (one shared pass per
-    rule set); ``plan.model`` is the audit's randomized copy."""
-    return plan(x, targets)
+def explain_step(explainer, batch: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+    """The maps of every audited method and control on the model's current weights (one
+    shared pass per rule set); ``explainer.model`` is the audit's randomized copy."""
+    return explainer(batch, targets)
 
 
-@allow_grad
-def parameter_randomization(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    method: str | Sequence[str | Mapping[str, Any]],
-    *,
-    mode: str = "cascading",
-    order: str = "top_down",
-    layers: str | list[str] | None = None,
-    similarity: str = "ssim",
-    seed: int = 0,
-    batch_size: int | None = None,
-    layer: str | nn.Module | None = None,
-    target: int | torch.Tensor | None = None,
-    **method_options: Any,
-) -> RandomizationResult | list[RandomizationResult]:
-    """Compare each sample's map on the trained model with its maps on randomized copies.
+def model_copy(audit: Audit) -> nn.Module:
+    """The audit's one working copy of the model (every step re-initialises it in place)."""
+    check_not_scripted(audit.model)
+    return copy_model(audit.model)
 
-    Args:
-        model: a classifier returning class scores [N, classes]; it is not changed (the audit
-            works on one deep copy).
-        inputs: a float batch [N, C, H, W] (or [N, C, L], [N, D]).
-        method: a name from :func:`pytest_saliency.methods`; or a list of names and
-            ``{"name": ..., "layer": ..., **options}`` mappings, audited together: methods that
-            share a rule set share one forward+backward per step, and a list of results comes
-            back (``layer`` and ``**method_options`` then go inside each mapping).
-        mode: "cascading" re-initialises layers cumulatively; "independent" one at a time,
-            each on the trained weights.
-        order: "top_down" (logits to input, as Adebayo et al. 2018) or "bottom_up".
-        layers: None (one step per module with parameters the forward uses, in the order it
-            uses them), "blocks" (the model's children; a child that holds more than half of the
-            parameterised layers is opened, as VGG's ``features`` or a ViT's encoder) or a
-            list of module names.
-        similarity: a metric name from :func:`pytest_saliency.metrics`.
-        seed: seeds the re-initialisation (step k uses ``seed + k``) and the bootstrap.
-        batch_size: samples per pass, to bound memory.
-        layer: the CAM layer (name or module of ``model``) for CAM methods.
-        target: the explained class (None: the trained model's prediction), kept at every step.
-        **method_options: the method's own options.
 
-    Returns:
-        A :class:`RandomizationResult` (a list of them for a list of methods); high similarity
-        means the map ignores the weights.
-    """
-    requests = method_requests(method, layer, method_options)
-    audited = [
-        setup(model, inputs, r.method, r.layer, batch_size, r.options, similarity, seed)
-        for r in requests
-    ]
-    model, inputs, batch_size, _, metric, seed, _ = audited[0]
-    mode = check_choice("mode", mode, MODES)
-    order = check_choice("order", order, ORDERS)
-    target = check_target(target, inputs.shape[0])
+def noisy_batch(x: torch.Tensor, samples: int, magnitude: float, seed: int) -> torch.Tensor:
+    """``samples`` copies of ``x`` [N, ...] stacked as [samples * N, ...]: the first
+    ``samples - 1`` with Gaussian noise of standard deviation ``magnitude * (max - min)`` of
+    each sample, the last one clean (quantus' SmoothMPRT). Drawn on the CPU from ``seed``."""
+    n = x.shape[0]
+    dims = tuple(range(1, x.dim()))
+    flat = x.detach().to("cpu", torch.float64)
+    spread = flat.amax(dim=dims, keepdim=True) - flat.amin(dim=dims, keepdim=True)
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randn((samples - 1, *x.shape), generator=generator, dtype=torch.float64)
+    noisy = torch.cat([flat + draws * (magnitude * spread), flat[None]]).reshape(
+        samples * n, *x.shape[1:]
+    )
+    return noisy.to(device=x.device, dtype=x.dtype)
+
+
+def run_steps(audit: Audit, *, mode: str, order: str, layers: Any, smooth: tuple | None = None
+              ) -> list:  # fmt: skip
+    """Each sample's map on the trained model against its maps after each randomization step.
+
+    ``smooth = (samples, magnitude)`` explains ``samples`` noisy copies of each input (one
+    batch per state) and compares the mean maps (smooth MPRT)."""
+    metric, seed = audit.metric, audit.seed
     layers_arg = list(layers) if isinstance(layers, tuple) else layers
-    check_not_scripted(model)
-    work = copy_model(model)  # the only copy: every step re-initialises it in place
-    x = model_inputs(work, inputs)
+    work = model_copy(audit)
+    x = model_inputs(work, audit.inputs)
     planned = plan_steps(work, x, layers_arg)
     steps = planned.steps
     if order == "top_down":
         steps.reverse()
-    logits = logits_of(work, x, batch_size)
-    if torch.is_tensor(target):
-        target = target.to(logits.device)
-    targets = resolve_targets(target, logits)
-    specs = [a[3] for a in audited]
-    with eval_mode(work):
-        terms = [spec.describe(work, x) if spec.describe else None for spec in specs]
-    layers_of = [
-        cam_layer(work, x, spec, a[6], r.options) for spec, a, r in zip(specs, audited, requests)
-    ]
-    shared = [
-        Request(spec.name, r.options, cam) for spec, r, cam in zip(specs, requests, layers_of)
-    ]
-
-    plan = Plan(work, x, shared, batch_size=batch_size)  # checks and grouping done once
+    targets = audit.targets_from(audit.logits(work))
+    terms = audit.terms(work)
+    explainer = audit.explainer(work)  # checks and grouping done once
+    n = x.shape[0]
+    batch, batch_targets = x, targets
+    if smooth is not None:
+        batch = noisy_batch(x, smooth[0], smooth[1], seed)
+        batch_targets = targets.repeat(smooth[0])
 
     def maps_now() -> list[torch.Tensor]:
-        return explain_step(plan, x, targets)
+        found = explain_step(explainer, batch, batch_targets)
+        if smooth is None:
+            return found
+        return [m.reshape(smooth[0], n, *m.shape[1:]).mean(dim=0) for m in found]
 
     first = maps_now()
+    count = len(first)
     maps = [{"original": to_cpu(m)} for m in first]
-    # Methods whose maps have the same shape are scored together, in one batched call per step,
-    # on the maps' device; each reference is prepared once.
+    # Explainers whose maps have the same shape are scored together, in one batched call per
+    # step; each reference is prepared once.
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(first):
         groups.setdefault((tuple(m.shape), m.dtype), []).append(i)
     comparers = {key: Comparer(torch.cat([first[i] for i in idx]), metric)
                  for key, idx in groups.items()}  # fmt: skip
     del first
-    n = x.shape[0]
-    rows: list[list[torch.Tensor]] = [[] for _ in specs]
-    blanks: list[dict] = [{} for _ in specs]
-    # Which maps are constant, per method and model state: read off on the maps' device while
-    # scoring, so the report of degenerate samples never reads every kept map again.
-    flags: list[dict[str, torch.Tensor]] = [{} for _ in specs]
+    rows: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    blanks: list[dict] = [{} for _ in range(count)]
+    # Which maps are constant, per explainer and model state: read off while scoring, so the
+    # report of degenerate samples never reads every kept map again.
+    flags: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
     for key, idx in groups.items():
         for i, flat in zip(idx, comparers[key].constant_reference.split(n)):
             flags[i]["original"] = flat
@@ -204,34 +180,27 @@ def parameter_randomization(
         del now
         if saved is not None:
             _restore(saved)
-    results = []
-    for i, (spec, request, cam) in enumerate(zip(specs, requests, layers_of)):
+    m = len(audit.specs)
+    fields = []
+    for i in range(count):
         scores = torch.stack(rows[i])
         constant = describe_constant(maps[i], scores, flags[i])
-        # The layer's spatial size does not depend on the weights, so the randomized copy serves.
-        cause = constant_cause(spec, cam, x) if constant else ""
-        results.append(
-            RandomizationResult(
-                check="parameter_randomization",
-                method=spec.name,
-                options=dict(request.options),
-                similarity=metric,
+        cam = explainer.layers[i] if i < m else None
+        own = {}
+        if i < m:
+            own = {
+                "layer": cam.name if cam else None,
+                "layout": str(cam.layout) if cam else None,
+                **({"terms": terms[i]} if terms[i] is not None else {}),
+            }
+        fields.append(
+            dict(
                 scores=scores,
-                maps=maps[i],
-                inputs=to_cpu(inputs),
+                maps=maps[i] if i < m else {},
                 targets=targets.cpu(),
-                seed=seed,
-                settings={
-                    "mode": mode,
-                    "order": order,
-                    "layers": layers_arg,
-                    "layer": cam.name if cam else None,
-                    "layout": str(cam.layout) if cam else None,
-                    **({"terms": terms[i]} if terms[i] is not None else {}),
-                    "batch_size": batch_size,
-                    "target": target,
-                },
-                cause=cause,
+                settings=own,
+                # The layer's grid does not depend on the weights, so the copy serves.
+                cause=constant_cause(audit.specs[i], cam, x) if constant and i < m else "",
                 constant=constant,
                 blank=describe_blank(blanks[i]),
                 mode=mode,
@@ -243,4 +212,87 @@ def parameter_randomization(
                 fallback=[name for s in steps for name in s.fallback],
             )
         )
-    return results if isinstance(method, (list, tuple)) else results[0]
+    settings = {"mode": mode, "order": order, "layers": layers_arg, "target": audit.target}
+    if smooth is not None:
+        settings.update(noise_samples=smooth[0], noise_magnitude=smooth[1])
+    return audit.results(fields, settings)
+
+
+def _run(audit: Audit, *, mode: str, order: str, layers: Any) -> list:
+    return run_steps(audit, mode=mode, order=order, layers=layers)
+
+
+def _run_smooth(audit: Audit, *, mode: str, order: str, layers: Any, noise_samples: int,
+                noise_magnitude: float) -> list:  # fmt: skip
+    return run_steps(audit, mode=mode, order=order, layers=layers,
+                     smooth=(noise_samples, noise_magnitude))  # fmt: skip
+
+
+def step_options(order: str) -> tuple[Option, ...]:
+    return (
+        Option("mode", "cascading", choice("mode", MODES),
+               "'cascading' re-initialises layers cumulatively; 'independent' one at a time, "
+               "each on the trained weights"),
+        Option("order", order, choice("order", ORDERS),
+               "'top_down' (logits to input, as Adebayo et al. 2018) or 'bottom_up'"),
+        Option("layers", None, layers_value,
+               "None (one step per module with parameters the forward uses, in the order it "
+               "uses them), 'blocks' (the model's children; a child holding more than half of "
+               "the parameterised layers is opened) or a list of module names"),
+    )  # fmt: skip
+
+
+STATES = (
+    "The trained model and its copy after each randomization step (the seed re-initialises "
+    "step k with seed + k); a faithful map changes with the weights, so high similarity "
+    "fails. The model is never changed: the audit works on one deep copy."
+)
+
+CHECK = register(
+    Check(
+        name="parameter_randomization",
+        summary="Compare each sample's map on the trained model with its maps on randomized "
+        "copies (Adebayo et al. 2018).",
+        states=STATES,
+        run=_run,
+        options=step_options("top_down"),
+        threshold=SIMILARITY_THRESHOLD,
+        result=RandomizationResult,
+        assert_name="assert_randomization_sensitive",
+    )
+)
+
+SMOOTH = register(
+    Check(
+        name="smooth_randomization",
+        summary="Smooth MPRT (Hedstrom et al. 2024): parameter randomization on maps averaged "
+        "over noisy copies of each input.",
+        states=STATES + " Each map is the mean over noise_samples copies of the input (the last "
+        "one clean), so gradient noise does not pass for sensitivity to the weights; the same "
+        "noise draws serve every model state.",
+        run=_run_smooth,
+        options=step_options("bottom_up")
+        + (
+            Option(
+                "noise_samples",
+                50,
+                int_at_least("noise_samples", 1),
+                "noisy copies per input, the clean input included (quantus' nr_samples)",
+            ),
+            Option(
+                "noise_magnitude",
+                0.1,
+                number_in("noise_magnitude", 0.0, 10.0),
+                "the noise's standard deviation as a fraction of each input's value range "
+                "(quantus' noise_magnitude)",
+            ),
+        ),  # fmt: skip
+        threshold=SIMILARITY_THRESHOLD,
+        result=RandomizationResult,
+        assert_name="assert_smooth_randomization_sensitive",
+        similarity="spearman_abs",
+    )
+)
+
+parameter_randomization = api(CHECK)
+smooth_randomization = api(SMOOTH)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import SaliencyError
+from .base import MIN_RISE, SIMILARITY_THRESHOLD
 
 BOOTSTRAP_RESAMPLES = 1000
 
@@ -83,6 +84,11 @@ class AuditResult:
     constant: dict[int, list[str]] = field(default_factory=dict)  # sample -> constant map names
     # sample -> compared maps that were constant next to a structured reference (scored 0)
     blank: dict[int, list[str]] = field(default_factory=dict)
+    # the null controls' scores under the same check, metric and samples (name -> score)
+    controls: dict[str, float] = field(default_factory=dict)
+
+    # How the score becomes a verdict (a class attribute, shared by every result of a check).
+    threshold = SIMILARITY_THRESHOLD
 
     @property
     def degenerate(self) -> list[int]:
@@ -106,31 +112,39 @@ class AuditResult:
     def ci(self) -> tuple[float, float]:
         return bootstrap_ci(self._worst(), self.seed)
 
-    def passed(self, max_similarity: float, *, confidence: bool = False) -> bool:
-        """True when the similarity is at most ``max_similarity``.
+    def passed(self, limit: float | None = None, *, confidence: bool = False, **named: float
+               ) -> bool:  # fmt: skip
+        """True when the score meets ``limit`` in the check's direction: at most
+        ``max_similarity`` for similarity checks (a faithful map changes), at least ``min_rise``
+        for efficient randomization. The limit may be given by its name
+        (``passed(max_similarity=0.5)``).
 
-        With ``confidence=True`` the upper end of the 95% bootstrap interval must be at most
-        ``max_similarity`` too. Degenerate (constant) maps never pass.
+        With ``confidence=True`` the 95% bootstrap interval must meet the limit too (its upper
+        end for ``max_similarity``, its lower end for ``min_rise``). Degenerate samples (a
+        constant map) never pass.
         """
-        if (
-            isinstance(max_similarity, bool)
-            or not isinstance(max_similarity, (int, float))
-            or (isinstance(max_similarity, float) and not math.isfinite(max_similarity))
-        ):
-            raise SaliencyError(
-                f"max_similarity must be a finite number (similarities lie in [-1, 1]), got "
-                f"{max_similarity!r}"
-            )
+        key = self.threshold.key
+        if named:
+            if limit is not None or set(named) != {key}:
+                raise SaliencyError(
+                    f"{self.check} results pass by {key}; call passed({key}=...) or "
+                    f"passed(X), got {', '.join(named)}"
+                )
+            limit = named[key]
+        if limit is None:
+            raise SaliencyError(f"passed() needs the threshold: passed({key}=...)")
+        limit = self.threshold.check(limit, bounded=False)
         if confidence and self.n < 2:
             raise SaliencyError(
                 "passed(confidence=True) needs at least 2 samples: a bootstrap over one sample "
                 "has no spread, so its interval says nothing; audit more inputs or use "
                 "confidence=False"
             )
-        score = self.score
-        if math.isnan(score) or score > max_similarity:
-            return False
-        return not confidence or self.ci[1] <= max_similarity
+        low, high = self.ci if confidence else (math.nan, math.nan)
+        return self.threshold.passed(self.score, low, high, limit, confidence)
+
+    def _controls_text(self) -> str:
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in self.controls.items())
 
     def _degenerate_note(self) -> str:
         if not self.degenerate:
@@ -155,6 +169,8 @@ class AuditResult:
             f"{type(self).__name__}({self._head()}, score={_fmt(self.score)}, "
             f"ci=({_fmt(low)}, {_fmt(high)}), n={self.n}"
         )
+        if self.controls:
+            text += f", controls=({self._controls_text()})"
         if self.degenerate:
             text += f", degenerate={_indices(self.degenerate)}: {self._degenerate_note()}"
         return text + ")"
@@ -173,6 +189,10 @@ class AuditResult:
                 lines.append("  " + "  ".join("-" * w for w in widths))
         low, high = self.ci
         lines.append(f"  score {_fmt(self.score)}, 95% CI [{_fmt(low)}, {_fmt(high)}]")
+        if self.controls:
+            lines.append(
+                f"  null controls (same check, scored the same way): {self._controls_text()}"
+            )
         if self.degenerate:
             lines.append(f"  DEGENERATE: {self._degenerate_note()}")
         lines.extend(f"  {note}" for note in self._notes())
@@ -200,6 +220,8 @@ class AuditResult:
                 "targets": self.targets,
                 "seed": self.seed,
                 "settings": self.settings,
+                "controls": self.controls,
+                "threshold_key": self.threshold.key,
                 **self._extra(),
             }
         )
@@ -330,4 +352,70 @@ class RandomizationResult(AuditResult):
             "unused": self.unused,
             "fallback": self.fallback,
             "step_scores": self.step_scores,
+        }
+
+
+@dataclass(repr=False)
+class DataRandomizationResult(AuditResult):
+    """Data randomization: maps of the trained model vs maps of the same architecture trained
+    on permuted labels, [N] similarities (``maps["trained"]``, ``maps["permuted"]``)."""
+
+    def _rows(self) -> list[tuple[str, ...]]:
+        rows = [("sample", "target", "similarity")]
+        for i in range(self.n):
+            rows.append((str(i), str(int(self.targets[i])), _fmt(float(self.scores[i]))))
+        return rows
+
+
+@dataclass(repr=False)
+class ComplexityResult(AuditResult):
+    """Efficient randomization: per sample, the relative rise in the entropy of the map from
+    the trained model to the fully randomized one, [N]; higher is better.
+
+    ``entropies`` holds both states' entropies [N]; ``coverage``, ``skipped``, ``unused`` and
+    ``fallback`` say what the randomized state re-initialised, as for parameter randomization.
+    """
+
+    entropies: dict[str, torch.Tensor] = field(default_factory=dict)
+    bins: int = 100
+    coverage: float = 1.0
+    skipped: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    fallback: list[str] = field(default_factory=list)
+
+    threshold = MIN_RISE
+
+    def _head(self) -> str:
+        text = f"method={self.method!r}, measure='entropy_rise', bins={self.bins}"
+        if self.settings.get("layer"):
+            text += f", layer={self.settings['layer']!r} ({self.settings.get('layout')})"
+        return text + f", coverage={self.coverage:.3f}"
+
+    def _rows(self) -> list[tuple[str, ...]]:
+        rows = [("sample", "target", "H trained", "H randomized", "rise")]
+        h0, h1 = self.entropies.get("original"), self.entropies.get("randomized")
+        for i in range(self.n):
+            rows.append((str(i), str(int(self.targets[i])), _fmt(float(h0[i])),
+                         _fmt(float(h1[i])), _fmt(float(self.scores[i]))))  # fmt: skip
+        return rows
+
+    def _notes(self) -> list[str]:
+        notes = []
+        if self.skipped:
+            notes.append(
+                f"coverage {self.coverage:.3f}: not re-initialised (used by the forward): "
+                f"{_names(self.skipped, 12)}"
+            )
+        if self.fallback:
+            notes.append(f"re-initialised by the fallback N(0, rms^2): {_names(self.fallback, 12)}")
+        return notes
+
+    def _extra(self) -> dict:
+        return {
+            "entropies": self.entropies,
+            "bins": self.bins,
+            "coverage": self.coverage,
+            "skipped": self.skipped,
+            "unused": self.unused,
+            "fallback": self.fallback,
         }

@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
-from torch import nn
 
-from ..engine.state import eval_mode
-from ..engine.targets import resolve_targets
 from ..errors import NonFiniteError, SaliencyError
-from ..explainer import allow_grad, check_target
-from ..multi import Request, explain_many
-from .common import (
-    cam_layer,
-    check_choice,
-    compare,
-    constant_cause,
-    describe_blank,
-    describe_constant,
-    logits_of,
-    method_requests,
-    model_inputs,
-    setup,
-    to_cpu,
-)
+from .base import SIMILARITY_THRESHOLD, Audit, Check, Option, api, choice, register
+from .common import compare, constant_cause, describe_blank, describe_constant, to_cpu
 from .results import SensitivityResult
 
 AGAINST = ("random", "least_likely", "second", "all")
@@ -54,52 +36,10 @@ def other_classes(
     return torch.full((n,), -1, dtype=torch.long)
 
 
-@allow_grad
-def output_sensitivity(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    method: str | Sequence[str | Mapping[str, Any]],
-    *,
-    target: int | torch.Tensor | None = None,
-    against: str = "random",
-    similarity: str = "ssim",
-    seed: int = 0,
-    batch_size: int | None = None,
-    layer: str | nn.Module | None = None,
-    **method_options: Any,
-) -> SensitivityResult | list[SensitivityResult]:
-    """Compare each sample's map for its class with its map for another class.
-
-    Args:
-        model: a classifier returning class scores [N, classes]; it is not changed.
-        inputs: a float batch [N, C, H, W] (or [N, C, L], [N, D]).
-        method: a name from :func:`pytest_saliency.methods`; or a list of names and
-            ``{"name": ..., "layer": ..., **options}`` mappings, audited together (methods that
-            share a rule set share their passes) and returned as a list of results.
-        target: the explained class: None (predicted), an int or a LongTensor [N].
-        against: the other class: "random" (uniform over the other classes, seeded),
-            "least_likely", "second" (highest-scoring other class) or "all" (mean
-            similarity over every other class).
-        similarity: a metric name from :func:`pytest_saliency.metrics`.
-        seed: seeds the random class choice and the bootstrap interval.
-        batch_size: samples per pass, to bound memory.
-        layer: the CAM layer (name or module) for CAM methods.
-        **method_options: the method's own options.
-
-    Returns:
-        A :class:`SensitivityResult` (a list for a list of methods); high similarity means the
-        map ignores the class.
-    """
-    requests = method_requests(method, layer, method_options)
-    audited = [
-        setup(model, inputs, r.method, r.layer, batch_size, r.options, similarity, seed)
-        for r in requests
-    ]
-    model, inputs, batch_size, _, metric, seed, _ = audited[0]
-    against = check_choice("against", against, AGAINST)
-    target = check_target(target, inputs.shape[0])
-    x = model_inputs(model, inputs)
-    logits = logits_of(model, x, batch_size)
+def run(audit: Audit, *, against: str) -> list:
+    """Maps for each sample's class and for another class, compared per sample."""
+    x, metric, seed, batch_size = audit.x, audit.metric, audit.seed, audit.batch_size
+    logits = audit.logits()
     n, classes = logits.shape
     if classes < 2:
         raise SaliencyError(
@@ -107,30 +47,21 @@ def output_sensitivity(
             f"output; against={against!r} needs at least 2 classes (valid against: "
             f"{', '.join(repr(a) for a in AGAINST)}, all need 2+ outputs)"
         )
-    targets = resolve_targets(
-        target.to(logits.device) if torch.is_tensor(target) else target, logits
-    )
-    targets = targets.cpu()
+    targets = audit.targets_from(logits).cpu()
     others = other_classes(logits, targets, against, seed)
-    specs = [a[3] for a in audited]
-    with eval_mode(model):
-        terms = [spec.describe(model, x) if spec.describe else None for spec in specs]
-    layers_of = [
-        cam_layer(model, x, spec, a[6], r.options) for spec, a, r in zip(specs, audited, requests)
-    ]
-    shared = [
-        Request(spec.name, r.options, cam) for spec, r, cam in zip(specs, requests, layers_of)
-    ]
+    terms = audit.terms()
+    explainer = audit.explainer()
+    m = len(audit.specs)
     # A stochastic method draws its noise per call: separate calls of N samples give both
-    # classes the same noise, so only the class differs between the two maps.
-    stochastic = ["seed" in spec.defaults for spec in specs]
+    # classes the same noise, so only the class differs between the two maps. The controls
+    # (explainers m and up) join the deterministic group.
+    stochastic = ["seed" in spec.defaults for spec in audit.specs] + [False] * (audit.count - m)
 
     def maps_for(batch, classes_, size, chosen) -> list[torch.Tensor]:
-        picked = [shared[i] for i in chosen]
-        found = explain_many(model, batch, picked, target=classes_, batch_size=size)
+        found = explainer(batch, classes_.to(x.device), chosen, batch_size=size)
         return [to_cpu(m) for m in found]
 
-    paired = [None] * len(specs)
+    paired = [None] * audit.count
     for group in (
         [i for i, s in enumerate(stochastic) if not s],
         [i for i, s in enumerate(stochastic) if s],
@@ -144,8 +75,8 @@ def output_sensitivity(
             found = _pair(maps_for, x, targets, others, batch_size, group, stochastic[group[0]])
         for i, item in zip(group, found):
             paired[i] = item
-    results = []
-    for i, (spec, request, cam) in enumerate(zip(specs, requests, layers_of)):
+    fields = []
+    for i in range(audit.count):
         if against == "all":
             target_maps, other_maps, scores, blank = paired[i]
         else:
@@ -154,33 +85,57 @@ def output_sensitivity(
             blank = describe_blank({"other": mask})
         named = {"target": target_maps, "other": other_maps}
         constant = describe_constant(named, scores)
-        results.append(
-            SensitivityResult(
-                check="output_sensitivity",
-                method=spec.name,
-                options=dict(request.options),
-                similarity=metric,
+        cam = explainer.layers[i] if i < m else None
+        settings = {}
+        if i < m:
+            settings = {
+                "layer": cam.name if cam else None,
+                "layout": str(cam.layout) if cam else None,
+                **({"terms": terms[i]} if terms[i] is not None else {}),
+            }
+        fields.append(
+            dict(
                 scores=scores,
                 maps=named,
-                inputs=to_cpu(inputs),
                 targets=targets,
-                seed=seed,
-                settings={
-                    "against": against,
-                    "target": target,
-                    "layer": cam.name if cam else None,
-                    "layout": str(cam.layout) if cam else None,
-                    **({"terms": terms[i]} if terms[i] is not None else {}),
-                    "batch_size": batch_size,
-                },
-                cause=constant_cause(spec, cam, x) if constant else "",
+                settings=settings,
+                cause=constant_cause(audit.specs[i], cam, x) if constant and i < m else "",
                 constant=constant,
                 blank=blank,
                 against=against,
                 others=others,
             )
         )
-    return results if isinstance(method, (list, tuple)) else results[0]
+    return audit.results(fields, {"against": against, "target": audit.target})
+
+
+CHECK = register(
+    Check(
+        name="output_sensitivity",
+        summary="Compare each sample's map for its class with its map for another class.",
+        states=(
+            "One model state (the trained model), two classes per sample: a faithful map "
+            "changes with the explained class, so high similarity fails (Adebayo et al. 2018; "
+            "Khakzar et al. 2020)."
+        ),
+        run=run,
+        options=(
+            Option(
+                "against",
+                "random",
+                choice("against", AGAINST),
+                "the other class: 'random' (uniform over the other classes, seeded), "
+                "'least_likely', 'second' (highest-scoring other class) or 'all' (mean "
+                "similarity over every other class)",
+            ),
+        ),  # fmt: skip
+        threshold=SIMILARITY_THRESHOLD,
+        result=SensitivityResult,
+        assert_name="assert_output_sensitive",
+    )
+)
+
+output_sensitivity = api(CHECK)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ def test_defaults(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(SHOW_SETTINGS)
     result = pytester.runpytest("-s")
     result.assert_outcomes(passed=1)
-    assert settings_line(result) == ["auto", "0", "ssim", "0.5", "False"]
+    assert settings_line(result) == ["auto", "0", "None", "0.5", "False"]
 
 
 def test_ini_sets_every_default(pytester: pytest.Pytester) -> None:

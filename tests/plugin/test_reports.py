@@ -163,8 +163,8 @@ def test_format_table_rows_and_tally() -> None:
     ]
     lines = report.format_table(records).splitlines()
     assert lines[0].split() == ["test", "method", "check", "metric", "score", "95%", "CI",
-                                "threshold", "verdict"]  # fmt: skip
+                                "noise/edge", "threshold", "verdict"]  # fmt: skip
     assert lines[2].split() == ["a.py::t", "gradient", "output_sensitivity", "ssim", "0.300",
-                                "[0.300,", "nan]", "<=", "0.500", "pass"]  # fmt: skip
+                                "[0.300,", "nan]", "-", "<=", "0.500", "pass"]  # fmt: skip
     assert lines[3].split()[-3:] == ["0.500", "(CI)", "FAIL"]
     assert lines[-1] == "2 audits: 1 pass, 1 fail"

@@ -386,7 +386,7 @@ def test_all_mistakes_of_one_suite_are_listed_together(project: pytest.Pytester)
         [
             "saliency_many.yaml:3: similarity: unknown similarity 'ssimm'; did you mean 'ssim'*",
             "saliency_many.yaml:4: methods[[]1]: option 'samples' must be in*got 0",
-            "saliency_many.yaml:5: checks.parameter_randomization.layers: expected null*got 3",
+            "saliency_many.yaml:5: checks.parameter_randomization.layers: layers must be*got 3",
         ]
     )
 

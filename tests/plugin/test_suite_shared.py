@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import pytest_saliency.checks as checks
+import pytest_saliency.checks.base as base
 import pytest_saliency.suite  # noqa: F401  (loaded once, before pytester's inner runs)
 from pytest_saliency.suite import SuiteFile
 
@@ -42,14 +42,13 @@ def project(pytester: pytest.Pytester) -> pytest.Pytester:
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object]]:
     """Every audit call made by the inner runs: (check, method argument)."""
     seen: list[tuple[str, object]] = []
-    for name in ("output_sensitivity", "parameter_randomization"):
-        original = getattr(checks, name)
+    original = base.execute
 
-        def spy(model, inputs, method, *args, _name=name, _original=original, **kwargs):
-            seen.append((_name, method))
-            return _original(model, inputs, method, *args, **kwargs)
+    def spy(check, models, inputs, method, kwargs):
+        seen.append((check.name, method))
+        return original(check, models, inputs, method, kwargs)
 
-        monkeypatch.setattr(checks, name, spy)
+    monkeypatch.setattr(base, "execute", spy)
     return seen
 
 

@@ -1,0 +1,450 @@
+"""The check abstraction: one definition per check, and the audit every check starts from.
+
+A :class:`Check` is a name, an options schema, a threshold with its direction, the models it
+takes, a result type and a ``run`` function. From that definition alone come the API function
+(:func:`api`), the fixture's ``saliency.audit(check, ...)`` and ``assert_*`` helpers, the YAML
+``checks:`` keys (validated by the same :class:`Option` s), the reports' threshold column and
+``ps.checks()``.
+
+``run(audit, **options)`` gets an :class:`Audit`: the validated model, inputs, methods and
+targets, and an :class:`Explainer` per model state that returns the maps of every audited
+method (shared passes) followed by the maps of the null controls (no model passes). It returns
+one dict of result fields per method and per control, in that order; the audit builds the
+results and puts each control's score in every method's ``result.controls``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SaliencyError, unknown
+from .common import (
+    cam_layer,
+    check_choice,
+    check_metric,
+    check_seed,
+    logits_of,
+    method_requests,
+    model_inputs,
+    setup,
+)
+from .controls import CONTROLS, Controls
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a check: its default, a validator and a line of help.
+
+    ``validate(value)`` returns the value to use or raises :class:`SaliencyError` with a
+    message that says what was expected (callers add where the value came from).
+    """
+
+    name: str
+    default: Any
+    validate: Callable[[Any], Any]
+    help: str
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """How a check's score becomes a verdict: ``at_most`` (similarities: lower is better) or
+    ``at_least`` (a rise: higher is better), within ``bounds``."""
+
+    key: str
+    passes: str
+    default: float
+    bounds: tuple[float, float]
+    help: str
+
+    def check(self, value: object, where: str | None = None, *, bounded: bool = True) -> float:
+        """``value`` as a float; an error unless it is a finite number (within ``bounds``
+        unless ``bounded`` is False)."""
+        low, high = self.bounds if bounded else (-math.inf, math.inf)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or not low <= value <= high:
+            if not bounded:
+                raise SaliencyError(f"{where or self.key} must be a finite number, got {value!r}")
+            raise SaliencyError(
+                f"{where or self.key} must be a number in [{low:g}, {high:g}] ({self.help}), "
+                f"got {value!r}"
+            )
+        return float(value)
+
+    def passed(self, score: float, low: float, high: float, limit: float, confidence: bool
+               ) -> bool:  # fmt: skip
+        if math.isnan(score):
+            return False
+        if self.passes == "at_most":
+            return score <= limit and (not confidence or high <= limit)
+        return score >= limit and (not confidence or low >= limit)
+
+    def symbol(self) -> str:
+        return "<=" if self.passes == "at_most" else ">="
+
+
+SIMILARITY_THRESHOLD = Threshold(
+    "max_similarity", "at_most", 0.5, (-1.0, 1.0),
+    "the highest mean similarity that passes; similarities lie in [-1, 1]",
+)  # fmt: skip
+
+MIN_RISE = Threshold(
+    "min_rise", "at_least", 0.1, (-1.0, 1e6),
+    "the lowest mean relative rise in map entropy that passes; 0 means no change",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Check:
+    """One audit of a saliency method (see the module docstring)."""
+
+    name: str
+    summary: str
+    run: Callable[..., list[dict]]
+    options: tuple[Option, ...]
+    threshold: Threshold
+    result: type
+    assert_name: str
+    # The positional model arguments: ("model",) or ("model", "randomized_model").
+    models: tuple[str, ...] = ("model",)
+    # The similarity metric's default; None for a check that compares no maps pairwise, which
+    # names what it measures in ``measure`` instead (the reports' metric column).
+    similarity: str | None = "ssim"
+    measure: str = ""
+    # What the check explains, for the docs: the model states and what is compared.
+    states: str = ""
+    model_help: Mapping[str, str] = field(default_factory=dict)
+    # How a suite names each extra model under ``checks: {name: ...}`` (default: its name).
+    model_keys: Mapping[str, str] = field(default_factory=dict)
+
+    def option(self, name: str) -> Option:
+        for opt in self.options:
+            if opt.name == name:
+                return opt
+        raise KeyError(name)
+
+    @property
+    def suite_keys(self) -> tuple[str, ...]:
+        """Every setting a suite may give under ``checks: {name: ...}``."""
+        shared = ("similarity",) if self.similarity else ()
+        models = tuple(self.model_keys.get(m, m) for m in self.models[1:])
+        return (*models, *(o.name for o in self.options), *shared, "seed", "batch_size",
+                self.threshold.key, "confidence")  # fmt: skip
+
+    def defaults(self) -> dict[str, Any]:
+        return {o.name: o.default for o in self.options}
+
+
+_REGISTRY: dict[str, Check] = {}
+
+
+def register(check: Check) -> Check:
+    if check.name in _REGISTRY:
+        raise ValueError(f"check {check.name!r} is registered twice")
+    _REGISTRY[check.name] = check
+    return check
+
+
+# The bundled checks in the order they are listed, run and reported; others follow.
+BUNDLED = ("output_sensitivity", "parameter_randomization", "smooth_randomization",
+           "efficient_randomization", "data_randomization")  # fmt: skip
+
+
+def checks() -> list[str]:
+    """The names of the registered checks: the bundled ones first, in :data:`BUNDLED` order."""
+    _load()
+    rank = {name: i for i, name in enumerate(BUNDLED)}
+    return sorted(_REGISTRY, key=lambda name: rank.get(name, len(rank)))
+
+
+def get_check(name: object) -> Check:
+    """The check called ``name``; an error listing the valid ones otherwise."""
+    _load()
+    if isinstance(name, Check):
+        return name
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise unknown("check", name, tuple(checks()))
+    return _REGISTRY[name]
+
+
+def _load() -> None:
+    from . import data, efficient, randomization, sensitivity  # noqa: F401  (they register)
+
+
+# -- choices shared by several checks -------------------------------------------------------
+
+
+def choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
+    return lambda value: check_choice(name, value, choices)
+
+
+def layers_value(value: object) -> str | list[str] | None:
+    if value is None or value == "blocks":
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value):
+        return list(value)  # an empty list is refused by the step planner, with the names
+    raise SaliencyError(
+        f"layers must be None/null (every layer), 'blocks' or a list of module names, got {value!r}"
+    )
+
+
+def int_at_least(name: str, low: int) -> Callable[[Any], int]:
+    def validate(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise SaliencyError(f"{name} must be an int >= {low}, got {value!r}")
+        return value
+
+    return validate
+
+
+def number_in(name: str, low: float, high: float) -> Callable[[Any], float]:
+    def validate(value: object) -> float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or not low <= value <= high:
+            raise SaliencyError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+        return float(value)
+
+    return validate
+
+
+# -- the audit -------------------------------------------------------------------------------
+
+
+class Explainer:
+    """The maps of every audited method and null control on one model state.
+
+    ``explainer(batch, targets, chosen)`` returns maps for the explainers numbered in
+    ``chosen`` (default: all; methods first, then the controls), on the batch's device.
+    Methods sharing a rule set share one forward+backward; controls cost no model pass.
+    Plans are kept per batch shape, so a check that explains the same batch at every step
+    validates and groups once.
+    """
+
+    def __init__(self, audit: Audit, model: nn.Module, labels: Sequence | None = None) -> None:
+        self.audit, self.model = audit, model
+        labels = audit.labels if labels is None else labels
+        self.layers = [cam_layer(model, audit.x, spec, label, r.options)
+                       for spec, label, r in zip(audit.specs, labels, audit.requests)]  # fmt: skip
+        from ..multi import Request
+
+        self.requests = [
+            Request(spec.name, r.options, cam)
+            for spec, r, cam in zip(audit.specs, audit.requests, self.layers)
+        ]
+        self._plans: dict[tuple, Any] = {}
+
+    def __call__(self, batch: torch.Tensor, targets: torch.Tensor,
+                 chosen: Sequence[int] | None = None, batch_size: int | None = None
+                 ) -> list[torch.Tensor]:  # fmt: skip
+        from ..multi import Plan
+
+        audit = self.audit
+        m = len(audit.specs)
+        chosen = list(range(m + len(audit.controls.names))) if chosen is None else list(chosen)
+        methods = [i for i in chosen if i < m]
+        size = audit.batch_size if batch_size is None else batch_size
+        found: dict[int, torch.Tensor] = {}
+        if methods:
+            key = (tuple(batch.shape), tuple(methods), size)
+            if key not in self._plans:
+                chosen_requests = [self.requests[i] for i in methods]
+                self._plans[key] = Plan(self.model, batch, chosen_requests, batch_size=size)
+            maps = self._plans[key](batch, targets)
+            for i, m_ in zip(methods, maps):
+                found[i] = m_
+        controls = [i - m for i in chosen if i >= m]
+        if controls:
+            shape = next(iter(found.values())).shape if found else None
+            for k, maps in zip(controls, audit.controls(batch, controls, shape)):
+                found[m + k] = maps.to(device=batch.device, dtype=batch.dtype)
+        return [found[i] for i in chosen]
+
+
+class Audit:
+    """What every check starts from: the validated call, shared by all its methods."""
+
+    def __init__(self, check: Check, models: Sequence[nn.Module], inputs: torch.Tensor,
+                 method: Any, *, layer: Any, target: Any, batch_size: Any, similarity: Any,
+                 seed: Any, method_options: Mapping[str, Any]) -> None:  # fmt: skip
+        from ..explainer import check_target
+
+        self.check = check
+        self.single = not isinstance(method, (list, tuple))
+        self.requests = method_requests(method, layer, method_options)
+        metric = similarity if check.similarity else "ssim"  # validated only where used
+        audited = [
+            setup(models[0], inputs, r.method, r.layer, batch_size, r.options, metric, seed)
+            for r in self.requests
+        ]
+        self.model, self.inputs, self.batch_size = audited[0][:3]
+        self.metric = check_metric(similarity) if check.similarity else None
+        self.seed = check_seed(seed)
+        self.specs = [a[3] for a in audited]
+        self.labels = [a[6] for a in audited]
+        self.target = check_target(target, self.inputs.shape[0])
+        self.x = model_inputs(self.model, self.inputs)
+        self.controls = Controls(self.seed, self.x)
+
+    def logits(self, model: nn.Module | None = None) -> torch.Tensor:
+        return logits_of(self.model if model is None else model, self.x, self.batch_size)
+
+    def targets_from(self, logits: torch.Tensor) -> torch.Tensor:
+        """The explained classes [N] (on the logits' device): given, or predicted."""
+        from ..engine.targets import resolve_targets
+
+        target = self.target
+        if torch.is_tensor(target):
+            target = target.to(logits.device)
+        return resolve_targets(target, logits)
+
+    def explainer(self, model: nn.Module | None = None, labels: Sequence | None = None
+                  ) -> Explainer:  # fmt: skip
+        """Maps of every method and control on ``model`` (default: the audited model); CAM
+        layers by ``labels`` (default: as the call gave them)."""
+        return Explainer(self, self.model if model is None else model, labels)
+
+    def terms(self, model: nn.Module | None = None) -> list[Any]:
+        """FullGrad's bias terms per method (None for other methods), for the settings."""
+        from ..engine.state import eval_mode
+
+        model = self.model if model is None else model
+        with eval_mode(model):
+            return [spec.describe(model, self.x) if spec.describe else None
+                    for spec in self.specs]  # fmt: skip
+
+    @property
+    def count(self) -> int:
+        """Methods and controls: the length of what ``run`` returns."""
+        return len(self.specs) + len(self.controls.names)
+
+    def results(self, fields: list[dict], settings: dict[str, Any]) -> list:
+        """Result objects from ``run``'s fields: one per method, each with the controls."""
+        from .common import to_cpu
+
+        m = len(self.specs)
+        if len(fields) != self.count:
+            raise AssertionError(f"{self.check.name}.run returned {len(fields)} of {self.count}")
+        common = dict(
+            check=self.check.name,
+            similarity=self.metric or self.check.measure,
+            inputs=to_cpu(self.inputs),
+            seed=self.seed,
+        )
+        controls = {}
+        for name, extra in zip(self.controls.names, fields[m:]):
+            extra = dict(extra)
+            extra.pop("settings", None)
+            result = self.check.result(method=name, options={}, settings={}, **common, **extra)
+            controls[name] = result.score
+        out = []
+        for spec, request, extra in zip(self.specs, self.requests, fields):
+            extra = dict(extra)
+            own = extra.pop("settings", {})
+            out.append(
+                self.check.result(
+                    method=spec.name,
+                    options=dict(request.options),
+                    settings={**settings, **own, "batch_size": self.batch_size},
+                    controls=dict(controls),
+                    **common,
+                    **extra,
+                )
+            )
+        return out if not self.single else out[0]
+
+
+def execute(check: Check, models: Sequence[Any], inputs: Any, method: Any, kwargs: dict) -> Any:
+    """Run ``check`` on a call's arguments: the check's options, the shared ones, and the
+    method's own options (everything else)."""
+    kwargs = dict(kwargs)
+    shared = {
+        "layer": kwargs.pop("layer", None),
+        "target": kwargs.pop("target", None),
+        "batch_size": kwargs.pop("batch_size", None),
+        "seed": kwargs.pop("seed", 0),
+        "similarity": kwargs.pop("similarity", check.similarity),
+    }
+    if not check.similarity and shared["similarity"] is not None:
+        raise SaliencyError(
+            f"{check.name} compares the complexity of maps, not their similarity: it takes no "
+            f"similarity= (its options: {', '.join(o.name for o in check.options)})"
+        )
+    options = {}
+    for opt in check.options:
+        options[opt.name] = opt.validate(kwargs.pop(opt.name, opt.default))
+    audit = Audit(check, models, inputs, method, method_options=kwargs, **shared)
+    return check.run(audit, *models[1:], **options)
+
+
+def api(check: Check) -> Callable[..., Any]:
+    """The public function of ``check``: ``fn(model, [other models,] inputs, method, **kw)``."""
+    from ..explainer import allow_grad
+
+    n = len(check.models)
+
+    @allow_grad
+    def fn(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        values = dict(bound.arguments)
+        extra = values.pop("method_options", {})
+        models = [values.pop(name) for name in check.models]
+        inputs, method = values.pop("inputs"), values.pop("method")
+        return execute(check, models, inputs, method, {**values, **extra})
+
+    P = inspect.Parameter
+    params = [P(name, P.POSITIONAL_OR_KEYWORD) for name in check.models]
+    params += [P("inputs", P.POSITIONAL_OR_KEYWORD), P("method", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(o.name, P.KEYWORD_ONLY, default=o.default) for o in check.options]
+    if check.similarity:
+        params.append(P("similarity", P.KEYWORD_ONLY, default=check.similarity))
+    params += [
+        P("seed", P.KEYWORD_ONLY, default=0),
+        P("batch_size", P.KEYWORD_ONLY, default=None),
+        P("layer", P.KEYWORD_ONLY, default=None),
+        P("target", P.KEYWORD_ONLY, default=None),
+        P("method_options", P.VAR_KEYWORD),
+    ]
+    signature = inspect.Signature(params)
+    fn.__signature__ = signature  # type: ignore[attr-defined]
+    fn.__name__ = fn.__qualname__ = check.name
+    fn.__module__ = "pytest_saliency"
+    fn.__doc__ = _doc(check, n)
+    return fn
+
+
+def _doc(check: Check, n: int) -> str:
+    lines = [check.summary, "", check.states, "", "Args:"]
+    lines.append("    model: a classifier returning class scores [N, classes]; never changed.")
+    for name in check.models[1:]:
+        lines.append(f"    {name}: {check.model_help.get(name, '')}")
+    lines += [
+        "    inputs: a float batch [N, C, H, W] (or [N, C, L], [N, D]).",
+        "    method: a name from pytest_saliency.methods(), or a list of names and",
+        "        {'name': ..., 'layer': ..., **options} mappings audited together (methods that",
+        "        share a rule set share their passes); a list of results comes back.",
+    ]
+    for opt in check.options:
+        lines.append(f"    {opt.name}: {opt.help} (default {opt.default!r}).")
+    if check.similarity:
+        lines.append(
+            f"    similarity: a metric from pytest_saliency.metrics() "
+            f"(default {check.similarity!r})."
+        )
+    lines += [
+        "    seed: seeds every random choice of the audit and the bootstrap interval.",
+        "    batch_size: samples per pass, to bound memory (results do not depend on it).",
+        "    layer: the CAM layer (name or module) for CAM methods; None for the default.",
+        "    target: the explained class: None (predicted), an int or a LongTensor [N].",
+        "    **method_options: the method's own options.",
+        "",
+        f"Returns: a {check.result.__name__} (a list for a list of methods); it passes when its "
+        f"score is {check.threshold.symbol()} {check.threshold.key} ({check.threshold.help}).",
+        f"result.controls holds the scores of the null controls ({', '.join(CONTROLS)}).",
+    ]
+    return "\n".join(lines)
