@@ -117,6 +117,11 @@ def _score(value: Any) -> float | None:
     return None if math.isnan(value) else value
 
 
+def _key(result: Any) -> str:
+    threshold = getattr(result, "threshold", None)
+    return getattr(threshold, "key", "max_similarity")
+
+
 def figures(result: Any) -> dict[str, Any]:
     """JSON-able figures of an audit result: inputs, compared maps and their scores.
 
@@ -175,6 +180,7 @@ def figures(result: Any) -> dict[str, Any]:
         "rows": rows,
         "samples_total": int(result.scores.shape[-1]),
         "steps_total": len(getattr(result, "layers", [])),
+        "score_label": "score" if _key(result) == "min_rise" else "sim",
     }
 
 
@@ -359,7 +365,7 @@ def _maps_table(fig: dict) -> str:
         for cell in row["cells"]:
             note = cell.get("caption") or ""
             if cell.get("score") is not None:
-                note = f"{note} sim {_fmt(cell['score'])}".strip()
+                note = f"{note} {fig.get('score_label', 'sim')} {_fmt(cell['score'])}".strip()
             cells.append(f'<td><img src="{cell["image"]}" alt="map"><div>{_e(note)}</div></td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
     shown = len(fig.get("rows", []))
@@ -369,7 +375,7 @@ def _maps_table(fig: dict) -> str:
     else:
         note += " (each map min-max scaled)"
     steps = fig.get("steps_total", 0)
-    if steps > len(fig.get("columns", [])) - 1 and fig.get("check") == "parameter_randomization":
+    if steps > len(fig.get("columns", [])) - 1:
         note += f"; {len(fig['columns']) - 1} of {steps} steps shown"
     return f'<table class="maps">{"".join(rows)}</table><p class="note">{_e(note)}.</p>'
 

@@ -21,6 +21,7 @@ from .engine.rules import RuleSet
 from .engine.state import eval_mode, model_device_dtype
 from .errors import SaliencyError
 from .explainer import allow_grad, cam_layer_of, check_maps, check_target, prepare
+from .specs import parse_method
 
 
 @dataclass
@@ -36,19 +37,8 @@ def as_request(spec: str | Mapping[str, Any] | Request) -> Request:
     """A method name, a ``{"name": ..., **options}`` mapping, or a Request."""
     if isinstance(spec, Request):
         return spec
-    if isinstance(spec, str):
-        return Request(spec, {})
-    if isinstance(spec, Mapping):
-        options = dict(spec)
-        name = options.pop("name", None)
-        if name is None:
-            raise SaliencyError(f"a method given as a mapping needs a 'name' key, got {spec!r}")
-        options.pop("id", None)
-        layer = options.pop("layer", None)
-        return Request(name, options, layer)
-    raise SaliencyError(
-        f"a method is a name or a mapping {{'name': ..., **options}}, got {type(spec).__name__}"
-    )
+    parsed = parse_method(spec)
+    return Request(parsed.name, parsed.options, parsed.layer)
 
 
 @dataclass

@@ -18,6 +18,7 @@ import pytest
 
 from . import report
 from .errors import SaliencyError, closest
+from .specs import method_id, parse_method
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -284,44 +285,11 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
 
 
 def split_method(spec: object) -> tuple[str, dict, str | None]:
-    """``"name"`` or ``{"name": ..., "id": ..., **options}`` -> (name, options, id or None)."""
-    if isinstance(spec, str):
-        return spec, {}, None
-    if isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
-        options = {k: v for k, v in spec.items() if k not in ("name", "id")}
-        given = spec.get("id")
-        return spec["name"], options, None if given is None else str(given)
-    raise SaliencyError(f"a method is a name or a mapping {{'name': ..., **options}}, got {spec!r}")
-
-
-def _id_value(value: object) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def method_id(spec: object, *, validate: bool = False) -> str:
-    """The readable id of a method: its ``id``, else its name plus its non-default options.
-
-    ``layer`` is not a method option and stays out of it, as in suites: a gradcam++ entry
-    with ``positive=False`` and ``layer="features.10"`` is ``gradcam++-positive=false``.
-
-
-    ``validate=True`` also checks the method's options (a SaliencyError naming the valid ones).
-    """
-    from .bundled.registry import get_method
-
-    name, options, given = split_method(spec)
-    method = get_method(name)
-    own = {k: v for k, v in options.items() if k != "layer"}
-    if validate:
-        method.bind(own)
-    if given is not None:
-        return given
-    extra = [
-        f"{key}={_id_value(value)}"
-        for key, value in own.items()
-        if key not in method.defaults or method.defaults[key] != value
-    ]
-    return "-".join([name, *extra])
+    """``"name"`` or ``{"name": ..., "id": ..., **options}`` -> (name, options with the layer,
+    id or None)."""
+    parsed = parse_method(spec)
+    layer = {} if parsed.layer is None else {"layer": parsed.layer}
+    return parsed.name, {**parsed.options, **layer}, parsed.id
 
 
 def marker_kwargs(node: pytest.Item) -> dict[str, Any]:
@@ -467,6 +435,8 @@ class Auditor:
             defaults["similarity"] = self.similarity or check.similarity
         kw = {**defaults, **options, **kw}
         placed = [self._place(m, None)[0] for m in models]
+        if len(models) > 1 and models[1] is models[0]:
+            placed[1] = placed[0]  # the check refuses a twin that is the model: keep it so
         _, inputs = self._place(None, inputs)
         result = api(check)(*placed, inputs, name_, **kw)
         rec = self._session.record(
@@ -477,13 +447,7 @@ class Auditor:
             method_id=ident,
             expected="fail" if _expects_failure(self._node) else "pass",
         )
-        props = self._node.user_properties
-        props.append(("saliency_check", check.name))
-        props.append(("saliency_score", rec["score"]))
-        props.append(("saliency_threshold", rec["threshold"]))
-        props.append(("saliency_verdict", rec["verdict"]))
-        for control, value in (rec.get("controls") or {}).items():
-            props.append((f"saliency_control_{control}", value))
+        self._node.user_properties.extend(junit_properties(rec))
         return result, rec
 
     def _asserting(self, name: str, args: tuple, confidence: bool | None, kw: dict):
@@ -533,6 +497,18 @@ class Auditor:
 
         names = [n for c in checks() for n in (c, get_check(c).assert_name)]
         return sorted({*super().__dir__(), *names})
+
+
+def junit_properties(record: dict) -> list[tuple[str, Any]]:
+    """The junit ``<property>`` s of an audit (fixture tests and suite items alike)."""
+    props = [
+        ("saliency_check", record["check"]),
+        ("saliency_score", record.get("score")),
+        ("saliency_threshold", record["threshold"]),
+        ("saliency_verdict", record["verdict"]),
+    ]
+    props += [(f"saliency_control_{k}", v) for k, v in (record.get("controls") or {}).items()]
+    return props
 
 
 def _expects_failure(node: pytest.Item) -> bool:

@@ -177,21 +177,34 @@ def _why(record: dict) -> str:
 
 
 def _sample_scores(record: dict) -> list[tuple[int, float | None]]:
-    """Per sample, the score that counts: randomization takes each sample's worst step."""
+    """Per sample, the score that counts: randomization takes each sample's worst step (its
+    mean over steps, or its last step, with ``aggregate`` "mean" or "last")."""
     scores = record.get("scores") or []
+    aggregate = record.get("aggregate") or "worst"
     if scores and isinstance(scores[0], list):
         per_sample = []
         for i in range(len(scores[0])):
             column = [row[i] for row in scores]
-            per_sample.append(None if None in column else max(column))
+            if None in column:
+                per_sample.append(None)
+            elif aggregate == "mean":
+                per_sample.append(sum(column) / len(column))
+            elif aggregate == "last":
+                per_sample.append(column[-1])
+            else:
+                per_sample.append(max(column))
     else:
         per_sample = list(scores)
     return list(enumerate(per_sample))
 
 
 def most_similar(record: dict, limit: int = 5) -> list[tuple[int, float | None]]:
-    """The samples whose maps are most similar (degenerate ones first)."""
-    ranked = sorted(_sample_scores(record), key=lambda p: (p[1] is not None, -(p[1] or 0.0), p[0]))
+    """The samples whose scores are worst (degenerate ones first): the most similar maps, or
+    the lowest rise for a check that passes by ``min_rise``."""
+    sign = 1.0 if _key(record) == "max_similarity" else -1.0
+    ranked = sorted(
+        _sample_scores(record), key=lambda p: (p[1] is not None, -sign * (p[1] or 0.0), p[0])
+    )
     return ranked[:limit]
 
 
@@ -206,10 +219,10 @@ def format_failure(record: dict) -> str:
                       + (" (the CI bound too)" if record.get("confidence") else "")],
         ["verdict", f"{record['verdict'].upper()}: {_why(record)}"],
     ]  # fmt: skip
-    parts = [f"saliency audit failed: {record['nodeid']}", _table(head, "  ", header=False)]
     if record.get("controls"):
-        head.insert(4, ["controls", ", ".join(f"{k} {_num(v)}"
-                                              for k, v in record["controls"].items())])  # fmt: skip
+        shown = ", ".join(f"{k} {_num(v)}" for k, v in record["controls"].items())
+        head.insert(4, ["controls", f"{shown} (null controls, scored the same way)"])
+    parts = [f"saliency audit failed: {record['nodeid']}", _table(head, "  ", header=False)]
     if record.get("step_scores") and record.get("layers"):
         rows = [["step", "randomized layer", "mean similarity"]]
         for i, (layer, value) in enumerate(zip(record["layers"], record.get("step_scores", []))):
@@ -217,13 +230,15 @@ def format_failure(record: dict) -> str:
         parts += [f"  per-step scores ({record.get('mode')}, {record.get('order')}):",
                   _table(rows, "    ")]  # fmt: skip
     targets, others = record.get("targets") or [], record.get("others") or []
-    rows = [["sample", "target"] + (["other"] if others else []) + ["similarity"]]
+    column = "similarity" if _key(record) == "max_similarity" else "score"
+    rows = [["sample", "target"] + (["other"] if others else []) + [column]]
     for i, value in most_similar(record):
         row = [str(i), str(targets[i]) if i < len(targets) else "?"]
         if others:
             row.append("all" if others[i] == -1 else str(others[i]))
         rows.append(row + [_num(value)])
-    parts += ["  most similar samples:", _table(rows, "    ")]
+    worst = "most similar" if _key(record) == "max_similarity" else "lowest-scoring"
+    parts += [f"  {worst} samples:", _table(rows, "    ")]
     if record.get("degenerate"):
         cause = f": {record['cause']}" if record.get("cause") else ""
         parts.append(f"  degenerate samples {record['degenerate']}{cause}")

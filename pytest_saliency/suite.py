@@ -53,6 +53,7 @@ import pytest
 import yaml
 
 from .errors import SaliencyError, closest
+from .specs import method_id
 
 # The checks a suite runs when it has no ``checks:`` key.
 DEFAULT_CHECKS = ("output_sensitivity", "parameter_randomization")
@@ -258,12 +259,6 @@ def _check_setting(p: _Problems, path: KeyPath, key: str, value: Any, check: Any
             p.add(path, f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
 
 
-def _fmt_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 def _method_entry(p: _Problems, index: int, entry: Any) -> MethodEntry | None:
     from .bundled.registry import get_method, methods
 
@@ -303,11 +298,8 @@ def _method_entry(p: _Problems, index: int, entry: Any) -> MethodEntry | None:
     except SaliencyError as exc:
         p.add(path, str(exc))
         return None
-    # The layer is where a CAM method reads, not an option of the method: it stays out of the
-    # id (two entries differing only by layer need an explicit ``id``).
-    extras = [f"{k}={_fmt_value(v)}" for k, v in options.items() if v != spec.defaults[k]]
-    method_id = given_id or "-".join([name, *extras])
-    return MethodEntry(name, options, layer, method_id, path)
+    ident = method_id({"name": name, "id": given_id, **options})
+    return MethodEntry(name, options, layer, ident, path)
 
 
 def _checks(p: _Problems, raw: Any) -> dict[str, dict[str, Any]]:
@@ -329,7 +321,14 @@ def _checks(p: _Problems, raw: Any) -> dict[str, dict[str, Any]]:
             p.add(("checks", name), f"expected a mapping of settings ({', '.join(keys)})")
             continue
         for key, value in settings.items():
-            if key not in keys:
+            limit = check.threshold.key
+            if key in ("max_similarity", "min_rise") and key != limit:
+                p.add(("checks", name, key), f"{name} passes by {limit} ({check.threshold.help}), "
+                      f"not by {key}; write {limit}: X")  # fmt: skip
+            elif key == "similarity" and not check.similarity:
+                p.add(("checks", name, key), f"{name} compares the complexity of maps, not "
+                      f"their similarity: no metric (its settings: {', '.join(keys)})")  # fmt: skip
+            elif key not in keys:
                 p.unknown(("checks", name, key), f"setting of {name}", key, keys)
             else:
                 _check_setting(p, ("checks", name, key), key, value, check)
@@ -353,24 +352,22 @@ def _expect(p: _Problems, raw: Any, ids: list[str], checks: list[str]) -> dict:
         p.add(("expect",), "expected a mapping: method id -> fail, or -> {check: fail}")
         return out
     outcomes = ("fail", "pass")
-    for method_id, value in raw.items():
-        if method_id not in ids:
-            p.unknown(("expect", method_id), "method id", method_id, ids)
+    for ident, value in raw.items():
+        if ident not in ids:
+            p.unknown(("expect", ident), "method id", ident, ids)
             continue
         if not isinstance(value, dict) and value not in outcomes:  # one message, not one per check
-            p.add(
-                ("expect", method_id), f"expected 'fail', 'pass' or {{check: fail}}, got {value!r}"
-            )
+            p.add(("expect", ident), f"expected 'fail', 'pass' or {{check: fail}}, got {value!r}")
             continue
         per_check = value if isinstance(value, dict) else dict.fromkeys(checks, value)
         for check, outcome in per_check.items():
-            path = ("expect", method_id) + ((check,) if isinstance(value, dict) else ())
+            path = ("expect", ident) + ((check,) if isinstance(value, dict) else ())
             if check not in checks:
                 p.unknown(path, "check", check, checks)
             elif outcome not in outcomes:
                 p.add(path, f"expected 'fail' or 'pass', got {outcome!r}")
             else:
-                out[(method_id, check)] = outcome
+                out[(ident, check)] = outcome
     return out
 
 
@@ -439,6 +436,12 @@ def parse_suite(data: Any, lines: dict[KeyPath, int], file: Path, label: str) ->
             else:
                 entries.append(entry)
     checks = _checks(p, data.get("checks"))
+    for key in ("max_similarity", "min_rise", "similarity"):
+        users = [c for c in checks if key in _check(c).suite_keys]
+        if key in top and checks and not users:
+            takers = [c for c in _registry() if key in _check(c).suite_keys]
+            p.add((key,), f"{key} applies to {', '.join(takers)}, which this suite does not run "
+                  f"(its checks: {', '.join(checks)}); remove it or add such a check")  # fmt: skip
     expect = _expect(p, data.get("expect"), [e.id for e in entries], list(checks))
     p.raise_if_any()
     targets = data.get("targets")
@@ -644,6 +647,18 @@ def check_layers(suite: Suite, model: Any) -> None:
     p.raise_if_any()
 
 
+def check_twins(suite: Suite, loaded: Loaded) -> None:
+    """A check's extra model (data randomization's twin) must be the model's architecture: a
+    collection error at its ``model:`` key naming the first mismatch, not one per item."""
+    from .checks.data import check_twin
+
+    for check, twin in loaded.others.items():
+        try:
+            check_twin(loaded.model, twin, label=f"{suite.checks[check]['model']}")
+        except SaliencyError as exc:
+            raise SuiteError(f"{suite.where(('checks', check, 'model'))}: {exc}") from None
+
+
 def resolve_device(name: str) -> Any:
     """``auto`` -> cuda if available else cpu; cuda without CUDA is a clear error."""
     import torch
@@ -674,6 +689,7 @@ class SuiteFile(pytest.File):
             self.loaded = load_objects(self.suite, search)
             check_forward(self.suite, self.loaded)
         check_layers(self.suite, self.loaded.model)
+        check_twins(self.suite, self.loaded)
         self._placed: dict[str, tuple] = {}
         self._shared: dict[str, dict[str, Any]] = {}  # audit key -> {method id: result}
         self._tried: set[tuple[str, str]] = set()  # (audit key, method id) already computed
@@ -696,11 +712,13 @@ class SuiteFile(pytest.File):
         moved): the models are the suite's model, then ``check``'s extra model if it has one."""
         key = str(device)
         if key not in self._placed:
+            copies: dict[int, Any] = {}
 
-            def moved(model):
-                if any(p.device != device for p in model.parameters()):
-                    return copy.deepcopy(model).to(device)
-                return model
+            def moved(model):  # one copy per model object: a twin that is the model stays it
+                if id(model) not in copies:
+                    on = any(p.device != device for p in model.parameters())
+                    copies[id(model)] = copy.deepcopy(model).to(device) if on else model
+                return copies[id(model)]
 
             targets = self.loaded.targets
             self._placed[key] = (
@@ -838,9 +856,9 @@ class SuiteItem(pytest.Item):
             )
         except SaliencyError as exc:  # e.g. confidence: true with one sample
             raise SuiteError(f"{self.location_text()}: {exc}") from None
-        self.user_properties.append(("saliency_score", record.get("score")))
-        self.user_properties.append(("saliency_threshold", threshold))
-        self.user_properties.append(("saliency_verdict", record["verdict"]))
+        from .plugin import junit_properties
+
+        self.user_properties.extend(junit_properties(record))
         verdict = record["verdict"]
         if verdict == "xfail":
             pytest.xfail(f"expected failure: {self.check} of {self.entry.id} is not sensitive")
@@ -895,7 +913,7 @@ def failure_text(where: str, result: Any, record: dict, threshold: float, confid
             f"{limit:.3f} {'>' if at_most else '<'} {key} {threshold:g} ({measured})"
         )
     lines = [f"{where}: {head}", "", result.summary()]
-    row = result.scores if result.scores.dim() == 1 else result.scores[result.worst_step]
+    row = result._worst()  # the per-sample scores the verdict reads
     sign = 1.0 if at_most else -1.0  # the worst samples first: most similar, or least risen
     order = torch.argsort((sign * row).nan_to_num(-1e9), descending=True).tolist()
     finite = [i for i in order if not math.isnan(float(row[i]))]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from digits.data import digits_data, held_out
-from digits.training import accuracy, fit, load_or_train
+from digits.training import accuracy, fit, load_or_train, training_labels
 
 CAM_LAYER = "features.11"
 INPUT_SIZE = 32
@@ -70,8 +70,11 @@ def train(
     epochs: int = CONFIG["epochs"],
     lr: float = CONFIG["lr"],
     batch_size: int = CONFIG["batch_size"],
+    labels: str = "true",
 ) -> nn.Module:
     """Train a fresh `DigitsNet` on the training split; deterministic for a given seed.
+
+    ``labels="permuted"`` trains the same way on shuffled labels (the permuted-label twin).
 
     Returns:
         The trained model in eval mode (global RNG state untouched).
@@ -83,7 +86,7 @@ def train(
     return fit(
         model,
         data.train_x,
-        data.train_y,
+        training_labels(data.train_y, labels),
         seed=seed,
         epochs=epochs,
         lr=lr,
@@ -96,6 +99,13 @@ def train(
 def trained_model(cache_dir: str | os.PathLike[str] | None = None) -> nn.Module:
     """The default-config model, loaded from the checkpoint cache or trained and cached."""
     return load_or_train("digitsnet", CONFIG, DigitsNet, train, cache_dir)
+
+
+def permuted_model(cache_dir: str | os.PathLike[str] | None = None) -> nn.Module:
+    """The permuted-label twin: `DigitsNet` trained the same way on shuffled labels, cached."""
+    config = {**CONFIG, "labels": "permuted"}
+    return load_or_train("digitsnet", config, DigitsNet, lambda: train(labels="permuted"),
+                         cache_dir)  # fmt: skip
 
 
 def held_out_accuracy(model: nn.Module) -> float:

@@ -69,6 +69,21 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(y)
 
 
+# Labels of the permuted-label twins: a seeded shuffle of the training labels (Adebayo et al.
+# 2018, section 5), fixed for every model so that the twins of all examples fit the same noise.
+PERMUTATION_SEED = 1234
+
+
+def training_labels(y: torch.Tensor, labels: str) -> torch.Tensor:
+    """``y`` itself (``labels="true"``) or a seeded permutation of it (``"permuted"``)."""
+    if labels == "true":
+        return y
+    if labels != "permuted":
+        raise ValueError(f"labels must be 'true' or 'permuted', got {labels!r}")
+    gen = torch.Generator().manual_seed(PERMUTATION_SEED)
+    return y[torch.randperm(len(y), generator=gen)]
+
+
 def cache_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Where checkpoints live: ``explicit``, else ``$PYTEST_SALIENCY_CACHE``, else a temp dir."""
     if explicit is not None:

@@ -13,7 +13,7 @@ import os
 
 import torch
 from digits.data import digits_data, held_out
-from digits.training import accuracy, fit, load_or_train
+from digits.training import accuracy, fit, load_or_train, training_labels
 from torch import nn
 from torchvision.models import resnet18
 
@@ -45,8 +45,11 @@ def train(
     epochs: int = CONFIG["epochs"],
     lr: float = CONFIG["lr"],
     batch_size: int = CONFIG["batch_size"],
+    labels: str = "true",
 ) -> nn.Module:
     """Train a fresh ResNet-18 on the training split; deterministic for a given seed.
+
+    ``labels="permuted"`` trains the same way on shuffled labels (the permuted-label twin).
 
     Returns:
         The trained model in eval mode (global RNG state untouched).
@@ -58,7 +61,7 @@ def train(
     return fit(
         model,
         data.train_x,
-        data.train_y,
+        training_labels(data.train_y, labels),
         seed=seed,
         epochs=epochs,
         lr=lr,
@@ -71,6 +74,13 @@ def train(
 def trained_model(cache_dir: str | os.PathLike[str] | None = None) -> nn.Module:
     """The default-config model, loaded from the checkpoint cache or trained and cached."""
     return load_or_train("resnet18-digits", CONFIG, digits_resnet18, train, cache_dir)
+
+
+def permuted_model(cache_dir: str | os.PathLike[str] | None = None) -> nn.Module:
+    """The permuted-label twin: the ResNet-18 trained the same way on shuffled labels."""
+    config = {**CONFIG, "labels": "permuted"}
+    return load_or_train("resnet18-digits", config, digits_resnet18,
+                         lambda: train(labels="permuted"), cache_dir)  # fmt: skip
 
 
 def held_out_accuracy(model: nn.Module) -> float:

@@ -26,7 +26,7 @@ from digits.model import (  # noqa: F401 (re-exported for the suite and the smok
     audit_labels,
     held_out_accuracy,
 )
-from digits.training import fit, load_or_train
+from digits.training import fit, load_or_train, training_labels
 from torch import nn
 
 CONFIG = {
@@ -87,15 +87,17 @@ class DigitsViT(nn.Module):
         return self.head(self.norm(self.blocks(tokens))[:, 0])
 
 
-def train(seed: int = CONFIG["seed"]) -> nn.Module:
-    """Train a fresh `DigitsViT` on the training split; deterministic for a given seed."""
+def train(seed: int = CONFIG["seed"], labels: str = "true") -> nn.Module:
+    """Train a fresh `DigitsViT` on the training split; deterministic for a given seed
+    (``labels="permuted"``: the permuted-label twin, trained the same way on shuffled labels)."""
     data = digits_data(INPUT_SIZE, 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DigitsViT()
     return fit(
-        model, data.train_x, data.train_y, seed=seed, epochs=CONFIG["epochs"], lr=CONFIG["lr"],
-        batch_size=CONFIG["batch_size"], weight_decay=CONFIG["weight_decay"],
+        model, data.train_x, training_labels(data.train_y, labels), seed=seed,
+        epochs=CONFIG["epochs"], lr=CONFIG["lr"], batch_size=CONFIG["batch_size"],
+        weight_decay=CONFIG["weight_decay"],
         threads=CONFIG["threads"],
     )  # fmt: skip
 
@@ -103,3 +105,10 @@ def train(seed: int = CONFIG["seed"]) -> nn.Module:
 def trained_model(cache_dir: str | os.PathLike[str] | None = None) -> nn.Module:
     """The default-config model, loaded from the checkpoint cache or trained and cached."""
     return load_or_train("digitsvit", CONFIG, DigitsViT, train, cache_dir)
+
+
+def permuted_model(cache_dir: str | os.PathLike[str] | None = None) -> nn.Module:
+    """The permuted-label twin: `DigitsViT` trained the same way on shuffled labels, cached."""
+    config = {**CONFIG, "labels": "permuted"}
+    return load_or_train("digitsvit", config, DigitsViT, lambda: train(labels="permuted"),
+                         cache_dir)  # fmt: skip

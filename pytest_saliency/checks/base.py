@@ -422,7 +422,7 @@ def _doc(check: Check, n: int) -> str:
     lines = [check.summary, "", check.states, "", "Args:"]
     lines.append("    model: a classifier returning class scores [N, classes]; never changed.")
     for name in check.models[1:]:
-        lines.append(f"    {name}: {check.model_help.get(name, '')}")
+        lines.append(f"    {name}: {check.model_help.get(name, '')}; never changed.")
     lines += [
         "    inputs: a float batch [N, C, H, W] (or [N, C, L], [N, D]).",
         "    method: a name from pytest_saliency.methods(), or a list of names and",

@@ -3,11 +3,13 @@
 - ``noise``: a fresh uniform [0, 1) map at every call, independent of the input, the model and
   the class (seeded by the audit's seed, so runs repeat). A check that fresh randomness passes
   rewards change, not faithfulness (Binder et al. 2023).
-- ``edge``: the Sobel gradient magnitude of the input (the mean over channels of
-  ``sqrt((g_rows^2 + g_cols^2) / 2)`` with the [1, 2, 1] x [1, 0, -1] kernels normalised as
-  scikit-image's ``filters.sobel``, edges replicated), [N, H, W]; for [N, C, L] inputs the
-  1-D derivative magnitude ``|[1, 0, -1] / 2 * x|``. It depends on the input only, so it never
-  changes with the class or the weights. [N, D] inputs have no edges: no edge control.
+- ``edge``: the Sobel gradient magnitude of the input: per channel, scikit-image's
+  ``filters.sobel`` (``sqrt((g_rows^2 + g_cols^2) / 2)``, each derivative the [1, 0, -1]
+  kernel along its axis times the [1, 2, 1] / 4 smoothing across it, edges replicated), then
+  the mean over channels, [N, H, W]; for [N, C, L] inputs the 1-D magnitude
+  ``|x[i + 1] - x[i - 1]|`` (skimage's ``sobel`` of a 1-D signal). It depends on the input
+  only, so it never changes with the class or the weights. [N, D] inputs have no edges: no
+  edge control.
 
 Neither runs the model: the controls cost no passes.
 """
@@ -30,13 +32,13 @@ def edge_map(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 4:
         flat = F.pad(x.reshape(n * c, 1, *x.shape[2:]), (1, 1, 1, 1), mode="replicate")
         smooth = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype) / 4
-        edge = torch.tensor([1.0, 0.0, -1.0], dtype=x.dtype) / 2
+        edge = torch.tensor([1.0, 0.0, -1.0], dtype=x.dtype)
         rows = F.conv2d(flat, (edge[:, None] * smooth[None, :])[None, None])
         cols = F.conv2d(flat, (smooth[:, None] * edge[None, :])[None, None])
         magnitude = torch.sqrt((rows**2 + cols**2) / 2)
     else:
         flat = F.pad(x.reshape(n * c, 1, x.shape[2]), (1, 1), mode="replicate")
-        kernel = torch.tensor([1.0, 0.0, -1.0], dtype=x.dtype) / 2
+        kernel = torch.tensor([1.0, 0.0, -1.0], dtype=x.dtype)
         magnitude = F.conv1d(flat, kernel[None, None]).abs()
     return magnitude.reshape(n, c, *x.shape[2:]).mean(dim=1).float()
 

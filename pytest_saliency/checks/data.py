@@ -25,45 +25,45 @@ from .common import (
 from .results import DataRandomizationResult
 
 
-def check_twin(model: nn.Module, twin: object) -> nn.Module:
+def check_twin(model: nn.Module, twin: object, label: str = "randomized_model") -> nn.Module:
     """``twin`` is a module of ``model``'s architecture: the same parameter and buffer names,
     shapes and dtypes, on the same device; the first difference is named otherwise."""
     if not isinstance(twin, nn.Module):
         raise SaliencyError(
-            f"randomized_model must be a torch.nn.Module (the same architecture trained on "
+            f"{label} must be a torch.nn.Module (the same architecture trained on "
             f"permuted labels), got {type(twin).__name__}"
         )
     twin = check_model(twin)
     check_devices(twin)
     if twin is model:
         raise SaliencyError(
-            "randomized_model is the trained model itself; pass the copy trained on permuted "
-            "labels (same architecture, labels shuffled before training)"
+            f"{label} is the trained model itself; pass the copy trained on permuted labels "
+            "(same architecture, labels shuffled before training)"
         )
     ours, theirs = model.state_dict(), twin.state_dict()
     for name, tensor in ours.items():
         if name not in theirs:
             raise SaliencyError(
-                f"randomized_model is not the model's architecture: it has no {name!r} "
+                f"{label} is not the model's architecture: it has no {name!r} "
                 f"(the model's {name} has shape {list(tensor.shape)}); data randomization "
                 "compares the same architecture trained on permuted labels"
             )
         other = theirs[name]
         if other.shape != tensor.shape or other.dtype != tensor.dtype:
             raise SaliencyError(
-                f"randomized_model is not the model's architecture: {name!r} has shape "
+                f"{label} is not the model's architecture: {name!r} has shape "
                 f"{list(other.shape)} ({other.dtype}) there and {list(tensor.shape)} "
                 f"({tensor.dtype}) in the model"
             )
         if other.device != tensor.device:
             raise SaliencyError(
-                f"randomized_model is on {other.device} and the model on {tensor.device}; "
+                f"{label} is on {other.device} and the model on {tensor.device}; "
                 "move both to one device"
             )
     extra = [name for name in theirs if name not in ours]
     if extra:
         raise SaliencyError(
-            f"randomized_model is not the model's architecture: it has {extra[0]!r}, which "
+            f"{label} is not the model's architecture: it has {extra[0]!r}, which "
             "the model does not have"
         )
     return twin
@@ -125,7 +125,7 @@ CHECK = register(
         model_keys={"randomized_model": "model"},
         model_help={
             "randomized_model": "the same architecture (parameter names and shapes) trained "
-            "the same way on permuted labels; never changed",
+            "the same way on permuted labels",
         },
     )
 )

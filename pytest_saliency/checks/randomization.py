@@ -39,6 +39,7 @@ from .steps import Step, plan_steps, randomize
 
 MODES = ("cascading", "independent")
 ORDERS = ("top_down", "bottom_up")
+AGGREGATES = ("worst", "mean", "last")
 
 
 def check_not_scripted(model: nn.Module) -> None:
@@ -116,8 +117,8 @@ def noisy_batch(x: torch.Tensor, samples: int, magnitude: float, seed: int) -> t
     return noisy.to(device=x.device, dtype=x.dtype)
 
 
-def run_steps(audit: Audit, *, mode: str, order: str, layers: Any, smooth: tuple | None = None
-              ) -> list:  # fmt: skip
+def run_steps(audit: Audit, *, mode: str, order: str, layers: Any, aggregate: str,
+              smooth: tuple | None = None) -> list:  # fmt: skip
     """Each sample's map on the trained model against its maps after each randomization step.
 
     ``smooth = (samples, magnitude)`` explains ``samples`` noisy copies of each input (one
@@ -205,6 +206,7 @@ def run_steps(audit: Audit, *, mode: str, order: str, layers: Any, smooth: tuple
                 blank=describe_blank(blanks[i]),
                 mode=mode,
                 order=order,
+                aggregate=aggregate,
                 layers=[s.name for s in steps],
                 skipped=planned.skipped,
                 coverage=planned.coverage,
@@ -212,20 +214,20 @@ def run_steps(audit: Audit, *, mode: str, order: str, layers: Any, smooth: tuple
                 fallback=[name for s in steps for name in s.fallback],
             )
         )
-    settings = {"mode": mode, "order": order, "layers": layers_arg, "target": audit.target}
+    settings = {"mode": mode, "order": order, "layers": layers_arg, "aggregate": aggregate,
+                "target": audit.target}  # fmt: skip
     if smooth is not None:
         settings.update(noise_samples=smooth[0], noise_magnitude=smooth[1])
     return audit.results(fields, settings)
 
 
-def _run(audit: Audit, *, mode: str, order: str, layers: Any) -> list:
-    return run_steps(audit, mode=mode, order=order, layers=layers)
+def _run(audit: Audit, **options: Any) -> list:
+    return run_steps(audit, **options)
 
 
-def _run_smooth(audit: Audit, *, mode: str, order: str, layers: Any, noise_samples: int,
-                noise_magnitude: float) -> list:  # fmt: skip
-    return run_steps(audit, mode=mode, order=order, layers=layers,
-                     smooth=(noise_samples, noise_magnitude))  # fmt: skip
+def _run_smooth(audit: Audit, *, noise_samples: int, noise_magnitude: float, **options: Any
+                ) -> list:  # fmt: skip
+    return run_steps(audit, smooth=(noise_samples, noise_magnitude), **options)
 
 
 def step_options(order: str) -> tuple[Option, ...]:
@@ -239,6 +241,11 @@ def step_options(order: str) -> tuple[Option, ...]:
                "None (one step per module with parameters the forward uses, in the order it "
                "uses them), 'blocks' (the model's children; a child holding more than half of "
                "the parameterised layers is opened) or a list of module names"),
+        Option("aggregate", "worst", choice("aggregate", AGGREGATES),
+               "the score the verdict reads: 'worst' (the most similar step's mean), 'mean' "
+               "(the mean over steps: quantus' return_average_correlation) or 'last' (the last "
+               "step: quantus' return_last_correlation, the fully randomized model when "
+               "cascading)"),
     )  # fmt: skip
 
 

@@ -269,7 +269,9 @@ class SensitivityResult(AuditResult):
 class RandomizationResult(AuditResult):
     """Parameter randomization: original maps vs maps after each randomization step, [L, N].
 
-    ``score`` is the worst (most similar) step's mean; ``ci`` is that step's bootstrap interval.
+    ``score`` is the worst (most similar) step's mean and ``ci`` that step's bootstrap interval;
+    with ``aggregate="mean"`` the mean over steps (``ci`` of the per-sample means over steps),
+    with ``"last"`` the last step's (the fully randomized model in cascading mode).
     ``coverage`` is the fraction of the parameter elements the forward uses that the steps
     re-initialise (all steps together: what the last cascading step has randomized);
     ``skipped`` names what was used but not re-initialised, ``unused`` what the forward never
@@ -278,6 +280,7 @@ class RandomizationResult(AuditResult):
 
     mode: str = "cascading"
     order: str = "top_down"
+    aggregate: str = "worst"
     layers: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     coverage: float = 1.0
@@ -298,17 +301,28 @@ class RandomizationResult(AuditResult):
         return max(range(len(steps)), key=lambda i: steps[i])
 
     def _worst(self) -> torch.Tensor:
+        """The per-sample scores the verdict reads: the worst step's, every step's mean per
+        sample (``aggregate="mean"``) or the last step's (``"last"``)."""
+        if self.aggregate == "mean":
+            return self.scores.double().mean(dim=0).float()  # NaN stays NaN
+        if self.aggregate == "last":
+            return self.scores[-1]
         return self.scores[self.worst_step]
 
     @property
     def score(self) -> float:
         steps = self.step_scores
-        return math.nan if any(math.isnan(s) for s in steps) else max(steps)
+        if any(math.isnan(s) for s in steps):
+            return math.nan
+        if self.aggregate == "worst":
+            return max(steps)
+        return mean_or_nan(self._worst())
 
     def _head(self) -> str:
         text = (
             f"{super()._head()}, mode={self.mode!r}, order={self.order!r}, steps={len(self.layers)}"
-            f", coverage={self.coverage:.3f}"
+            + (f", aggregate={self.aggregate!r}" if self.aggregate != "worst" else "")
+            + f", coverage={self.coverage:.3f}"
         )
         if self.skipped:
             text += f", skipped={_names(self.skipped)}"
@@ -346,6 +360,7 @@ class RandomizationResult(AuditResult):
         return {
             "mode": self.mode,
             "order": self.order,
+            "aggregate": self.aggregate,
             "layers": self.layers,
             "skipped": self.skipped,
             "coverage": self.coverage,
