@@ -21,6 +21,7 @@ Schema (keys other than these are errors)::
       smooth_randomization: {noise_samples: 50, noise_magnitude: 0.1}
       efficient_randomization: {bins: 100, min_rise: 0.1}
       data_randomization: {model: pkg.models:permuted_net}   # the permuted-label twin
+                                   # any check: methods: [ids] runs it for those methods only
     expect:                        # by method id: fail (both checks) or {check: fail}
       guided_backprop: fail        # strict: xfailed while failing, a failure once it passes
 
@@ -315,7 +316,7 @@ def _checks(p: _Problems, raw: Any) -> dict[str, dict[str, Any]]:
             p.unknown(("checks", name), "check", name, names)
             continue
         check = _check(name)
-        keys = check.suite_keys
+        keys = (*check.suite_keys, "methods")
         settings = {} if settings is None else settings
         if not isinstance(settings, dict):
             p.add(("checks", name), f"expected a mapping of settings ({', '.join(keys)})")
@@ -344,7 +345,7 @@ def _checks(p: _Problems, raw: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _expect(p: _Problems, raw: Any, ids: list[str], checks: list[str]) -> dict:
+def _expect(p: _Problems, raw: Any, ids: list[str], checks: dict[str, dict]) -> dict:
     out: dict[tuple[str, str], str] = {}
     if raw is None:
         return out
@@ -359,11 +360,16 @@ def _expect(p: _Problems, raw: Any, ids: list[str], checks: list[str]) -> dict:
         if not isinstance(value, dict) and value not in outcomes:  # one message, not one per check
             p.add(("expect", ident), f"expected 'fail', 'pass' or {{check: fail}}, got {value!r}")
             continue
-        per_check = value if isinstance(value, dict) else dict.fromkeys(checks, value)
+        runs = [c for c in checks if not isinstance(checks[c].get("methods"), list)
+                or ident in checks[c]["methods"]]  # fmt: skip
+        per_check = value if isinstance(value, dict) else dict.fromkeys(runs, value)
         for check, outcome in per_check.items():
             path = ("expect", ident) + ((check,) if isinstance(value, dict) else ())
             if check not in checks:
-                p.unknown(path, "check", check, checks)
+                p.unknown(path, "check", check, list(checks))
+            elif check not in runs:
+                p.add(path, f"{check} does not run {ident!r} (its methods: "
+                            f"{', '.join(checks[check]['methods'])})")  # fmt: skip
             elif outcome not in outcomes:
                 p.add(path, f"expected 'fail' or 'pass', got {outcome!r}")
             else:
@@ -436,13 +442,30 @@ def parse_suite(data: Any, lines: dict[KeyPath, int], file: Path, label: str) ->
             else:
                 entries.append(entry)
     checks = _checks(p, data.get("checks"))
+    ids = [e.id for e in entries]
+    for name, settings in checks.items():
+        chosen = settings.get("methods")
+        if chosen is None:
+            continue
+        path = ("checks", name, "methods")
+        if (
+            not isinstance(chosen, list)
+            or not chosen
+            or not all(isinstance(c, str) for c in chosen)
+        ):
+            p.add(path, f"expected a non-empty list of method ids (of: {', '.join(ids)}), got "
+                        f"{chosen!r}")  # fmt: skip
+            continue
+        for i, ident in enumerate(chosen):
+            if ident not in ids and raw_methods:
+                p.unknown((*path, i), "method id", ident, ids)
     for key in ("max_similarity", "min_rise", "similarity"):
         users = [c for c in checks if key in _check(c).suite_keys]
         if key in top and checks and not users:
             takers = [c for c in _registry() if key in _check(c).suite_keys]
             p.add((key,), f"{key} applies to {', '.join(takers)}, which this suite does not run "
                   f"(its checks: {', '.join(checks)}); remove it or add such a check")  # fmt: skip
-    expect = _expect(p, data.get("expect"), [e.id for e in entries], list(checks))
+    expect = _expect(p, data.get("expect"), [e.id for e in entries], checks)
     p.raise_if_any()
     targets = data.get("targets")
     return Suite(
@@ -694,7 +717,9 @@ class SuiteFile(pytest.File):
         self._shared: dict[str, dict[str, Any]] = {}  # audit key -> {method id: result}
         self._tried: set[tuple[str, str]] = set()  # (audit key, method id) already computed
         for entry in self.suite.methods:
-            for check in self.suite.checks:
+            for check, settings in self.suite.checks.items():
+                if "methods" in settings and entry.id not in settings["methods"]:
+                    continue  # the check runs only the methods it names
                 name = f"{check}[{entry.id}]"
                 # A string node id is parsed into name + params (pytest >= 9.1), so that it
                 # equals the ids --lf reads back from the cache; a child id would not.
@@ -731,10 +756,10 @@ class SuiteFile(pytest.File):
         models = [model] + ([others[check]] if check in others else [])
         return models, inputs, targets
 
-    def repr_failure(self, excinfo, style=None):
+    def repr_failure(self, excinfo, style=None):  # a Collector's takes no style (pytest >= 9)
         if isinstance(excinfo.value, SuiteError):
             return str(excinfo.value)
-        return super().repr_failure(excinfo, style=style)
+        return super().repr_failure(excinfo)
 
     def audit(self, item: SuiteItem, device: Any, settings: dict[str, Any]) -> Any:
         """The item's audit result.
@@ -819,6 +844,7 @@ class SuiteItem(pytest.Item):
             **suite.checks[self.check],
         }
         merged["threshold"] = merged.pop(key)
+        merged.pop("methods", None)  # which items the check has, not an audit setting
         for other in ("max_similarity", "min_rise", *([] if check.similarity else ["similarity"])):
             merged.pop(other, None)
         return merged

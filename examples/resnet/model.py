@@ -76,13 +76,6 @@ def trained_model(cache_dir: str | os.PathLike[str] | None = None) -> nn.Module:
     return load_or_train("resnet18-digits", CONFIG, digits_resnet18, train, cache_dir)
 
 
-def permuted_model(cache_dir: str | os.PathLike[str] | None = None) -> nn.Module:
-    """The permuted-label twin: the ResNet-18 trained the same way on shuffled labels."""
-    config = {**CONFIG, "labels": "permuted"}
-    return load_or_train("resnet18-digits", config, digits_resnet18,
-                         lambda: train(labels="permuted"), cache_dir)  # fmt: skip
-
-
 def held_out_accuracy(model: nn.Module) -> float:
     """Accuracy of ``model`` on the whole held-out split."""
     data = digits_data(INPUT_SIZE, 3)

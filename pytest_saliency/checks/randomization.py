@@ -230,7 +230,7 @@ def _run_smooth(audit: Audit, *, noise_samples: int, noise_magnitude: float, **o
     return run_steps(audit, smooth=(noise_samples, noise_magnitude), **options)
 
 
-def step_options(order: str) -> tuple[Option, ...]:
+def step_options(order: str, aggregate: str) -> tuple[Option, ...]:
     return (
         Option("mode", "cascading", choice("mode", MODES),
                "'cascading' re-initialises layers cumulatively; 'independent' one at a time, "
@@ -241,7 +241,7 @@ def step_options(order: str) -> tuple[Option, ...]:
                "None (one step per module with parameters the forward uses, in the order it "
                "uses them), 'blocks' (the model's children; a child holding more than half of "
                "the parameterised layers is opened) or a list of module names"),
-        Option("aggregate", "worst", choice("aggregate", AGGREGATES),
+        Option("aggregate", aggregate, choice("aggregate", AGGREGATES),
                "the score the verdict reads: 'worst' (the most similar step's mean), 'mean' "
                "(the mean over steps: quantus' return_average_correlation) or 'last' (the last "
                "step: quantus' return_last_correlation, the fully randomized model when "
@@ -262,7 +262,7 @@ CHECK = register(
         "copies (Adebayo et al. 2018).",
         states=STATES,
         run=_run,
-        options=step_options("top_down"),
+        options=step_options("top_down", "worst"),
         threshold=SIMILARITY_THRESHOLD,
         result=RandomizationResult,
         assert_name="assert_randomization_sensitive",
@@ -276,9 +276,11 @@ SMOOTH = register(
         "over noisy copies of each input.",
         states=STATES + " Each map is the mean over noise_samples copies of the input (the last "
         "one clean), so gradient noise does not pass for sensitivity to the weights; the same "
-        "noise draws serve every model state.",
+        "noise draws serve every model state. Bottom-up, the first step re-initialises only the "
+        "input layer, which leaves most maps alike: the score is the mean over the steps "
+        "(quantus' return_average_correlation), not the worst step.",
         run=_run_smooth,
-        options=step_options("bottom_up")
+        options=step_options("bottom_up", "mean")
         + (
             Option(
                 "noise_samples",
