@@ -50,3 +50,17 @@ def test_maps_follow_the_class(saliency, saliency_method, request, model, batch)
 def test_maps_follow_the_weights(saliency, saliency_method, request, model, batch) -> None:
     expect_failure_for(request, saliency_method)
     saliency.assert_randomization_sensitive(model, batch, saliency_method, mode="cascading")
+
+
+def test_maps_follow_what_the_model_learned(saliency, model, batch) -> None:
+    """Data randomization (Adebayo et al. 2018, section 5): the signed gradient and Grad-CAM
+    differ from their permuted-label twin's maps far more than guided backprop does."""
+    twin = digits_model.permuted_model()
+    methods = ["gradient", {"name": "gradcam", "layer": digits_model.CAM_LAYER}, "guided_backprop"]
+    gradient, gradcam, guided = (
+        saliency.data_randomization(model, twin, batch, m) for m in methods
+    )
+    assert max(gradient.score, gradcam.score) < guided.score - 0.15
+    # the controls: the input's edges are the same map for both models, fresh noise is not
+    assert guided.controls["edge"] == pytest.approx(1.0)
+    assert abs(guided.controls["noise"]) < 0.05

@@ -694,3 +694,58 @@ def test_expect_fail_is_a_strict_xfail_for_the_new_checks(project: pytest.Pytest
             "sensitive now: remove its 'expect' entry",
         ]
     )
+
+
+# -- 7. a check's methods: key ----------------------------------------------------------------
+
+SUBSET = """\
+model: twins:trained
+inputs: twins:batch
+methods: [gradient, input_x_gradient, {name: gradcam, layer: "2"}]
+checks:
+  output_sensitivity: {}
+  smooth_randomization: {noise_samples: 2, layers: blocks, methods: [gradient, gradcam]}
+expect:
+  gradcam: {output_sensitivity: pass}
+"""
+
+
+def test_a_check_runs_only_the_methods_it_names(project: pytest.Pytester) -> None:
+    project.makefile(".yaml", saliency_subset=SUBSET)
+    ids = [
+        line.strip()
+        for line in project.runpytest("--co", "-q").outlines
+        if line.startswith("saliency_subset.yaml::")
+    ]
+    assert ids == [
+        "saliency_subset.yaml::output_sensitivity[gradient]",
+        "saliency_subset.yaml::smooth_randomization[gradient]",
+        "saliency_subset.yaml::output_sensitivity[input_x_gradient]",
+        "saliency_subset.yaml::output_sensitivity[gradcam]",
+        "saliency_subset.yaml::smooth_randomization[gradcam]",
+    ]
+    result = project.runpytest("--saliency-report=r.json")
+    records = json.loads((project.path / "r.json").read_text())["records"]
+    smooth = [r for r in records if r["check"] == "smooth_randomization"]
+    assert sorted(r["method_id"] for r in smooth) == ["gradcam", "gradient"]
+    # "methods" chooses the items; it is not an audit setting
+    assert all("methods" not in r["settings"] for r in records)
+    assert len(records) == 5 and result.ret in (0, 1)
+
+
+def test_a_check_methods_key_is_validated(project: pytest.Pytester) -> None:
+    bad = SUBSET.replace("methods: [gradient, gradcam]", "methods: [gradient, gradcm]").replace(
+        "gradcam: {output_sensitivity: pass}", "input_x_gradient: {smooth_randomization: fail}"
+    )
+    project.makefile(".yaml", saliency_bad=bad)
+    result = project.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "saliency_bad.yaml:6: checks.smooth_randomization.methods[[]1]: unknown method id "
+            "'gradcm'; did you mean 'gradcam'?*",
+            "saliency_bad.yaml:8: expect.input_x_gradient.smooth_randomization: "
+            "smooth_randomization does not run 'input_x_gradient' (its methods: gradient, gradcm)",
+        ]
+    )
+    no_traceback(result)
