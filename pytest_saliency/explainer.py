@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bundled.registry import Context, Method, get_method
+from .bundled.registry import Method, get_method
 from .engine.layers import CamLayer, parse_cam_layer, resolve_cam_layer
 from .engine.state import eval_mode, exact_kernels, model_device_dtype, rng_preserved
 from .errors import NonFiniteError, SaliencyError, non_finite_samples
@@ -331,16 +331,9 @@ def explain(
     Returns:
         A float tensor [N, H, W] ([N, L] or [N, D]) on the inputs' device.
     """
-    model, inputs, batch_size, spec, opts, resolved = prepare(
-        model, inputs, method, layer, batch_size, options
-    )
-    target = check_target(target, inputs.shape[0])
-    with eval_mode(model):
-        device, dtype = model_device_dtype(model, inputs)
-        x = inputs.detach().to(device=device, dtype=dtype)
-        resolved = cam_layer_of(model, x, spec, opts, resolved)
-        if isinstance(target, torch.Tensor):
-            target = target.to(device)
-        ctx = Context(model, spec.name, resolved, batch_size, tuple(x.shape), x[:1])
-        maps = check_maps(spec(ctx, x, target, opts), spec.name)
-    return maps.detach().to(device=inputs.device, dtype=inputs.dtype)
+    from .multi import Plan, Request  # the one executor: explain, every check, shared passes
+
+    if not isinstance(method, str):
+        get_method(method)  # a clear error naming the valid methods
+    plan = Plan(model, inputs, [Request(method, options, layer)], batch_size=batch_size)
+    return plan(check_inputs(inputs), target)[0]

@@ -433,12 +433,16 @@ class Auditor:
         defaults = {"seed": self.seed, "batch_size": self.batch_size}
         if check.similarity:
             defaults["similarity"] = self.similarity or check.similarity
-        kw = {**defaults, **options, **kw}
+        # The method goes as a one-item list of its mapping, so that its own options (a
+        # smoothgrad's seed) never mix with the check's keywords of the same name.
+        own = {*(o.name for o in check.options), "similarity", "seed", "batch_size", "target"}
+        spec = {"name": name_, **options, **{k: v for k, v in kw.items() if k not in own}}
+        kw = {**defaults, **{k: v for k, v in kw.items() if k in own}}
         placed = [self._place(m, None)[0] for m in models]
         if len(models) > 1 and models[1] is models[0]:
             placed[1] = placed[0]  # the check refuses a twin that is the model: keep it so
         _, inputs = self._place(None, inputs)
-        result = api(check)(*placed, inputs, name_, **kw)
+        result = api(check)(*placed, inputs, [spec], **kw)[0]
         rec = self._session.record(
             self._node.nodeid,
             result,

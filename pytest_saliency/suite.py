@@ -7,11 +7,11 @@ Schema (keys other than these are errors)::
                                    # to this file, loaded with weights_only=True)
     targets: null                  # same forms, or a list of ints; default: predicted classes
     device: auto                   # auto|cpu|cuda|cuda:N|mps; --saliency-device wins
-    seed: 0                        # similarity, seed, max_similarity, batch_size, confidence:
-    similarity: ssim               # here for every check, or per check below; the session's
-    max_similarity: 0.5            # ini/CLI values apply where the suite says nothing
+    seed: 0                        # similarity, seed, max_similarity, min_rise, batch_size,
+    similarity: ssim               # confidence: here for every check that has it, or per check
+    max_similarity: 0.5            # below; ini/CLI values apply where the suite says nothing
     batch_size: null
-    confidence: false              # pass only if the CI's upper bound is <= max_similarity
+    confidence: false              # the 95% CI must meet the threshold too
     methods:                       # a name, or {name, id, layer (CAM methods), **options}
       - gradient
       - {name: gradcam, layer: features.10}
@@ -22,7 +22,7 @@ Schema (keys other than these are errors)::
       efficient_randomization: {bins: 100, min_rise: 0.1}
       data_randomization: {model: pkg.models:permuted_net}   # the permuted-label twin
                                    # any check: methods: [ids] runs it for those methods only
-    expect:                        # by method id: fail (both checks) or {check: fail}
+    expect:                        # by method id: fail (every check it runs) or {check: fail}
       guided_backprop: fail        # strict: xfailed while failing, a failure once it passes
 
 One item per (method, check), ``<file>::<check>[<method id>]``; the id is the ``id`` key, else
@@ -896,8 +896,9 @@ class SuiteItem(pytest.Item):
     def own_audit(self, device: Any, settings: dict[str, Any]) -> Any:
         """This item's audit on its own (one method)."""
         models, inputs, targets = self.parent.placed(device, self.check)
-        return run_check(self.check, models, inputs, self.entry.name, target=targets,
-                         layer=self.entry.layer, **settings, **self.entry.options)  # fmt: skip
+        # a one-item list: the method's own options (a smoothgrad seed) stay the method's
+        spec = {"name": self.entry.name, "layer": self.entry.layer, **self.entry.options}
+        return run_check(self.check, models, inputs, [spec], target=targets, **settings)[0]
 
     def location_text(self) -> str:
         return self.parent.suite.where(self.entry.path)

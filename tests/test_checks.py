@@ -489,7 +489,7 @@ def test_one_output_model_cannot_be_compared(against):
         ("rand", {"layers": ["conv1", "conv1"]}, "twice"),
         ("rand", {"seed": -1}, "seed"),
         ("sens", {"method": "gradcam", "layer": "conv7"}, "Closest names: .*'conv1'"),
-        ("rand", {"method": "gradient", "steps": 3}, "has no option 'steps'"),
+        ("rand", {"method": "gradient", "steps": 3}, "unknown keyword 'steps'"),
     ],
 )
 def test_bad_arguments_name_the_valid_choices(audit, kwargs, match):

@@ -18,7 +18,7 @@ from torch import nn
 
 import pytest_saliency as ps
 from pytest_saliency.checks.controls import edge_map
-from pytest_saliency.checks.randomization import noisy_batch
+from pytest_saliency.checks.randomization import NOISE_SALT, noisy_batch
 
 from ._models import conv1d_net, mlp, randn, small_cnn
 
@@ -160,9 +160,8 @@ def test_smooth_randomization_matches_quantus(monkeypatch, order, mode, layer_or
         return states[(len(calls) - 1) // samples].numpy()
 
     # Its noise comes from np.random.randn: hand it our draws, to compare its noisy inputs.
-    draws = torch.randn(
-        (samples - 1, *x.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64
-    )
+    generator = torch.Generator().manual_seed((seed ^ NOISE_SALT) % 2**63)
+    draws = torch.randn((samples - 1, *x.shape), generator=generator, dtype=torch.float64)
     drawn = [0]
 
     def randn_(*shape):
@@ -240,7 +239,8 @@ def test_smooth_randomization_maps_are_means_over_the_noisy_batch():
 
 
 def reference_noisy(x: torch.Tensor, samples: int, magnitude: float, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
+    # salted, so that the noise does not replay the bits step 0's re-initialisation draws
+    generator = torch.Generator().manual_seed((seed ^ NOISE_SALT) % 2**63)
     draws = torch.randn((samples - 1, *x.shape), generator=generator, dtype=torch.float64)
     x64 = x.double()
     copies = []
@@ -284,9 +284,8 @@ def test_noise_std_is_quantus_formula():
     dims = tuple(range(1, x_np.ndim))
     std = magnitude * (x_np.max(axis=dims, keepdims=True) - x_np.min(axis=dims, keepdims=True))
     out = noisy_batch(x, samples, magnitude, seed).reshape(samples, *x.shape).numpy()
-    draws = torch.randn(
-        (samples - 1, *x.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64
-    ).numpy()
+    generator = torch.Generator().manual_seed((seed ^ NOISE_SALT) % 2**63)
+    draws = torch.randn((samples - 1, *x.shape), generator=generator, dtype=torch.float64).numpy()
     np.testing.assert_allclose(out[:-1], x_np + draws * std, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(out[-1], x_np)
     # the scale really is per sample: the noise grows with each sample's range

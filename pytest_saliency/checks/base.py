@@ -137,9 +137,6 @@ class Check:
         return (*models, *(o.name for o in self.options), *shared, "seed", "batch_size",
                 self.threshold.key, "confidence")  # fmt: skip
 
-    def defaults(self) -> dict[str, Any]:
-        return {o.name: o.default for o in self.options}
-
 
 _REGISTRY: dict[str, Check] = {}
 
@@ -147,6 +144,12 @@ _REGISTRY: dict[str, Check] = {}
 def register(check: Check) -> Check:
     if check.name in _REGISTRY:
         raise ValueError(f"check {check.name!r} is registered twice")
+    if getattr(check.result, "threshold", None) is not check.threshold:
+        # the verdict reads the result's threshold: one source of truth for the direction
+        raise ValueError(
+            f"check {check.name!r}: its result type {check.result.__name__} must carry the "
+            "check's threshold (set `threshold = ...` on the result class)"
+        )
     _REGISTRY[check.name] = check
     return check
 
@@ -378,8 +381,41 @@ def execute(check: Check, models: Sequence[Any], inputs: Any, method: Any, kwarg
     options = {}
     for opt in check.options:
         options[opt.name] = opt.validate(kwargs.pop(opt.name, opt.default))
+    _check_method_keywords(check, method, kwargs)
     audit = Audit(check, models, inputs, method, method_options=kwargs, **shared)
     return check.run(audit, *models[1:], **options)
+
+
+def _check_method_keywords(check: Check, method: Any, kwargs: dict) -> None:
+    """What is left after the check's own keywords must be the method's options: a keyword
+    that is neither is named with both lists, so a typo of a check option is not read as a
+    method option."""
+    if not kwargs:
+        return
+    own = ", ".join(o.name for o in check.options) or "none"
+    shared = "similarity, seed, batch_size, layer, target" if check.similarity else (
+        "seed, batch_size, layer, target")  # fmt: skip
+    if isinstance(method, (list, tuple)):
+        raise SaliencyError(
+            f"{check.name} got keyword(s) {', '.join(map(repr, kwargs))}, which are not its "
+            f"options ({own}; and {shared}); with a list of methods, give each method's options "
+            "inside its mapping, e.g. {'name': 'gradcam', 'positive': True}"
+        )
+    if isinstance(method, str):
+        from ..bundled.registry import get_method
+
+        defaults = get_method(method).defaults
+        wrong = [k for k in kwargs if k not in defaults]
+        if wrong:
+            from ..errors import closest
+
+            near = closest(wrong[0], [o.name for o in check.options] + list(defaults))
+            hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+            raise SaliencyError(
+                f"{check.name} got an unknown keyword {wrong[0]!r}{hint} The check's options: "
+                f"{own} (and {shared}); method {method!r}'s options: "
+                f"{', '.join(defaults) or 'none'}"
+            )
 
 
 def api(check: Check) -> Callable[..., Any]:
@@ -390,7 +426,14 @@ def api(check: Check) -> Callable[..., Any]:
 
     @allow_grad
     def fn(*args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(*args, **kwargs)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            names = ", ".join([*check.models, "inputs", "method"])
+            raise SaliencyError(
+                f"{check.name}() takes {len(check.models) + 2} positional arguments ({names}): "
+                f"{exc}"
+            ) from None
         values = dict(bound.arguments)
         extra = values.pop("method_options", {})
         models = [values.pop(name) for name in check.models]

@@ -77,6 +77,7 @@ def _run(audit: Audit, twin: nn.Module) -> list:
     trained = audit.explainer()
     # The CAM layer found on the trained model is read on the twin by its name.
     permuted = audit.explainer(twin, labels=[cam.name if cam else None for cam in trained.layers])
+    predicted = audit.logits(twin).argmax(dim=1).cpu()
     first = [to_cpu(m) for m in trained(x, targets)]
     second = [to_cpu(m) for m in permuted(x, targets)]
     m = len(audit.specs)
@@ -102,6 +103,7 @@ def _run(audit: Audit, twin: nn.Module) -> list:
                 cause=constant_cause(audit.specs[i], cam, x) if constant and i < m else "",
                 constant=constant,
                 blank=describe_blank({"permuted": mask}),
+                twin_predictions=predicted,
             )
         )
     return audit.results(fields, {"target": audit.target})

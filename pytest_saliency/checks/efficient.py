@@ -59,6 +59,10 @@ def _run(audit: Audit, *, bins: int) -> list:
     for i, (before, after) in enumerate(zip(original, randomized)):
         h0, h1 = discrete_entropy(before, bins), discrete_entropy(after, bins)
         flat = is_constant(before)
+        # A randomized map the engine calls constant (within float tolerance) has no
+        # structure: entropy 0 (its float jitter is not complexity); noted as blank.
+        blank_after = is_constant(after) & ~flat
+        h1[blank_after] = 0.0
         scores = rise(h0, h1)
         scores[flat] = math.nan  # a constant map has no structure to lose
         scores = scores.float()
@@ -80,6 +84,7 @@ def _run(audit: Audit, *, bins: int) -> list:
                 settings=own,
                 cause=constant_cause(audit.specs[i], cam, x) if constant and i < m else "",
                 constant=constant,
+                blank={int(k): ["randomized"] for k in blank_after.nonzero().flatten()},
                 entropies={"original": h0, "randomized": h1},
                 bins=bins,
                 coverage=planned.coverage,

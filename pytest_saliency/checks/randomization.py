@@ -40,6 +40,7 @@ from .steps import Step, plan_steps, randomize
 MODES = ("cascading", "independent")
 ORDERS = ("top_down", "bottom_up")
 AGGREGATES = ("worst", "mean", "last")
+NOISE_SALT = 0x5E0015E
 
 
 def check_not_scripted(model: nn.Module) -> None:
@@ -104,12 +105,14 @@ def model_copy(audit: Audit) -> nn.Module:
 def noisy_batch(x: torch.Tensor, samples: int, magnitude: float, seed: int) -> torch.Tensor:
     """``samples`` copies of ``x`` [N, ...] stacked as [samples * N, ...]: the first
     ``samples - 1`` with Gaussian noise of standard deviation ``magnitude * (max - min)`` of
-    each sample, the last one clean (quantus' SmoothMPRT). Drawn on the CPU from ``seed``."""
+    each sample, the last one clean (quantus' SmoothMPRT). Drawn on the CPU from ``seed`` (salted
+    with :data:`NOISE_SALT`)."""
     n = x.shape[0]
     dims = tuple(range(1, x.dim()))
     flat = x.detach().to("cpu", torch.float64)
     spread = flat.amax(dim=dims, keepdim=True) - flat.amin(dim=dims, keepdim=True)
-    generator = torch.Generator().manual_seed(seed)
+    # Salted: step 0 re-initialises from ``seed`` itself, and the noise must not share its bits.
+    generator = torch.Generator().manual_seed((seed ^ NOISE_SALT) % 2**63)
     draws = torch.randn((samples - 1, *x.shape), generator=generator, dtype=torch.float64)
     noisy = torch.cat([flat + draws * (magnitude * spread), flat[None]]).reshape(
         samples * n, *x.shape[1:]

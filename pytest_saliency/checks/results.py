@@ -89,6 +89,7 @@ class AuditResult:
 
     # How the score becomes a verdict (a class attribute, shared by every result of a check).
     threshold = SIMILARITY_THRESHOLD
+    _blank_meaning = "scored 0 (the map changed entirely)"
 
     @property
     def degenerate(self) -> list[int]:
@@ -199,7 +200,7 @@ class AuditResult:
         if self.blank:
             lines.append(
                 f"  note: {len(self.blank)} sample(s) {_indices(list(self.blank))} got a constant "
-                "map where the reference map was structured; scored 0 (the map changed entirely)"
+                f"map where the reference map was structured; {self._blank_meaning}"
             )
         return "\n".join(lines)
 
@@ -373,13 +374,39 @@ class RandomizationResult(AuditResult):
 @dataclass(repr=False)
 class DataRandomizationResult(AuditResult):
     """Data randomization: maps of the trained model vs maps of the same architecture trained
-    on permuted labels, [N] similarities (``maps["trained"]``, ``maps["permuted"]``)."""
+    on permuted labels, [N] similarities (``maps["trained"]``, ``maps["permuted"]``).
+
+    ``twin_predictions`` are the twin's predicted classes [N]: a twin that predicts one class
+    for every input has not fitted its labels (a collapsed network), which the notes say.
+    """
+
+    twin_predictions: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
     def _rows(self) -> list[tuple[str, ...]]:
-        rows = [("sample", "target", "similarity")]
+        rows = [("sample", "target", "twin predicts", "similarity")]
         for i in range(self.n):
-            rows.append((str(i), str(int(self.targets[i])), _fmt(float(self.scores[i]))))
+            twin = str(int(self.twin_predictions[i])) if self.twin_predictions.numel() else "?"
+            rows.append((str(i), str(int(self.targets[i])), twin, _fmt(float(self.scores[i]))))
         return rows
+
+    @property
+    def collapsed(self) -> bool:
+        """The twin predicts one class for all of (more than one) input."""
+        p = self.twin_predictions
+        return p.numel() > 1 and bool((p == p[0]).all())
+
+    def _notes(self) -> list[str]:
+        if not self.collapsed:
+            return []
+        return [
+            f"the randomized model predicts class {int(self.twin_predictions[0])} for every "
+            "input: it has not fitted its (permuted) labels, so this compares with the maps of "
+            "a near-constant network; train the twin until it fits them (Adebayo et al. train "
+            "to above 95% training accuracy)"
+        ]
+
+    def _extra(self) -> dict:
+        return {"twin_predictions": self.twin_predictions, "collapsed": self.collapsed}
 
 
 @dataclass(repr=False)
@@ -399,6 +426,7 @@ class ComplexityResult(AuditResult):
     fallback: list[str] = field(default_factory=list)
 
     threshold = MIN_RISE
+    _blank_meaning = "its entropy counts as 0, a rise of -1 (the randomized map is blank)"
 
     def _head(self) -> str:
         text = f"method={self.method!r}, measure='entropy_rise', bins={self.bins}"
@@ -421,6 +449,8 @@ class ComplexityResult(AuditResult):
                 f"coverage {self.coverage:.3f}: not re-initialised (used by the forward): "
                 f"{_names(self.skipped, 12)}"
             )
+        if self.unused:
+            notes.append(f"unused by the forward (not randomized): {_names(self.unused, 12)}")
         if self.fallback:
             notes.append(f"re-initialised by the fallback N(0, rms^2): {_names(self.fallback, 12)}")
         return notes

@@ -522,7 +522,7 @@ BAD_SUITES: dict[str, tuple[str, list[str]]] = {
         [
             "saliency_setting.yaml:7: checks.smooth_randomization.noise_sample: unknown setting "
             "of smooth_randomization 'noise_sample'; did you mean 'noise_samples'*? Valid "
-            "choices: " + ", ".join(get_check("smooth_randomization").suite_keys)
+            "choices: " + ", ".join((*get_check("smooth_randomization").suite_keys, "methods"))
         ],
     ),
     "samples": (
@@ -571,7 +571,7 @@ BAD_SUITES: dict[str, tuple[str, list[str]]] = {
             "saliency_metric.yaml:5: checks.efficient_randomization.similarity: "
             "efficient_randomization compares the complexity of maps, not their similarity: no "
             "metric (its settings: "
-            + ", ".join(get_check("efficient_randomization").suite_keys)
+            + ", ".join((*get_check("efficient_randomization").suite_keys, "methods"))
             + ")"
         ],
     ),
@@ -749,3 +749,38 @@ def test_a_check_methods_key_is_validated(project: pytest.Pytester) -> None:
         ]
     )
     no_traceback(result)
+
+
+# -- 8. a method's own seed is the method's -----------------------------------------------------
+
+OWN_SEED = """\
+import pytest_saliency as ps
+import tinynet
+
+
+def test_own_seed(saliency):
+    model, x = tinynet.make_model(), tinynet.make_inputs(3)
+    spec = {"name": "smoothgrad", "samples": 2, "seed": 5}
+    result = saliency.output_sensitivity(model, x, spec, max_similarity=1.0)
+    assert result.seed == 0 and result.options == {"samples": 2, "seed": 5}
+    reference = ps.output_sensitivity(model, x, [spec])[0]
+    assert (result.scores == reference.scores).all()
+"""
+
+
+def test_a_methods_own_seed_stays_the_methods(project: pytest.Pytester) -> None:
+    project.makepyfile(test_own=OWN_SEED)
+    project.makefile(
+        ".yaml",
+        saliency_seeded=(
+            "model: tinynet:make_model\ninputs: tinynet:make_inputs\nmax_similarity: 1.0\n"
+            "methods: [{name: smoothgrad, samples: 2, seed: 3}]\n"
+            "checks: {output_sensitivity: {}}\n"
+        ),
+    )
+    result = project.runpytest("--saliency-report=r.json")
+    result.assert_outcomes(passed=2)
+    records = json.loads((project.path / "r.json").read_text())["records"]
+    suite = next(r for r in records if r["source"] == "suite")
+    assert suite["options"] == {"samples": 2, "seed": 3} and suite["seed"] == 0
+    assert suite["method_id"] == "smoothgrad-samples=2-seed=3"

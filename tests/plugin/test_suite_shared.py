@@ -68,7 +68,8 @@ def test_shared_run_equals_per_item_audits(project, calls, monkeypatch):
         SuiteFile, "audit", lambda self, item, device, settings: item.own_audit(device, settings)
     )
     project.runpytest("--saliency-report=alone.json").assert_outcomes(passed=14)
-    assert len(calls) == 14 and all(isinstance(method, str) for _, method in calls)
+    # each item alone: its method as a one-item list (its options stay the method's)
+    assert len(calls) == 14 and all(len(method) == 1 for _, method in calls)
     shared, alone = records(project, "shared.json"), records(project, "alone.json")
     assert [r["nodeid"] for r in shared] == [r["nodeid"] for r in alone]
     assert shared == alone
@@ -91,7 +92,7 @@ def test_only_selected_methods_are_audited(project, calls):
 
 def test_one_selected_item_runs_its_own_audit(project, calls):
     project.runpytest("-k", "output_sensitivity and fullgrad").assert_outcomes(passed=1)
-    assert calls == [("output_sensitivity", "fullgrad")]
+    assert calls == [("output_sensitivity", [{"name": "fullgrad", "layer": None}])]
 
 
 def test_a_failing_shared_call_falls_back_to_per_item_audits(project, calls):
@@ -114,6 +115,4 @@ def test_a_failing_shared_call_falls_back_to_per_item_audits(project, calls):
         {"name": "gradcam", "layer": "4"},
         {"name": "fullgrad", "layer": None},
     ]
-    assert calls[1:] == [
-        ("parameter_randomization", name) for name in ("gradient", "gradcam", "fullgrad")
-    ]
+    assert calls[1:] == [("parameter_randomization", [entry]) for entry in calls[0][1]]

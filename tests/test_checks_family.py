@@ -1,0 +1,94 @@
+"""The randomization family's options and errors: aggregate, keyword typos, missing models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pytest_saliency as ps
+from pytest_saliency import report
+from pytest_saliency.errors import SaliencyError
+from tests._models import randn, small_cnn
+
+
+@pytest.fixture(scope="module")
+def case():
+    return small_cnn(seed=3), randn(5, 3, 8, 8, seed=1)
+
+
+def test_aggregate_reads_the_steps_as_documented(case):
+    model, x = case
+    found = {
+        a: ps.parameter_randomization(model, x, "gradient", similarity="pearson", aggregate=a)
+        for a in ("worst", "mean", "last")
+    }
+    steps = found["worst"].step_scores
+    for result in found.values():  # the aggregate reads the same scores
+        assert torch.equal(result.scores, found["worst"].scores)
+    assert found["worst"].score == pytest.approx(max(steps))
+    assert found["mean"].score == pytest.approx(sum(steps) / len(steps), abs=1e-6)
+    assert found["last"].score == pytest.approx(steps[-1])
+    # the interval is the bootstrap of the per-sample scores the verdict reads
+    per_sample = found["mean"].scores.double().mean(dim=0)
+    assert found["mean"].ci == ps.checks.results.bootstrap_ci(per_sample.float(), 0)
+    # the failure report ranks samples by the same per-sample scores
+    rec = report.make_record("t", found["last"], threshold=-1.0)
+    ranked = dict(report.most_similar(rec, limit=10))
+    for i, value in ranked.items():
+        assert value == pytest.approx(float(found["last"].scores[-1, i]), abs=1e-6)
+    assert "aggregate='mean'" in repr(found["mean"]) and "aggregate" not in repr(found["worst"])
+
+
+def test_smooth_randomization_scores_the_mean_over_steps_by_default(case):
+    model, x = case
+    result = ps.smooth_randomization(model, x, "gradient", noise_samples=2)
+    assert result.aggregate == "mean" and result.order == "bottom_up"
+    assert result.similarity == "spearman_abs"
+    assert result.score == pytest.approx(sum(result.step_scores) / len(result.step_scores))
+    assert result.settings["noise_samples"] == 2 and result.settings["aggregate"] == "mean"
+
+
+def test_unknown_aggregate_lists_the_choices(case):
+    model, x = case
+    with pytest.raises(SaliencyError, match="worst.*mean.*last"):
+        ps.parameter_randomization(model, x, "gradient", aggregate="median")
+
+
+def test_a_typo_of_a_check_option_names_both_option_lists(case):
+    model, x = case
+    with pytest.raises(SaliencyError, match=r"unknown keyword 'bin'; did you mean 'bins'\?"):
+        ps.efficient_randomization(model, x, "gradient", bin=50)
+    with pytest.raises(SaliencyError, match="check's options: bins.*'smoothgrad''s options: "):
+        ps.efficient_randomization(model, x, "smoothgrad", mode="cascading")
+    with pytest.raises(SaliencyError, match="not its options .*inside its mapping"):
+        ps.smooth_randomization(model, x, ["gradient"], noise_sample=3)
+
+
+def test_a_missing_model_argument_is_named(case):
+    model, x = case
+    with pytest.raises(SaliencyError, match=r"takes 4 positional arguments \(model, "
+                       r"randomized_model, inputs, method\)"):  # fmt: skip
+        ps.data_randomization(model, x, "gradient")
+
+
+def test_a_collapsed_twin_is_said(case):
+    model, x = case
+    twin = small_cnn(seed=4)
+    with torch.no_grad():
+        twin.fc3.weight.zero_()
+        twin.fc3.bias.copy_(torch.arange(5.0))  # the same logits for every input: class 4
+    result = ps.data_randomization(model, twin, x, "gradient")
+    assert result.collapsed and result.twin_predictions.tolist() == [4] * 5
+    assert "predicts class 4 for every input" in result.summary()
+    assert result.to_dict()["collapsed"] is True
+    # one sample cannot show a collapse
+    assert not ps.data_randomization(model, twin, x[:1], "gradient").collapsed
+
+
+def test_efficient_randomization_notes_a_blank_randomized_map(case):
+    model, x = case
+    result = ps.efficient_randomization(model, x, "gradcam", layer="acts.2")
+    for i, names in result.blank.items():
+        assert names == ["randomized"]
+        assert float(result.entropies["randomized"][i]) == 0.0
+        assert float(result.scores[i]) == pytest.approx(-1.0)
