@@ -18,6 +18,7 @@ Each configuration runs ``--repeats`` times, each time divided by the mean of it
 just before and just after it; the median ratio is printed.
 
     OMP_NUM_THREADS=2 python benchmarks/checks.py --repeats 3
+    OMP_NUM_THREADS=2 python benchmarks/checks.py --only efficient --size 224
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-quantus", action="store_true")
+    parser.add_argument(
+        "--only",
+        choices=("smooth", "efficient"),
+        default=None,
+        help="time one check only (e.g. efficient MPRT on large inputs)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
@@ -115,6 +122,8 @@ def main() -> None:
             ),
         )
         rows.append(("quantus EfficientMPRT, Gradient", efficient_floor, quantus_efficient))
+    if args.only:
+        rows = [r for r in rows if args.only in r[0].lower()]
     print(f"resnet18, {args.n}x3x{args.size}x{args.size}, {steps} steps, S={args.samples}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
     results: dict[str, list[float]] = {}
@@ -137,6 +146,8 @@ def main() -> None:
             ("efficient MPRT, gradient", "quantus EfficientMPRT, Gradient"),
         ]
         for ours, theirs in pairs:
+            if ours not in results or theirs not in results:
+                continue
             speedup = statistics.median(results[theirs]) / statistics.median(results[ours])
             print(f"{ours}: {speedup:.1f}x faster than quantus")
 

@@ -401,7 +401,7 @@ class Auditor:
         return self._audit(check, args, confidence, kw)[0]
 
     def _audit(self, name: str, args: tuple, confidence: bool | None, kw: dict):
-        from .checks.base import api, get_check
+        from .checks.base import _check_method_keywords, api, get_check
 
         check = get_check(name)
         if len(args) != len(check.models) + 2:
@@ -436,6 +436,8 @@ class Auditor:
         # The method goes as a one-item list of its mapping, so that its own options (a
         # smoothgrad's seed) never mix with the check's keywords of the same name.
         own = {*(o.name for o in check.options), "similarity", "seed", "batch_size", "target"}
+        given = {k: v for k, v in kw.items() if k not in own and k != "layer"}
+        _check_method_keywords(check, name_, given)  # a typo of a check option says so
         spec = {"name": name_, **options, **{k: v for k, v in kw.items() if k not in own}}
         kw = {**defaults, **{k: v for k, v in kw.items() if k in own}}
         placed = [self._place(m, None)[0] for m in models]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from tests._models import randn, small_cnn
 
 @pytest.fixture(scope="module")
 def case():
-    return small_cnn(seed=3), randn(5, 3, 8, 8, seed=1)
+    return small_cnn(seed=3), randn(8, 3, 8, 8, seed=1)
 
 
 def test_aggregate_reads_the_steps_as_documented(case):
@@ -58,6 +60,11 @@ def test_a_typo_of_a_check_option_names_both_option_lists(case):
     model, x = case
     with pytest.raises(SaliencyError, match=r"unknown keyword 'bin'; did you mean 'bins'\?"):
         ps.efficient_randomization(model, x, "gradient", bin=50)
+    with pytest.raises(SaliencyError, match=r"unknown keyword 'batchsize'; did you mean "
+                       r"'batch_size'\?"):  # fmt: skip
+        ps.parameter_randomization(model, x, "gradient", batchsize=2)
+    with pytest.raises(SaliencyError, match=r"unknown keyword 'zzz'\. The check's options"):
+        ps.output_sensitivity(model, x, "gradient", zzz=1)
     with pytest.raises(SaliencyError, match="check's options: bins.*'smoothgrad''s options: "):
         ps.efficient_randomization(model, x, "smoothgrad", mode="cascading")
     with pytest.raises(SaliencyError, match="not its options .*inside its mapping"):
@@ -78,17 +85,24 @@ def test_a_collapsed_twin_is_said(case):
         twin.fc3.weight.zero_()
         twin.fc3.bias.copy_(torch.arange(5.0))  # the same logits for every input: class 4
     result = ps.data_randomization(model, twin, x, "gradient")
-    assert result.collapsed and result.twin_predictions.tolist() == [4] * 5
-    assert "predicts class 4 for every input" in result.summary()
+    assert result.collapsed and result.twin_predictions.tolist() == [4] * 8
+    assert "predicts class 4 for all 8 inputs" in result.summary()
     assert result.to_dict()["collapsed"] is True
-    # one sample cannot show a collapse
-    assert not ps.data_randomization(model, twin, x[:1], "gradient").collapsed
+    # fewer than 8 inputs can share a class by chance: no claim
+    assert not ps.data_randomization(model, twin, x[:7], "gradient").collapsed
 
 
-def test_efficient_randomization_notes_a_blank_randomized_map(case):
-    model, x = case
-    result = ps.efficient_randomization(model, x, "gradcam", layer="acts.2")
-    for i, names in result.blank.items():
-        assert names == ["randomized"]
-        assert float(result.entropies["randomized"][i]) == 0.0
-        assert float(result.scores[i]) == pytest.approx(-1.0)
+def test_efficient_randomization_scores_blank_and_constant_maps():
+    from pytest_saliency.checks.efficient import discrete_entropy, rises
+
+    structured = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(0))
+    before = structured.clone()
+    before[2] = 5.0  # a constant trained map: degenerate
+    after = structured.flip(-1) * 2
+    after[0] = 1.0 + 1e-7 * torch.rand(6, 6)  # blank up to float jitter
+    scores, h0, h1, blank = rises(before, after, 100)
+    assert blank.tolist() == [True, False, False]
+    assert float(h1[0]) == 0.0 and float(scores[0]) == -1.0
+    expected = (discrete_entropy(after[1:2], 100) - h0[1]) / h0[1]
+    assert float(scores[1]) == pytest.approx(float(expected[0]), abs=1e-6)
+    assert math.isnan(float(scores[2]))

@@ -409,8 +409,10 @@ def _check_method_keywords(check: Check, method: Any, kwargs: dict) -> None:
         if wrong:
             from ..errors import closest
 
-            near = closest(wrong[0], [o.name for o in check.options] + list(defaults))
-            hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+            names = [o.name for o in check.options] + list(defaults)
+            names += [n.strip() for n in shared.split(",")]
+            near = closest(wrong[0], names)
+            hint = f"; did you mean {', '.join(map(repr, near))}?" if near else "."
             raise SaliencyError(
                 f"{check.name} got an unknown keyword {wrong[0]!r}{hint} The check's options: "
                 f"{own} (and {shared}); method {method!r}'s options: "

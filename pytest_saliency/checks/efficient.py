@@ -28,7 +28,10 @@ def discrete_entropy(maps: torch.Tensor, bins: int) -> torch.Tensor:
     rows = maps.detach().to("cpu").reshape(maps.shape[0], -1).numpy()
     out = []
     for row in rows:
-        counts, _ = np.histogram(row, bins=bins)
+        try:
+            counts, _ = np.histogram(row, bins=bins)
+        except ValueError:  # a range too small for float32 bins (a map constant up to jitter)
+            counts, _ = np.histogram(row.astype(np.float64), bins=bins)
         p = counts[counts > 0] / counts.sum()
         out.append(float(-(p * np.log(p)).sum()))
     return torch.tensor(out, dtype=torch.float64)
@@ -39,6 +42,21 @@ def rise(original: torch.Tensor, randomized: torch.Tensor) -> torch.Tensor:
     scores = (randomized - original) / original
     scores[original == 0] = math.nan
     return scores
+
+
+def rises(before: torch.Tensor, after: torch.Tensor, bins: int):
+    """(rise [N] float32, H trained [N], H randomized [N], blank [N] bool) of two map sets.
+
+    A constant trained map has no structure to lose: NaN (degenerate). A randomized map the
+    engine calls constant (within float tolerance) next to a structured one has entropy 0 (its
+    float jitter is not complexity), a rise of -1, and is marked blank."""
+    h0, h1 = discrete_entropy(before, bins), discrete_entropy(after, bins)
+    flat = is_constant(before)
+    blank = is_constant(after) & ~flat
+    h1[blank] = 0.0
+    scores = rise(h0, h1)
+    scores[flat] = math.nan
+    return scores.float(), h0, h1, blank
 
 
 def _run(audit: Audit, *, bins: int) -> list:
@@ -57,15 +75,7 @@ def _run(audit: Audit, *, bins: int) -> list:
     m = len(audit.specs)
     fields = []
     for i, (before, after) in enumerate(zip(original, randomized)):
-        h0, h1 = discrete_entropy(before, bins), discrete_entropy(after, bins)
-        flat = is_constant(before)
-        # A randomized map the engine calls constant (within float tolerance) has no
-        # structure: entropy 0 (its float jitter is not complexity); noted as blank.
-        blank_after = is_constant(after) & ~flat
-        h1[blank_after] = 0.0
-        scores = rise(h0, h1)
-        scores[flat] = math.nan  # a constant map has no structure to lose
-        scores = scores.float()
+        scores, h0, h1, blank_after = rises(before, after, bins)
         named = {"original": before, "randomized": after}
         constant = describe_constant(named, scores)
         cam = explainer.layers[i] if i < m else None

@@ -391,18 +391,19 @@ class DataRandomizationResult(AuditResult):
 
     @property
     def collapsed(self) -> bool:
-        """The twin predicts one class for all of (more than one) input."""
+        """The twin predicts one class for every input, on 8 inputs or more (fewer can share a
+        class by chance)."""
         p = self.twin_predictions
-        return p.numel() > 1 and bool((p == p[0]).all())
+        return p.numel() >= 8 and bool((p == p[0]).all())
 
     def _notes(self) -> list[str]:
         if not self.collapsed:
             return []
         return [
-            f"the randomized model predicts class {int(self.twin_predictions[0])} for every "
-            "input: it has not fitted its (permuted) labels, so this compares with the maps of "
-            "a near-constant network; train the twin until it fits them (Adebayo et al. train "
-            "to above 95% training accuracy)"
+            f"the randomized model predicts class {int(self.twin_predictions[0])} for all "
+            f"{self.n} inputs: it has likely not fitted its (permuted) labels, and this compares "
+            "with the maps of a near-constant network; train the twin until it fits them "
+            "(Adebayo et al. train to above 95% training accuracy)"
         ]
 
     def _extra(self) -> dict:

@@ -765,6 +765,15 @@ def test_own_seed(saliency):
     assert result.seed == 0 and result.options == {"samples": 2, "seed": 5}
     reference = ps.output_sensitivity(model, x, [spec])[0]
     assert (result.scores == reference.scores).all()
+
+
+def test_fixture_typo(saliency):
+    import pytest
+    from pytest_saliency.errors import SaliencyError
+
+    model, x = tinynet.make_model(), tinynet.make_inputs(3)
+    with pytest.raises(SaliencyError, match="unknown keyword 'bin'; did you mean 'bins'"):
+        saliency.efficient_randomization(model, x, "gradient", bin=50)
 """
 
 
@@ -779,7 +788,7 @@ def test_a_methods_own_seed_stays_the_methods(project: pytest.Pytester) -> None:
         ),
     )
     result = project.runpytest("--saliency-report=r.json")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
     records = json.loads((project.path / "r.json").read_text())["records"]
     suite = next(r for r in records if r["source"] == "suite")
     assert suite["options"] == {"samples": 2, "seed": 3} and suite["seed"] == 0
