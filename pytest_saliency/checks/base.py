@@ -242,6 +242,18 @@ class Explainer:
         ]
         self._plans: dict[tuple, Any] = {}
 
+    def settings_for(self, i: int, terms: Sequence[Any]) -> dict[str, Any]:
+        """Explainer ``i``'s own settings for its result: the CAM layer and its layout, and
+        FullGrad's terms; nothing for a control."""
+        if i >= len(self.audit.specs):
+            return {}
+        cam = self.layers[i]
+        return {
+            "layer": cam.name if cam else None,
+            "layout": str(cam.layout) if cam else None,
+            **({"terms": terms[i]} if terms[i] is not None else {}),
+        }
+
     def __call__(self, batch: torch.Tensor, targets: torch.Tensor,
                  chosen: Sequence[int] | None = None, batch_size: int | None = None
                  ) -> list[torch.Tensor]:  # fmt: skip

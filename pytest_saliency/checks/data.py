@@ -87,13 +87,7 @@ def _run(audit: Audit, twin: nn.Module) -> list:
         named = {"trained": a, "permuted": b}
         constant = describe_constant(named, scores)
         cam = trained.layers[i] if i < m else None
-        own = {}
-        if i < m:
-            own = {
-                "layer": cam.name if cam else None,
-                "layout": str(cam.layout) if cam else None,
-                **({"terms": terms[i]} if terms[i] is not None else {}),
-            }
+        own = trained.settings_for(i, terms)
         fields.append(
             dict(
                 scores=scores,

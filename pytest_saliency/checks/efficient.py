@@ -79,13 +79,7 @@ def _run(audit: Audit, *, bins: int) -> list:
         named = {"original": before, "randomized": after}
         constant = describe_constant(named, scores)
         cam = explainer.layers[i] if i < m else None
-        own = {}
-        if i < m:
-            own = {
-                "layer": cam.name if cam else None,
-                "layout": str(cam.layout) if cam else None,
-                **({"terms": terms[i]} if terms[i] is not None else {}),
-            }
+        own = explainer.settings_for(i, terms)
         fields.append(
             dict(
                 scores=scores,

@@ -190,13 +190,7 @@ def run_steps(audit: Audit, *, mode: str, order: str, layers: Any, aggregate: st
         scores = torch.stack(rows[i])
         constant = describe_constant(maps[i], scores, flags[i])
         cam = explainer.layers[i] if i < m else None
-        own = {}
-        if i < m:
-            own = {
-                "layer": cam.name if cam else None,
-                "layout": str(cam.layout) if cam else None,
-                **({"terms": terms[i]} if terms[i] is not None else {}),
-            }
+        own = explainer.settings_for(i, terms)
         fields.append(
             dict(
                 scores=scores,

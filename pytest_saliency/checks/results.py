@@ -65,6 +65,24 @@ def _indices(indices: list[int], limit: int = 8) -> str:
     return f"[{shown}{', ...' if len(indices) > limit else ''}]"
 
 
+def coverage_notes(result: Any) -> list[str]:
+    """What a randomization did not re-initialise, and what the fallback drew."""
+    notes = []
+    if result.skipped:
+        notes.append(
+            f"coverage {result.coverage:.3f}: not re-initialised (used by the forward): "
+            f"{_names(result.skipped, 12)}"
+        )
+    if result.unused:
+        notes.append(f"unused by the forward (not steps): {_names(result.unused, 12)}")
+    if result.fallback:
+        notes.append(
+            "re-initialised by the fallback N(0, rms^2) (no reset_parameters, or one "
+            f"that left the tensor as it was): {_names(result.fallback, 12)}"
+        )
+    return notes
+
+
 @dataclass(repr=False)
 class AuditResult:
     """What one audit measured. Lower similarity is better: a faithful method's maps change
@@ -330,21 +348,7 @@ class RandomizationResult(AuditResult):
         return text
 
     def _notes(self) -> list[str]:
-        notes = []
-        if self.skipped:
-            notes.append(
-                f"coverage {self.coverage:.3f}: not re-initialised (used by the forward): "
-                f"{_names(self.skipped, 12)}"
-            )
-        if self.unused:
-            notes.append(f"unused by the forward (not steps): {_names(self.unused, 12)}")
-        if self.fallback:
-            notes.append(
-                "re-initialised by the fallback N(0, rms^2) (no reset_parameters, or one "
-                "that left the tensor as it was): "
-                f"{_names(self.fallback, 12)}"
-            )
-        return notes
+        return coverage_notes(self)
 
     def _rows(self) -> list[tuple[str, ...]]:
         rows = [("step", "layer", "mean", "min", "max")]
@@ -444,17 +448,7 @@ class ComplexityResult(AuditResult):
         return rows
 
     def _notes(self) -> list[str]:
-        notes = []
-        if self.skipped:
-            notes.append(
-                f"coverage {self.coverage:.3f}: not re-initialised (used by the forward): "
-                f"{_names(self.skipped, 12)}"
-            )
-        if self.unused:
-            notes.append(f"unused by the forward (not randomized): {_names(self.unused, 12)}")
-        if self.fallback:
-            notes.append(f"re-initialised by the fallback N(0, rms^2): {_names(self.fallback, 12)}")
-        return notes
+        return coverage_notes(self)
 
     def _extra(self) -> dict:
         return {

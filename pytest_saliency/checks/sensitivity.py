@@ -86,13 +86,7 @@ def run(audit: Audit, *, against: str) -> list:
         named = {"target": target_maps, "other": other_maps}
         constant = describe_constant(named, scores)
         cam = explainer.layers[i] if i < m else None
-        settings = {}
-        if i < m:
-            settings = {
-                "layer": cam.name if cam else None,
-                "layout": str(cam.layout) if cam else None,
-                **({"terms": terms[i]} if terms[i] is not None else {}),
-            }
+        settings = explainer.settings_for(i, terms)
         fields.append(
             dict(
                 scores=scores,
