@@ -70,6 +70,8 @@ class _SharedPass:
         self.input_grad = any(b.spec.input_grad for b in self.bound)
 
     def __call__(self, model, inputs, target, batch_size) -> tuple[torch.Tensor, ...]:
+        seen: list[torch.Tensor] = []
+
         def one(x, t):
             record = forward_backward(
                 model,
@@ -80,11 +82,14 @@ class _SharedPass:
                 method=self.bound[0].spec.name,
                 input_grad=self.input_grad,
             )
+            seen.append(record.targets)
             with torch.no_grad():  # readouts are functions of the record: no graph for them
                 return tuple(self._readouts(record))
 
         targets = target if isinstance(target, torch.Tensor) else None
-        return chunked(one, inputs, targets, batch_size)
+        found = chunked(one, inputs, targets, batch_size)
+        self.last_targets = torch.cat(seen)  # the classes explained (predicted for None)
+        return found
 
     def _readouts(self, record: Record) -> list[torch.Tensor]:
         """Each method's map, read from its share of the pass's record."""
@@ -156,6 +161,7 @@ class Plan:
             ]
         self.count = len(requests)
         self.names = [spec.name for spec, _, _ in bound_specs]
+        self.last_targets: torch.Tensor | None = None  # the last call's classes (shared pass)
 
     @allow_grad
     def __call__(
@@ -176,9 +182,11 @@ class Plan:
                 target = target.to(device)
             for i, b in self.computed:
                 results[i] = b.spec(b.ctx, x, target, b.opts)
+            self.last_targets = None
             for indices, shared in self.passes:
                 for i, m in zip(indices, shared(model, x, target, batch_size)):
                     results[i] = m
+                self.last_targets = shared.last_targets
         return [
             check_maps(m, name).detach().to(device=inputs.device, dtype=inputs.dtype)
             for m, name in zip(results, self.names)

@@ -106,3 +106,19 @@ def test_efficient_randomization_scores_blank_and_constant_maps():
     expected = (discrete_entropy(after[1:2], 100) - h0[1]) / h0[1]
     assert float(scores[1]) == pytest.approx(float(expected[0]), abs=1e-6)
     assert math.isnan(float(scores[2]))
+
+
+def test_efficient_randomization_reads_the_predicted_classes_from_its_first_pass(case):
+    model, x = case
+    implicit = ps.efficient_randomization(model, x, ["gradient", "input_x_gradient"])
+    with torch.no_grad():
+        predicted = model(x).argmax(dim=1)
+    explicit = ps.efficient_randomization(model, x, ["gradient", "input_x_gradient"],
+                                          target=predicted)  # fmt: skip
+    for a, b in zip(implicit, explicit):
+        assert torch.equal(a.targets, predicted)
+        assert torch.equal(a.scores, b.scores)
+        assert torch.equal(a.maps["randomized"], b.maps["randomized"])
+    # a method that computes its own passes (no shared pass) takes the classes from a forward
+    (smooth,) = ps.efficient_randomization(model, x, [{"name": "smoothgrad", "samples": 2}])
+    assert torch.equal(smooth.targets, predicted)

@@ -241,6 +241,8 @@ class Explainer:
             for spec, r, cam in zip(audit.specs, audit.requests, self.layers)
         ]
         self._plans: dict[tuple, Any] = {}
+        # The classes the last call explained (from its shared pass; None without one).
+        self.last_targets: torch.Tensor | None = None
 
     def settings_for(self, i: int, terms: Sequence[Any]) -> dict[str, Any]:
         """Explainer ``i``'s own settings for its result: the CAM layer and its layout, and
@@ -270,7 +272,9 @@ class Explainer:
             if key not in self._plans:
                 chosen_requests = [self.requests[i] for i in methods]
                 self._plans[key] = Plan(self.model, batch, chosen_requests, batch_size=size)
-            maps = self._plans[key](batch, targets)
+            plan = self._plans[key]
+            maps = plan(batch, targets)
+            self.last_targets = plan.last_targets
             for i, m_ in zip(methods, maps):
                 found[i] = m_
         controls = [i - m for i in chosen if i >= m]

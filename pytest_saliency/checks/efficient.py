@@ -62,10 +62,16 @@ def rises(before: torch.Tensor, after: torch.Tensor, bins: int):
 def _run(audit: Audit, *, bins: int) -> list:
     work = model_copy(audit)
     x = model_inputs(work, audit.inputs)
-    targets = audit.targets_from(audit.logits(work))
     terms = audit.terms(work)
     explainer = audit.explainer(work)
-    original = [to_cpu(m) for m in explainer(x, targets)]
+    targets = None
+    if audit.target is None and all(spec.compute is None for spec in audit.specs):
+        # Predicted classes from the first explanation's own forward: no extra forward.
+        original = [to_cpu(m) for m in explainer(x, None)]
+        targets = explainer.last_targets
+    if targets is None:
+        targets = audit.targets_from(audit.logits(work))
+        original = [to_cpu(m) for m in explainer(x, targets)]
     planned = plan_steps(work, x, None)
     # Bottom-up and cascading, as quantus: every step, in the order the forward uses them.
     for k, step in enumerate(planned.steps):
