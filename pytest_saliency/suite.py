@@ -459,6 +459,16 @@ def parse_suite(data: Any, lines: dict[KeyPath, int], file: Path, label: str) ->
         for i, ident in enumerate(chosen):
             if ident not in ids and raw_methods:
                 p.unknown((*path, i), "method id", ident, ids)
+            elif ident in chosen[:i]:
+                p.add((*path, i), f"{ident!r} is listed twice")
+    for entry in entries:
+        runs = [
+            c for c, st in checks.items()
+            if not isinstance(st.get("methods"), list) or entry.id in st["methods"]
+        ]  # fmt: skip
+        if checks and not runs:
+            p.add(entry.path, f"no check runs {entry.id!r}: every check's 'methods:' leaves it "
+                              "out; add it to one or remove the entry")  # fmt: skip
     for key in ("max_similarity", "min_rise", "similarity"):
         users = [c for c in checks if key in _check(c).suite_keys]
         if key in top and checks and not users:

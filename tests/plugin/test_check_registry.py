@@ -793,3 +793,24 @@ def test_a_methods_own_seed_stays_the_methods(project: pytest.Pytester) -> None:
     suite = next(r for r in records if r["source"] == "suite")
     assert suite["options"] == {"samples": 2, "seed": 3} and suite["seed"] == 0
     assert suite["method_id"] == "smoothgrad-samples=2-seed=3"
+
+
+def test_a_method_no_check_runs_and_a_twice_listed_id_are_errors(project: pytest.Pytester) -> None:
+    project.makefile(
+        ".yaml",
+        saliency_orphan=(
+            "model: twins:trained\ninputs: twins:batch\n"
+            "methods: [gradient, input_x_gradient]\n"
+            "checks: {output_sensitivity: {methods: [gradient, gradient]}}\n"
+        ),
+    )
+    result = project.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "saliency_orphan.yaml:4: checks.output_sensitivity.methods[[]1]: 'gradient' is "
+            "listed twice",
+            "saliency_orphan.yaml:3: methods[[]1]: no check runs 'input_x_gradient': every "
+            "check's 'methods:' leaves it out; add it to one or remove the entry",
+        ]
+    )
