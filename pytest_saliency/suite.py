@@ -105,13 +105,65 @@ def collect_file(parent: pytest.Collector, file_path: Path) -> SuiteFile | None:
 # --- YAML with line numbers -------------------------------------------------------------------
 
 
-def load_yaml(text: str, name: str) -> tuple[Any, dict[KeyPath, int]]:
-    """Safe-load ``text``; also return the 1-based line of every key path (keys and list items)."""
-    loader = yaml.SafeLoader(text)
+# A suite is a short hand-written file: anything far larger, deeper or more aliased is a
+# mistake or an attack (a "billion laughs" alias bomb), refused before it costs memory.
+MAX_SUITE_BYTES = 1 << 20
+MAX_DEPTH = 64
+MAX_NODES = 100_000
+_PLAIN_TAGS = {
+    "map": "tag:yaml.org,2002:map",
+    "seq": "tag:yaml.org,2002:seq",
+}
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when installed
+
+
+def read_suite(path: Path, name: str) -> str:
+    """The suite's text: UTF-8 and at most :data:`MAX_SUITE_BYTES`, or a located error."""
+    size = path.stat().st_size
+    if size > MAX_SUITE_BYTES:
+        raise SuiteError(
+            f"{name}: the suite is {size} bytes; suites are limited to {MAX_SUITE_BYTES} bytes "
+            "(put large data in a .pt file and name it under inputs:)"
+        )
+    raw = path.read_bytes()
     try:
-        node = loader.get_single_node()
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SuiteError(
+            f"{name}:{line}: the suite is not UTF-8 (byte {raw[exc.start]:#04x} at offset "
+            f"{exc.start}); save it as UTF-8"
+        ) from None
+
+
+def load_yaml(text: str, name: str) -> tuple[Any, dict[KeyPath, int]]:
+    """Safe-load ``text``; also return the 1-based line of every key path (keys and list items).
+
+    Only plain YAML is accepted: a tag on a mapping or a list (``!!python/object/apply:...``)
+    is an error, as on a scalar; so are recursive aliases, nesting deeper than
+    :data:`MAX_DEPTH` and more than :data:`MAX_NODES` nodes once aliases are expanded.
+
+    libyaml parses when it is installed; a malformed file is parsed again by the pure-Python
+    parser, whose messages point at the mistake more precisely."""
+    try:
+        return _load_yaml(text, name, _LOADER)
+    except SuiteError:
+        if _LOADER is yaml.SafeLoader:
+            raise
+        return _load_yaml(text, name, yaml.SafeLoader)
+
+
+def _load_yaml(text: str, name: str, loader_type: Any) -> tuple[Any, dict[KeyPath, int]]:
+    loader = loader_type(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise SuiteError(f"{name}: the suite nests too deeply (more than {MAX_DEPTH} "
+                             "levels are refused)") from None  # fmt: skip
         lines: dict[KeyPath, int] = {}
-        data = None if node is None else _construct(loader, node, (), lines, name)
+        budget = [MAX_NODES]
+        data = None if node is None else _construct(loader, node, (), lines, name, (), budget)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
@@ -126,8 +178,28 @@ def load_yaml(text: str, name: str) -> tuple[Any, dict[KeyPath, int]]:
     return data, lines
 
 
-def _construct(loader, node, path: KeyPath, lines: dict, name: str) -> Any:
-    lines.setdefault(path, node.start_mark.line + 1)
+def _construct(loader, node, path: KeyPath, lines: dict, name: str, stack: tuple = (),
+               budget: list | None = None) -> Any:  # fmt: skip
+    line = node.start_mark.line + 1
+    lines.setdefault(path, line)
+    if budget is not None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise SuiteError(f"{name}:{line}: the suite expands to more than {MAX_NODES} "
+                             "values (aliases repeated inside aliases?)")  # fmt: skip
+    if id(node) in stack:
+        raise SuiteError(f"{name}:{line}: {fmt_path(path)}: a recursive alias (an anchor "
+                         "used inside itself)")  # fmt: skip
+    if len(stack) >= MAX_DEPTH:
+        raise SuiteError(f"{name}:{line}: the suite nests more than {MAX_DEPTH} levels deep")
+    inner = (*stack, id(node))
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        kind = "map" if isinstance(node, yaml.MappingNode) else "seq"
+        if node.tag != _PLAIN_TAGS[kind]:
+            raise SuiteError(
+                f"{name}:{line}: {fmt_path(path)}: YAML tag {node.tag!r} is not allowed; a "
+                "suite holds plain mappings, lists and scalars"
+            )
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # merge keys (<<)
         out: dict[Any, Any] = {}
@@ -139,10 +211,11 @@ def _construct(loader, node, path: KeyPath, lines: dict, name: str) -> Any:
             if key in out:
                 raise SuiteError(f"{name}:{line}: {fmt_path((*path, key))}: duplicate key")
             lines[(*path, key)] = line
-            out[key] = _construct(loader, value_node, (*path, key), lines, name)
+            out[key] = _construct(loader, value_node, (*path, key), lines, name, inner, budget)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(loader, n, (*path, i), lines, name) for i, n in enumerate(node.value)]
+        return [_construct(loader, n, (*path, i), lines, name, inner, budget)
+                for i, n in enumerate(node.value)]  # fmt: skip
     return loader.construct_object(node, deep=True)
 
 
@@ -715,7 +788,7 @@ class SuiteFile(pytest.File):
 
     def collect(self) -> Iterator[SuiteItem]:
         label = self.nodeid or self.path.name
-        data, lines = load_yaml(self.path.read_text(encoding="utf-8"), label)
+        data, lines = load_yaml(read_suite(self.path, label), label)
         self.suite = parse_suite(data, lines, self.path, label)
         search = [str(self.config.rootpath)] + [str(p) for p in self.config.getini("pythonpath")]
         with _search_path(search):  # factories and forwards may import lazily

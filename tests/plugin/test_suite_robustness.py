@@ -1,0 +1,68 @@
+"""Suites that are not plain YAML: refused with a located error, quickly, without a traceback."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pytest_saliency.suite import MAX_DEPTH, MAX_SUITE_BYTES, SuiteError, load_yaml
+
+from .conftest import write_tinynet
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}]\n"
+    for i in range(8)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("methods: !!python/object/apply:os.system [gradient]\n",
+         "s.yaml:1: methods: YAML tag 'tag:yaml.org,2002:python/object/apply:os.system' is not "
+         "allowed"),
+        ("checks: !!python/object:collections.OrderedDict {a: 1}\n", "is not allowed"),
+        ("model: !!python/name:os.system\n", "s.yaml:1:8: malformed YAML"),
+        ("a: &a [*a]\n", "recursive alias"),
+        ("x: " + "[" * (MAX_DEPTH + 5) + "]" * (MAX_DEPTH + 5) + "\n", "nests more than"),
+        (BOMB, "expands to more than"),
+    ],
+)  # fmt: skip
+def test_unplain_yaml_is_refused(text: str, message: str) -> None:
+    start = time.perf_counter()
+    with pytest.raises(SuiteError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_yaml(text, "s.yaml")
+    assert time.perf_counter() - start < 5  # no expansion of the bomb
+
+
+def test_very_deep_nesting_is_refused_without_a_recursion_traceback() -> None:
+    with pytest.raises(SuiteError, match="nest"):
+        load_yaml("x: " + "[" * 3000 + "]" * 3000 + "\n", "s.yaml")
+
+
+def test_plain_yaml_with_anchors_and_merge_keys_still_loads() -> None:
+    data, lines = load_yaml("base: &b {seed: 1}\nchecks:\n  output_sensitivity:\n"
+                            "    <<: *b\n    against: second\n", "s.yaml")  # fmt: skip
+    assert data["checks"]["output_sensitivity"] == {"seed": 1, "against": "second"}
+    assert lines[("checks", "output_sensitivity", "against")] == 5
+
+
+def test_non_utf8_and_oversized_suites_are_collection_errors(pytester: pytest.Pytester) -> None:
+    write_tinynet(pytester)
+    (pytester.path / "saliency_latin.yaml").write_bytes(
+        b"model: tinynet:make_model\ninputs: tinynet:make_inputs\nmethods: [gradient]\n# caf\xe9\n"
+    )
+    (pytester.path / "saliency_huge.yaml").write_text("# " + "x" * MAX_SUITE_BYTES + "\n")
+    result = pytester.runpytest()
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "saliency_huge.yaml: the suite is * bytes; suites are limited to 1048576 bytes*",
+            "saliency_latin.yaml:4: the suite is not UTF-8 (byte 0xe9 at offset *); save it as "
+            "UTF-8",
+        ]
+    )
+    assert "INTERNALERROR" not in result.stdout.str() and "Traceback" not in result.stdout.str()
