@@ -147,34 +147,45 @@ def load_yaml(text: str, name: str) -> tuple[Any, dict[KeyPath, int]]:
     parser, whose messages point at the mistake more precisely."""
     try:
         return _load_yaml(text, name, _LOADER)
-    except SuiteError:
-        if _LOADER is yaml.SafeLoader:
+    except _Malformed:
+        if _LOADER is yaml.SafeLoader or len(text) > 64 * 1024:
             raise
         return _load_yaml(text, name, yaml.SafeLoader)
 
 
+class _Malformed(SuiteError):
+    """Not YAML at all (as opposed to YAML a suite does not accept)."""
+
+
 def _load_yaml(text: str, name: str, loader_type: Any) -> tuple[Any, dict[KeyPath, int]]:
-    loader = loader_type(text)
+    loader = None
     try:
-        try:
-            node = loader.get_single_node()
-        except RecursionError:
-            raise SuiteError(f"{name}: the suite nests too deeply (more than {MAX_DEPTH} "
-                             "levels are refused)") from None  # fmt: skip
+        loader = loader_type(text)
+        node = loader.get_single_node()
         lines: dict[KeyPath, int] = {}
         budget = [MAX_NODES]
         data = None if node is None else _construct(loader, node, (), lines, name, (), budget)
+    except RecursionError:
+        raise SuiteError(f"{name}: the suite nests too deeply (more than {MAX_DEPTH} levels "
+                         "are refused)") from None  # fmt: skip
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
         what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
         if "'\\t'" in what:
             what += " (YAML indents with spaces, not tabs)"
-        raise SuiteError(f"{where}: malformed YAML: {what}") from None
+        raise _Malformed(f"{where}: malformed YAML: {what}") from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        char = chr(exc.character) if isinstance(exc.character, int) else exc.character
+        raise _Malformed(f"{name}:{line}: the suite holds a control character ({char!r}), "
+                         "which YAML does not allow") from None  # fmt: skip
     except yaml.YAMLError as exc:
-        raise SuiteError(f"{name}: malformed YAML: {exc}") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _Malformed(f"{name}: malformed YAML: {first}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return data, lines
 
 
@@ -204,8 +215,10 @@ def _construct(loader, node, path: KeyPath, lines: dict, name: str, stack: tuple
         loader.flatten_mapping(node)  # merge keys (<<)
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise SuiteError(f"{name}:{line}: {fmt_path(path)}: keys must be plain names")
+            key = loader.construct_object(key_node, deep=True)
             if not isinstance(key, (str, int, float, bool)) and key is not None:
                 raise SuiteError(f"{name}:{line}: {fmt_path(path)}: keys must be plain names")
             if key in out:
