@@ -115,6 +115,7 @@ _PLAIN_TAGS = {
     "seq": "tag:yaml.org,2002:seq",
 }
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when installed
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def read_suite(path: Path, name: str) -> str:
@@ -212,9 +213,27 @@ def _construct(loader, node, path: KeyPath, lines: dict, name: str, stack: tuple
                 "suite holds plain mappings, lists and scalars"
             )
     if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)  # merge keys (<<)
-        out: dict[Any, Any] = {}
+        # Merge keys (<<) by hand, not with PyYAML's flatten_mapping (unbudgeted, recursive):
+        # each source is constructed like any value, earlier sources win over later ones and
+        # the mapping's own keys over every source.
+        merged: dict[Any, Any] = {}
+        own_pairs = []
         for key_node, value_node in node.value:
+            if key_node.tag != _MERGE_TAG:
+                own_pairs.append((key_node, value_node))
+                continue
+            sources = (
+                value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            )
+            for source in sources:
+                if not isinstance(source, yaml.MappingNode):
+                    raise SuiteError(f"{name}:{source.start_mark.line + 1}: {fmt_path(path)}: "
+                                     "'<<' merges mappings (an anchor of one, or a list of "
+                                     "them)")  # fmt: skip
+                for k, v in _construct(loader, source, path, lines, name, inner, budget).items():
+                    merged.setdefault(k, v)
+        out: dict[Any, Any] = {}
+        for key_node, value_node in own_pairs:
             line = key_node.start_mark.line + 1
             if not isinstance(key_node, yaml.ScalarNode):
                 raise SuiteError(f"{name}:{line}: {fmt_path(path)}: keys must be plain names")
@@ -225,7 +244,7 @@ def _construct(loader, node, path: KeyPath, lines: dict, name: str, stack: tuple
                 raise SuiteError(f"{name}:{line}: {fmt_path((*path, key))}: duplicate key")
             lines[(*path, key)] = line
             out[key] = _construct(loader, value_node, (*path, key), lines, name, inner, budget)
-        return out
+        return {**merged, **out} if merged else out
     if isinstance(node, yaml.SequenceNode):
         return [_construct(loader, n, (*path, i), lines, name, inner, budget)
                 for i, n in enumerate(node.value)]  # fmt: skip

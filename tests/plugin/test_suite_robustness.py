@@ -69,3 +69,19 @@ def test_non_utf8_and_oversized_suites_are_collection_errors(pytester: pytest.Py
         ]
     )
     assert "INTERNALERROR" not in result.stdout.str() and "Traceback" not in result.stdout.str()
+
+
+def test_merge_keys_follow_yaml_precedence() -> None:
+    text = (
+        "a: &a {seed: 1, n: 2}\nb: &b {seed: 3, m: 4}\n"
+        "c:\n  <<: [*a, *b]\n  n: 5\n"
+        "d:\n  <<: *a\n  seed: 9\n"
+    )
+    data, lines = load_yaml(text, "s.yaml")
+    assert data["c"] == {"seed": 1, "n": 5, "m": 4}  # own key wins, then the earlier source
+    assert data["d"] == {"seed": 9, "n": 2}
+    assert lines[("d", "seed")] == 8 and lines[("c", "n")] == 5
+    with pytest.raises(SuiteError, match="s.yaml:1: x: '<<' merges mappings"):
+        load_yaml("x: {<<: [1, 2]}\n", "s.yaml")
+    with pytest.raises(SuiteError, match="recursive alias"):
+        load_yaml("a: &a {<<: *a, x: 1}\n", "s.yaml")
