@@ -244,17 +244,25 @@ class Explainer:
         # The classes the last call explained (from its shared pass; None without one).
         self.last_targets: torch.Tensor | None = None
 
-    def settings_for(self, i: int, terms: Sequence[Any]) -> dict[str, Any]:
-        """Explainer ``i``'s own settings for its result: the CAM layer and its layout, and
-        FullGrad's terms; nothing for a control."""
+    def fields(self, i: int, scores: torch.Tensor, maps: dict, targets: torch.Tensor,
+               terms: Sequence[Any], constant: dict, **extra: Any) -> dict[str, Any]:  # fmt: skip
+        """The result fields every check gives explainer ``i``: its scores, its maps (none
+        kept for a control), the targets, its own settings (the CAM layer and its layout,
+        FullGrad's terms), and why some maps were constant; ``extra`` adds the check's own."""
+        from .common import constant_cause
+
         if i >= len(self.audit.specs):
-            return {}
+            return dict(scores=scores, maps={}, targets=targets.cpu(), constant=constant, **extra)
         cam = self.layers[i]
-        return {
+        settings = {
             "layer": cam.name if cam else None,
             "layout": str(cam.layout) if cam else None,
             **({"terms": terms[i]} if terms[i] is not None else {}),
         }
+        # The layer's grid does not depend on the weights, so any model state's layer serves.
+        cause = constant_cause(self.audit.specs[i], cam, self.audit.x) if constant else ""
+        return dict(scores=scores, maps=maps, targets=targets.cpu(), settings=settings,
+                    cause=cause, constant=constant, **extra)  # fmt: skip
 
     def __call__(self, batch: torch.Tensor, targets: torch.Tensor,
                  chosen: Sequence[int] | None = None, batch_size: int | None = None

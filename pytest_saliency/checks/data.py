@@ -16,7 +16,6 @@ from ..explainer import check_devices, check_model
 from .base import SIMILARITY_THRESHOLD, Audit, Check, api, register
 from .common import (
     compare,
-    constant_cause,
     describe_blank,
     describe_constant,
     model_inputs,
@@ -80,22 +79,19 @@ def _run(audit: Audit, twin: nn.Module) -> list:
     predicted = audit.logits(twin).argmax(dim=1).cpu()
     first = [to_cpu(m) for m in trained(x, targets)]
     second = [to_cpu(m) for m in permuted(x, targets)]
-    m = len(audit.specs)
     fields = []
     for i, (a, b) in enumerate(zip(first, second)):
         scores, mask = compare(a, b, audit.metric)
         named = {"trained": a, "permuted": b}
         constant = describe_constant(named, scores)
-        cam = trained.layers[i] if i < m else None
-        own = trained.settings_for(i, terms)
         fields.append(
-            dict(
-                scores=scores,
-                maps=named if i < m else {},
-                targets=targets.cpu(),
-                settings=own,
-                cause=constant_cause(audit.specs[i], cam, x) if constant and i < m else "",
-                constant=constant,
+            trained.fields(
+                i,
+                scores,
+                named,
+                targets,
+                terms,
+                constant,
                 blank=describe_blank({"permuted": mask}),
                 twin_predictions=predicted,
             )

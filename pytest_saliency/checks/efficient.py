@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .base import MIN_RISE, Audit, Check, Option, api, int_at_least, register
-from .common import constant_cause, describe_constant, is_constant, model_inputs, to_cpu
+from .common import describe_constant, is_constant, model_inputs, to_cpu
 from .randomization import model_copy, seeded
 from .results import ComplexityResult
 from .steps import plan_steps, randomize
@@ -78,22 +78,19 @@ def _run(audit: Audit, *, bins: int) -> list:
         with seeded(audit.seed + k, work):
             randomize(step)
     randomized = [to_cpu(m) for m in explainer(x, targets)]
-    m = len(audit.specs)
     fields = []
     for i, (before, after) in enumerate(zip(original, randomized)):
         scores, h0, h1, blank_after = rises(before, after, bins)
         named = {"original": before, "randomized": after}
         constant = describe_constant(named, scores)
-        cam = explainer.layers[i] if i < m else None
-        own = explainer.settings_for(i, terms)
         fields.append(
-            dict(
-                scores=scores,
-                maps=named if i < m else {},
-                targets=targets.cpu(),
-                settings=own,
-                cause=constant_cause(audit.specs[i], cam, x) if constant and i < m else "",
-                constant=constant,
+            explainer.fields(
+                i,
+                scores,
+                named,
+                targets,
+                terms,
+                constant,
                 blank={int(k): ["randomized"] for k in blank_after.nonzero().flatten()},
                 entropies={"original": h0, "randomized": h1},
                 bins=bins,

@@ -28,7 +28,6 @@ from .base import (
 )
 from .common import (
     Comparer,
-    constant_cause,
     describe_blank,
     describe_constant,
     model_inputs,
@@ -184,22 +183,18 @@ def run_steps(audit: Audit, *, mode: str, order: str, layers: Any, aggregate: st
         del now
         if saved is not None:
             _restore(saved)
-    m = len(audit.specs)
     fields = []
     for i in range(count):
         scores = torch.stack(rows[i])
         constant = describe_constant(maps[i], scores, flags[i])
-        cam = explainer.layers[i] if i < m else None
-        own = explainer.settings_for(i, terms)
         fields.append(
-            dict(
-                scores=scores,
-                maps=maps[i] if i < m else {},
-                targets=targets.cpu(),
-                settings=own,
-                # The layer's grid does not depend on the weights, so the copy serves.
-                cause=constant_cause(audit.specs[i], cam, x) if constant and i < m else "",
-                constant=constant,
+            explainer.fields(
+                i,
+                scores,
+                maps[i],
+                targets,
+                terms,
+                constant,
                 blank=describe_blank(blanks[i]),
                 mode=mode,
                 order=order,

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import NonFiniteError, SaliencyError
 from .base import SIMILARITY_THRESHOLD, Audit, Check, Option, api, choice, register
-from .common import compare, constant_cause, describe_blank, describe_constant, to_cpu
+from .common import compare, describe_blank, describe_constant, to_cpu
 from .results import SensitivityResult
 
 AGAINST = ("random", "least_likely", "second", "all")
@@ -51,10 +51,10 @@ def run(audit: Audit, *, against: str) -> list:
     others = other_classes(logits, targets, against, seed)
     terms = audit.terms()
     explainer = audit.explainer()
-    m = len(audit.specs)
     # A stochastic method draws its noise per call: separate calls of N samples give both
     # classes the same noise, so only the class differs between the two maps. The controls
     # (explainers m and up) join the deterministic group.
+    m = len(audit.specs)
     stochastic = ["seed" in spec.defaults for spec in audit.specs] + [False] * (audit.count - m)
 
     def maps_for(batch, classes_, size, chosen) -> list[torch.Tensor]:
@@ -85,16 +85,14 @@ def run(audit: Audit, *, against: str) -> list:
             blank = describe_blank({"other": mask})
         named = {"target": target_maps, "other": other_maps}
         constant = describe_constant(named, scores)
-        cam = explainer.layers[i] if i < m else None
-        settings = explainer.settings_for(i, terms)
         fields.append(
-            dict(
-                scores=scores,
-                maps=named,
-                targets=targets,
-                settings=settings,
-                cause=constant_cause(audit.specs[i], cam, x) if constant and i < m else "",
-                constant=constant,
+            explainer.fields(
+                i,
+                scores,
+                named,
+                targets,
+                terms,
+                constant,
                 blank=blank,
                 against=against,
                 others=others,
