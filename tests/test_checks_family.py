@@ -122,3 +122,47 @@ def test_efficient_randomization_reads_the_predicted_classes_from_its_first_pass
     # a method that computes its own passes (no shared pass) takes the classes from a forward
     (smooth,) = ps.efficient_randomization(model, x, [{"name": "smoothgrad", "samples": 2}])
     assert torch.equal(smooth.targets, predicted)
+
+
+def _rng_states():
+    import random
+
+    import numpy as np
+
+    return torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
+def _same_rng(a, b) -> bool:
+    return torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
+
+
+CALLS = {
+    "smooth": lambda m, t, x: ps.smooth_randomization(m, x, ["gradient", "gradcam"],
+                                                      noise_samples=2),
+    "efficient": lambda m, t, x: ps.efficient_randomization(m, x, ["gradient", "smoothgrad"]),
+    "data": lambda m, t, x: ps.data_randomization(m, t, x, ["gradient", "guided_backprop"]),
+    "data-mismatch": lambda m, t, x: ps.data_randomization(m, t, x, "gradient"),
+    "efficient-bad-bins": lambda m, t, x: ps.efficient_randomization(m, x, "gradient", bins=1),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_the_new_checks_leave_models_and_rngs_as_they_were(case, name):
+    from tests._models import assert_unchanged, snapshot
+
+    model, x = case
+    # built before the snapshot: making a model draws from the global generator
+    twin = small_cnn(seed=1, classes=4) if name == "data-mismatch" else small_cnn(seed=4)
+    model.train()  # a mode the checks must restore
+    twin.fc1.weight.grad = torch.ones_like(twin.fc1.weight)
+    before, twin_before, rng = snapshot(model), snapshot(twin), _rng_states()
+    try:
+        CALLS[name](model, twin, x)
+    except SaliencyError:
+        assert name.endswith(("mismatch", "bins"))
+    else:
+        assert not name.endswith(("mismatch", "bins"))
+    assert_unchanged(before, snapshot(model))
+    assert_unchanged(twin_before, snapshot(twin))
+    assert _same_rng(rng, _rng_states())
+    model.eval()
