@@ -36,6 +36,16 @@ def scripted(module: nn.Module) -> torch.jit.ScriptModule:
         return torch.jit.script(module)
 
 
+# Scripted once, when the module is imported (at collection, before any test has run
+# torch.compile). TorchScript looks builtins up by ``id()`` in a table that keeps the ids of
+# ops torch.compile later frees and replaces; a new list that reuses such an id (Conv2d's
+# padding) is then taken for a builtin and scripting fails at random ("builtin cannot be used
+# as a value"). None of our code scripts anything; only these tests do.
+SCRIPTED_NET = scripted(net())
+SCRIPTED_CONV = scripted(net()[3])
+SCRIPTED_HEAD = scripted(net()[7])
+
+
 # --- compiled and scripted models --------------------------------------------------------------
 
 
@@ -63,7 +73,7 @@ def test_compiled_model_layer_names_with_or_without_prefix():
 
 @pytest.mark.parametrize("method", RULES + HOOKED)
 def test_scripted_model_is_refused_before_any_work(method):
-    model = scripted(net())
+    model = SCRIPTED_NET
     with pytest.raises(SaliencyError, match="TorchScript") as info:
         ps.explain(model, randn(2, 3, 8, 8), method)
     assert method in str(info.value) and "eager model" in str(info.value)
@@ -71,7 +81,7 @@ def test_scripted_model_is_refused_before_any_work(method):
 
 def test_scripted_submodule_is_named():
     model = net()
-    model[3] = scripted(model[3])
+    model[3] = SCRIPTED_CONV
     with pytest.raises(SaliencyError, match=r"'3' is a TorchScript module"):
         ps.explain(model, randn(2, 3, 8, 8), "guided_backprop")
 
@@ -80,12 +90,12 @@ def test_scripted_submodule_is_named():
 def test_plain_methods_run_on_scripted_models(method):
     model = net()
     x = randn(2, 3, 8, 8, seed=1)
-    torch.testing.assert_close(ps.explain(scripted(model), x, method), ps.explain(model, x, method))
+    torch.testing.assert_close(ps.explain(SCRIPTED_NET, x, method), ps.explain(model, x, method))
 
 
 def test_randomization_refuses_scripted_model():
     with pytest.raises(SaliencyError, match="reset_parameters.*TorchScript module"):
-        ps.parameter_randomization(scripted(net()), randn(2, 3, 8, 8), "gradient")
+        ps.parameter_randomization(SCRIPTED_NET, randn(2, 3, 8, 8), "gradient")
 
 
 def test_nested_compiled_module_is_refused_by_rule_methods():
@@ -406,7 +416,7 @@ def test_model_compiled_in_place_gives_the_eager_maps(method):
 def test_cam_on_an_eager_layer_of_a_partly_scripted_model():
     model = net()
     eager = ps.explain(model, randn(2, 3, 8, 8, seed=1), "gradcam", layer="3")
-    model[7] = scripted(model[7])  # the head, away from the CAM layer
+    model[7] = SCRIPTED_HEAD  # the head, away from the CAM layer
     torch.testing.assert_close(
         ps.explain(model, randn(2, 3, 8, 8, seed=1), "gradcam", layer="3"), eager
     )
