@@ -33,6 +33,7 @@ _EXPORTS = {
     "SaliencyError": ".errors",
     "UnsupportedActivationError": ".errors",
     "NonFiniteError": ".errors",
+    "ModelError": ".errors",
     "SaliencyWarning": ".errors",
 }
 
@@ -53,6 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
         smooth_randomization,
     )
     from .errors import (  # noqa: F401
+        ModelError,
         NonFiniteError,
         SaliencyError,
         SaliencyWarning,

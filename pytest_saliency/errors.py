@@ -19,6 +19,11 @@ class UnsupportedActivationError(SaliencyError):
     """A propagation rule met an activation it cannot handle faithfully."""
 
 
+class ModelError(SaliencyError):
+    """The user's model raised on inputs pytest-saliency gave it (the original exception is
+    chained). A crash, not a refusal: ``expect: error`` does not cover it."""
+
+
 class NonFiniteError(SaliencyError):
     """NaN or inf where a finite value is needed (inputs, model scores, a map). ``samples``
     lists the samples concerned, numbered in the caller's batch; ``template`` is the message
@@ -34,6 +39,35 @@ class NonFiniteError(SaliencyError):
     def renumbered(self, samples: list[int]) -> NonFiniteError:
         """The same error about other sample numbers (e.g. a chunk's, in the whole batch)."""
         return NonFiniteError(sorted(set(samples)), self.template)
+
+
+# The refusals a suite's ``expect:`` (or a test's xfail mark) can declare, most general first:
+# an audit the engine refuses to vouch for raises one of these. Anything else (a TypeError
+# from the model, a CUDA error) is a bug or a crash, never an expected refusal.
+REFUSALS: dict[str, type[SaliencyError]] = {
+    "error": SaliencyError,
+    "unsupported": UnsupportedActivationError,
+    "nonfinite": NonFiniteError,
+}
+
+
+def refusal_kind(exc: BaseException) -> str | None:
+    """The most specific :data:`REFUSALS` name ``exc`` is, or None for an error that is not
+    a refusal (the model's own crash, a ModelError, included)."""
+    if isinstance(exc, ModelError):
+        return None
+    found = None
+    for kind, cls in REFUSALS.items():
+        if isinstance(exc, cls):
+            found = kind
+    return found
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: the message's first line``, at most ``limit`` characters."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def samples_text(samples: list[int], limit: int = 10) -> str:

@@ -15,7 +15,7 @@ from torch import nn
 from .bundled.registry import Method, get_method
 from .engine.layers import CamLayer, parse_cam_layer, resolve_cam_layer
 from .engine.state import eval_mode, exact_kernels, model_device_dtype, rng_preserved
-from .errors import NonFiniteError, SaliencyError, non_finite_samples
+from .errors import ModelError, NonFiniteError, SaliencyError, non_finite_samples
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -238,7 +238,7 @@ def check_rank(model: nn.Module, inputs: torch.Tensor) -> None:
     except SaliencyError:
         raise
     except Exception as exc:
-        raise SaliencyError(hint.format(what=f"fails on it ({type(exc).__name__}: {exc})")) from exc
+        raise ModelError(hint.format(what=f"fails on it ({type(exc).__name__}: {exc})")) from exc
     if isinstance(output, torch.Tensor) and (output.dim() != 2 or output.shape[0] != 1):
         shape = tuple(output.shape)
         raise SaliencyError(hint.format(what=f"returns shape {shape} for one such sample"))

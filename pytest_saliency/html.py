@@ -299,7 +299,8 @@ table.summary td,table.summary th{border-bottom:1px solid #ddd}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .verdict{font-weight:600;padding:1px 6px;border-radius:3px;color:#fff}
 .pass,.xfail{background:#2a7d3f}.fail,.xpass{background:#b3261e}
-.xfail{background:#6b7d2a}
+.xfail{background:#6b7d2a}.error{background:#7a1f6e}.refused{background:#5d6b7a}
+pre.error{white-space:pre-wrap;background:#f6eef5;padding:6px;font-size:12px}
 section.audit{border-top:2px solid #ccc;margin-top:28px;padding-top:8px}
 table.maps td{text-align:center;font-size:12px}
 table.maps img{width:96px;height:auto;image-rendering:pixelated;display:block;margin:auto}
@@ -405,6 +406,14 @@ def _section(k: int, r: dict) -> str:
         f"score <b>{_fmt(r.get('score'))}</b> 95% CI {_ci(r)} · {_e(key)} "
         f"{_fmt(threshold, 2)}{' (CI bound too)' if r.get('confidence') else ''}</p>",
     ]
+    if r.get("error"):
+        error = r["error"]
+        what = "refused as expected" if verdict == "refused" else "the audit raised"
+        kind = f" (refusal: {_e(error['kind'])})" if error.get("kind") else ""
+        parts.append(
+            f'<p class="note">{what}: {_e(error.get("type"))}{kind}</p>'
+            f'<pre class="error">{_e(error.get("message", ""))}</pre>'
+        )
     if r.get("controls"):
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in r["controls"].items())
         parts.append(

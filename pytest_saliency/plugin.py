@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .checks import AuditResult
 
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 REPORT_SUFFIXES = (".json", ".html")
 MARKER_KEYS = ("methods", "max_similarity", "min_rise", "similarity", "seed", "confidence",
                "batch_size")  # fmt: skip
@@ -37,10 +35,12 @@ MARKER_HELP = (
 
 
 def _device_arg(value: str) -> str:
-    if not DEVICE_PATTERN.fullmatch(value):
+    from .devices import CHOICES, valid
+
+    if not valid(value):
         import argparse
 
-        raise argparse.ArgumentTypeError(f"{value!r}: expected auto, cpu, cuda or cuda:N")
+        raise argparse.ArgumentTypeError(f"{value!r}: expected {CHOICES}")
     return value
 
 
@@ -87,10 +87,10 @@ class Settings:
 
         device, from_cli = value("saliency_device")
         device = str(device).strip()
-        if not DEVICE_PATTERN.fullmatch(device):
-            raise pytest.UsageError(
-                f"saliency_device = {device!r}: expected auto, cpu, cuda or cuda:N"
-            )
+        from .devices import CHOICES, valid
+
+        if not valid(device):
+            raise pytest.UsageError(f"saliency_device = {device!r}: expected {CHOICES}")
         seed_value = value("saliency_seed")[0]
         try:
             seed = int(seed_value)
@@ -124,31 +124,16 @@ class Settings:
         return cls(device, seed, similarity, limit, reports, from_cli)
 
     def torch_device(self) -> torch.device:
-        """The device audits run on; auto is cuda when available. UsageError for missing CUDA."""
+        """The device audits run on; auto is cuda when available. UsageError for a device
+        this machine does not have."""
         if self._resolved is None:
-            import torch
+            from .devices import resolve_device
 
-            if self.device == "auto":
-                name = "cuda" if torch.cuda.is_available() else "cpu"
-            else:
-                name = self.device
-            device = torch.device(name)
-            if device.type == "cuda":
-                if not torch.cuda.is_available():
-                    raise pytest.UsageError(
-                        f"--saliency-device {self.device}: CUDA is not available on this machine "
-                        f"(torch {torch.__version__}); use --saliency-device cpu or auto"
-                    )
-                count = torch.cuda.device_count()
-                index = torch.cuda.current_device() if device.index is None else device.index
-                if index >= count:
-                    raise pytest.UsageError(
-                        f"--saliency-device {self.device}: this machine has {count} CUDA "
-                        f"device(s), cuda:0 to cuda:{count - 1}"
-                    )
-                # An explicit index, so that it compares equal to the devices of tensors.
-                device = torch.device("cuda", index)
-            self._resolved = device
+            try:
+                self._resolved = resolve_device(self.device)
+            except SaliencyError as exc:
+                flag = "--saliency-device" if self.device_from_cli else "saliency_device ="
+                raise pytest.UsageError(f"{flag} {exc}") from None
         return self._resolved
 
     def as_dict(self) -> dict:
@@ -214,6 +199,13 @@ class SaliencySession:
         self.records.append(rec)
         return rec
 
+    def record_error(self, nodeid: str, exc: BaseException, **fields: Any) -> dict:
+        """Keep the row of an audit that raised (see :func:`report.make_error_record`)."""
+        fields.setdefault("device", str(self.settings.torch_device()))
+        rec = report.make_error_record(nodeid, exc, **fields)
+        self.records.append(rec)
+        return rec
+
     def sorted_records(self) -> list[dict]:
         """Records in a stable order, so serial and xdist runs give the same report."""
         return sorted(self.records, key=lambda r: (r["nodeid"], r["check"]))
@@ -263,7 +255,7 @@ def is_worker(config: pytest.Config) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     settings = Settings.from_config(config)
-    if settings.device.startswith("cuda"):
+    if settings.device != "auto":
         settings.torch_device()  # fail now, as a usage error, not in every test
     if settings.similarity is not None:
         check_similarity(settings.similarity)
@@ -444,7 +436,17 @@ class Auditor:
         if len(models) > 1 and models[1] is models[0]:
             placed[1] = placed[0]  # the check refuses a twin that is the model: keep it so
         _, inputs = self._place(None, inputs)
-        result = api(check)(*placed, inputs, [spec], **kw)[0]
+        try:
+            result = api(check)(*placed, inputs, [spec], **kw)[0]
+        except Exception as exc:  # a row in the reports too, then the test's error as raised
+            rec = self._session.record_error(
+                self._node.nodeid, exc, check=check.name, method=name_, method_id=ident,
+                options=options, threshold=threshold, confidence=confidence,
+                expected=_expected_refusal(self._node, exc), seed=kw.get("seed"),
+                settings={k: v for k, v in kw.items() if k != "seed"},
+            )  # fmt: skip
+            self._node.user_properties.extend(junit_properties(rec))
+            raise
         rec = self._session.record(
             self._node.nodeid,
             result,
@@ -514,6 +516,8 @@ def junit_properties(record: dict) -> list[tuple[str, Any]]:
         ("saliency_verdict", record["verdict"]),
     ]
     props += [(f"saliency_control_{k}", v) for k, v in (record.get("controls") or {}).items()]
+    if record.get("error"):
+        props.append(("saliency_error", report.error_text(record)))
     return props
 
 
@@ -527,6 +531,20 @@ def _expects_failure(node: pytest.Item) -> bool:
         if all(isinstance(c, bool) and c for c in conditions):
             return True
     return False
+
+
+def _expected_refusal(node: pytest.Item, exc: BaseException) -> str:
+    """``"error"`` when the test's xfail mark (as :func:`_expects_failure` reads it) expects
+    ``exc``, so pytest xfails the test and the row says ``refused``; else ``"pass"``."""
+    from .errors import SaliencyError
+
+    if not isinstance(exc, SaliencyError) or not _expects_failure(node):
+        return "pass"
+    for mark in node.iter_markers("xfail"):
+        raises = mark.kwargs.get("raises")
+        if raises is None or isinstance(exc, raises):
+            return "error"
+    return "pass"
 
 
 def _check_threshold(value: object, what: str) -> None:

@@ -22,8 +22,13 @@ A *record* is one audit as plain JSON types, built by :func:`make_record`. The J
           "confidence": the CI's bound had to pass too,
           "controls":   {"noise": score, "edge": score} of the null controls (no edge for
                         [N, D] inputs), scored by the same check, metric and samples,
-          "passed":     bool,  "expected": "pass" | "fail",
-          "verdict":    "pass" | "fail" | "xfail" | "xpass",
+          "passed":     bool,
+          "expected":   "pass" | "fail" | a refusal: "error" (any) | "unsupported" | "nonfinite",
+          "verdict":    "pass" | "fail" | "xfail" | "xpass" | "error" (it raised) |
+                        "refused" (it raised the refusal "expected" names),
+          "error":      only when it raised: {"type": class name, "kind": refusal kind or null
+                        (not a refusal: a bug or a crash), "message": the whole message};
+                        such a record has null scores and controls,
           "degenerate": sample indices with a constant map, "cause": why,
           "targets":    explained class per sample, "seed", "settings": audit settings,
           "device", "torch", "source": "python" | "suite",
@@ -47,7 +52,10 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = "pytest-saliency/1"
-VERDICTS = ("pass", "fail", "xfail", "xpass")
+VERDICTS = ("pass", "fail", "xfail", "xpass", "error", "refused")
+# What an audit may be expected to do: pass, fail its threshold, or be refused by the engine
+# (one of errors.REFUSALS: "error" for any refusal, or a more specific kind).
+OUTCOMES = ("pass", "fail")
 
 
 def torch_version() -> str:
@@ -68,12 +76,86 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def expectations() -> tuple[str, ...]:
+    """Every valid ``expected``: the outcomes, then the refusal kinds."""
+    from .errors import REFUSALS
+
+    return OUTCOMES + tuple(REFUSALS)
+
+
 def verdict_of(passed: bool, expected: str) -> str:
-    if expected not in ("pass", "fail"):
-        raise ValueError(f"expected must be 'pass' or 'fail', got {expected!r}")
+    """The verdict of an audit that ran. Expected to be refused, it ran: strict, so a pass is
+    an ``xpass`` (the engine vouches for the map now) and a failure a plain ``fail``."""
+    if expected not in expectations():
+        raise ValueError(f"expected must be one of {expectations()}, got {expected!r}")
     if expected == "pass":
         return "pass" if passed else "fail"
-    return "xpass" if passed else "xfail"
+    if expected == "fail":
+        return "xpass" if passed else "xfail"
+    return "xpass" if passed else "fail"
+
+
+def error_verdict(exc: BaseException, expected: str) -> str:
+    """``refused`` when ``exc`` is the refusal ``expected`` names, else ``error``."""
+    from .errors import REFUSALS, refusal_kind
+
+    wanted = REFUSALS.get(expected)
+    refused = wanted is not None and refusal_kind(exc) is not None and isinstance(exc, wanted)
+    return "refused" if refused else "error"
+
+
+def make_error_record(
+    nodeid: str,
+    exc: BaseException,
+    *,
+    check: str,
+    method: str,
+    method_id: str,
+    options: dict | None = None,
+    threshold: float,
+    confidence: bool = False,
+    expected: str = "pass",
+    device: str = "cpu",
+    source: str = "python",
+    seed: int | None = None,
+    settings: dict | None = None,
+) -> dict:
+    """An audit that raised, as a row like any other: no score, its verdict ``error`` (or
+    ``refused`` when ``expected`` names the refusal) and ``error`` = type, refusal kind (None
+    for an error that is not a refusal) and message."""
+    from .checks.base import get_check
+    from .errors import refusal_kind
+
+    rule = get_check(check)
+    record = {
+        "nodeid": nodeid,
+        "method_id": method_id,
+        "method": method,
+        "options": dict(options or {}),
+        "check": check,
+        "similarity": (settings or {}).get("similarity", rule.similarity),
+        "score": None,
+        "ci": None,
+        "scores": None,
+        "threshold": float(threshold),
+        "threshold_key": rule.threshold.key,
+        "confidence": bool(confidence),
+        "controls": None,
+        "expected": expected,
+        "passed": False,
+        "verdict": error_verdict(exc, expected),
+        "error": {
+            "type": type(exc).__name__,
+            "kind": refusal_kind(exc),
+            "message": str(exc),
+        },
+        "seed": seed,
+        "settings": {k: v for k, v in (settings or {}).items() if k != "similarity"},
+        "device": str(device),
+        "torch": torch_version(),
+        "source": source,
+    }
+    return _plain(json.loads(json.dumps(record, default=repr)))
 
 
 def make_record(
@@ -114,7 +196,21 @@ def _ci(record: dict) -> str:
     return f"[{_num(low)}, {_num(high)}]"
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _cell(text: str) -> str:
+    """One line, whatever the user named things: control characters shown escaped."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else _ESCAPES.get(c, c.encode("unicode_escape").decode("ascii"))
+        for c in text
+    )
+
+
 def _table(rows: list[list[str]], indent: str = "", *, header: bool = True) -> str:
+    rows = [[_cell(str(c)) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for k, row in enumerate(rows):
@@ -126,7 +222,7 @@ def _table(rows: list[list[str]], indent: str = "", *, header: bool = True) -> s
 
 def _shown_verdict(record: dict) -> str:
     verdict = record["verdict"]
-    return verdict.upper() if verdict in ("fail", "xpass") else verdict
+    return verdict.upper() if verdict in ("fail", "xpass", "error") else verdict
 
 
 def _key(record: dict) -> str:
@@ -144,20 +240,42 @@ def _controls(record: dict) -> str:
                     for k in ("noise", "edge")) if controls else "-"  # fmt: skip
 
 
+def error_text(record: dict) -> str:
+    """An error row's ``Type: first line of the message``."""
+    error = record.get("error") or {}
+    lines = str(error.get("message", "")).strip().splitlines()
+    text = f"{error.get('type', 'Error')}: {lines[0]}" if lines else str(error.get("type"))
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def format_table(records: list[dict]) -> str:
-    """The terminal verdict table: one row per audit, with the null controls' scores."""
+    """The terminal verdict table: one row per audit, with the null controls' scores; the
+    audits that raised are rows too, their errors listed under the table."""
     rows = [["test", "method", "check", "metric", "score", "95% CI", "noise/edge", "threshold",
              "verdict"]]  # fmt: skip
+    raised = []
     for r in records:
         limit = f"{_symbol(r)} {r['threshold']:.3f}" + (" (CI)" if r.get("confidence") else "")
+        if r.get("error"):
+            raised.append(r)
+            scored = ["-", "-", "-"]
+        else:
+            scored = [_num(r["score"]), _ci(r), _controls(r)]
         rows.append(
-            [r["nodeid"], r.get("method_id") or r["method"], r["check"], r["similarity"],
-             _num(r["score"]), _ci(r), _controls(r), limit, _shown_verdict(r)]
+            [r["nodeid"], r.get("method_id") or r["method"], r["check"],
+             str(r.get("similarity") or "-"), *scored, limit, _shown_verdict(r)]
         )  # fmt: skip
     counts = {v: sum(r["verdict"] == v for r in records) for v in VERDICTS}
     tally = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
     noun = "audit" if len(records) == 1 else "audits"
-    return f"{_table(rows)}\n{len(records)} {noun}: {tally}"
+    text = f"{_table(rows)}\n{len(records)} {noun}: {tally}"
+    if raised:
+        text += "\nraised:" + "".join(
+            f"\n  {_cell(r['nodeid'])}: {_cell(error_text(r))}"
+            + (" (refused as expected)" if r["verdict"] == "refused" else "")
+            for r in raised
+        )
+    return text
 
 
 def _why(record: dict) -> str:

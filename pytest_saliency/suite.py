@@ -22,8 +22,12 @@ Schema (keys other than these are errors)::
       efficient_randomization: {bins: 100, min_rise: 0.1}
       data_randomization: {model: pkg.models:permuted_net}   # the permuted-label twin
                                    # any check: methods: [ids] runs it for those methods only
-    expect:                        # by method id: fail (every check it runs) or {check: fail}
-      guided_backprop: fail        # strict: xfailed while failing, a failure once it passes
+    expect:                        # by method id: an outcome for every check it runs, or
+      guided_backprop: fail        # {check: outcome}; strict: xfailed while failing, a
+      gradcam: {output_sensitivity: unsupported}  # failure once it passes. error,
+                                   # unsupported, nonfinite: the engine refuses the audit
+                                   # (that kind of refusal; error: any); xfailed while it
+                                   # does, a failure once the audit runs or raises otherwise
 
 One item per (method, check), ``<file>::<check>[<method id>]``; the id is the ``id`` key, else
 the name plus its non-default options (``rectgrad-positive=false``; the layer is not part of it).
@@ -53,6 +57,7 @@ from typing import Any
 import pytest
 import yaml
 
+from .devices import resolve_device
 from .errors import SaliencyError, closest
 from .specs import method_id
 
@@ -81,7 +86,6 @@ def _check(name: str) -> Any:
 
 _SUITE_NAME = re.compile(r"^(saliency_.+|.+\.saliency)\.ya?ml$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _TENSOR_FILE = (".pt", ".pth")
 KeyPath = tuple[Any, ...]
 
@@ -361,8 +365,10 @@ def _check_setting(p: _Problems, path: KeyPath, key: str, value: Any, check: Any
     elif key == "model":  # a check's second model (data randomization's twin)
         _source(p, path, value)
     elif key == "device":
-        if not isinstance(value, str) or not _DEVICE.match(value):
-            p.add(path, f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        from .devices import CHOICES, valid
+
+        if not valid(value):
+            p.add(path, f"expected {CHOICES}, got {value!r}")
 
 
 def _method_entry(p: _Problems, index: int, entry: Any) -> MethodEntry | None:
@@ -397,6 +403,10 @@ def _method_entry(p: _Problems, index: int, entry: Any) -> MethodEntry | None:
     if given_id is not None and (not isinstance(given_id, str) or not given_id.strip()):
         ok = False
         p.add((*path, "id"), f"expected a non-empty string, got {given_id!r}")
+    elif given_id is not None and not given_id.isprintable():
+        ok = False
+        p.add((*path, "id"), f"expected one printable line (it names items and report rows), "
+                             f"got {given_id!r}")  # fmt: skip
     if not ok:
         return None
     try:
@@ -457,13 +467,17 @@ def _expect(p: _Problems, raw: Any, ids: list[str], checks: dict[str, dict]) -> 
     if not isinstance(raw, dict):
         p.add(("expect",), "expected a mapping: method id -> fail, or -> {check: fail}")
         return out
-    outcomes = ("fail", "pass")
+    from .report import expectations
+
+    outcomes = expectations()
+    valid = ", ".join(repr(o) for o in outcomes)
     for ident, value in raw.items():
         if ident not in ids:
             p.unknown(("expect", ident), "method id", ident, ids)
             continue
         if not isinstance(value, dict) and value not in outcomes:  # one message, not one per check
-            p.add(("expect", ident), f"expected 'fail', 'pass' or {{check: fail}}, got {value!r}")
+            p.add(("expect", ident), f"expected one of {valid} or {{check: one of them}}, got "
+                                     f"{value!r}")  # fmt: skip
             continue
         runs = [c for c in checks if not isinstance(checks[c].get("methods"), list)
                 or ident in checks[c]["methods"]]  # fmt: skip
@@ -476,7 +490,7 @@ def _expect(p: _Problems, raw: Any, ids: list[str], checks: dict[str, dict]) -> 
                 p.add(path, f"{check} does not run {ident!r} (its methods: "
                             f"{', '.join(checks[check]['methods'])})")  # fmt: skip
             elif outcome not in outcomes:
-                p.add(path, f"expected 'fail' or 'pass', got {outcome!r}")
+                p.add(path, f"expected one of {valid}, got {outcome!r}")
             else:
                 out[(ident, check)] = outcome
     return out
@@ -797,18 +811,6 @@ def check_twins(suite: Suite, loaded: Loaded) -> None:
             raise SuiteError(f"{suite.where(('checks', check, 'model'))}: {exc}") from None
 
 
-def resolve_device(name: str) -> Any:
-    """``auto`` -> cuda if available else cpu; cuda without CUDA is a clear error."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SaliencyError(f"device {name!r} was asked for, but CUDA is not available here")
-    return device
-
-
 # --- pytest nodes -----------------------------------------------------------------------------
 
 
@@ -828,6 +830,7 @@ class SuiteFile(pytest.File):
             check_forward(self.suite, self.loaded)
         check_layers(self.suite, self.loaded.model)
         check_twins(self.suite, self.loaded)
+        self.device_or_error()  # a device this machine lacks: one error here, not one per item
         self._placed: dict[str, tuple] = {}
         self._shared: dict[str, dict[str, Any]] = {}  # audit key -> {method id: result}
         self._tried: set[tuple[str, str]] = set()  # (audit key, method id) already computed
@@ -846,6 +849,22 @@ class SuiteFile(pytest.File):
                     check=check,
                     expected=self.suite.expect.get((entry.id, check), "pass"),
                 )
+
+    def device_or_error(self) -> Any:
+        """The suite's device (``--saliency-device`` wins; then its ``device:``; then the ini
+        or the default), or a located error naming the remedy."""
+        from .plugin import get_session
+
+        settings = get_session(self.config).settings
+        wanted = self.suite.top.get("device")
+        if settings.device_from_cli or wanted is None:
+            return settings.torch_device()
+        try:
+            return resolve_device(wanted)
+        except SaliencyError as exc:
+            raise SuiteError(
+                f"{self.suite.where(('device',))}: device {exc}; or run with --saliency-device cpu"
+            ) from None
 
     def placed(self, device: Any, check: str | None = None) -> tuple[Any, Any, Any]:
         """Models, inputs and targets on ``device`` (moved once; the user's models are not
@@ -877,42 +896,55 @@ class SuiteFile(pytest.File):
         return super().repr_failure(excinfo)
 
     def audit(self, item: SuiteItem, device: Any, settings: dict[str, Any]) -> Any:
-        """The item's audit result.
+        """The item's audit result (or its error, raised).
 
         The first item of a check to run audits every method of that check selected in this
         session in one list-of-methods call (methods sharing a rule set then share each
-        forward+backward) and keeps the others' results here until their items run. On an
-        xdist worker, which does not know which items it will get, and whenever the shared
-        call fails (the error then belongs to one item), each item runs its own audit.
+        forward+backward) and keeps the others' results here until their items run. When that
+        call raises, it is split in halves, and so on, until the error is down to the methods
+        that raise it: each of those items gets its own error, and the others their results.
+        On an xdist worker, which does not know which items it will get, each item runs its
+        own audit.
         """
         if hasattr(self.config, "workerinput"):
             return item.own_audit(device, settings)
         key = repr((item.check, str(device), sorted(settings.items())))
         done = self._shared.setdefault(key, {})
-        if item.entry.id in done:
-            return done.pop(item.entry.id)
-        if (key, item.entry.id) in self._tried:
-            return item.own_audit(device, settings)
-        peers = [
-            other for other in item.session.items
-            if isinstance(other, SuiteItem) and other.parent is self and other.check == item.check
-            and (key, other.entry.id) not in self._tried
-        ]  # fmt: skip
-        if item not in peers:  # run directly (e.g. item.runtest() outside a session)
-            peers.append(item)
-        self._tried.update((key, other.entry.id) for other in peers)
-        if len(peers) == 1:
-            return item.own_audit(device, settings)
-        models, inputs, targets = self.placed(device, item.check)
+        if item.entry.id not in done:
+            if (key, item.entry.id) in self._tried:  # run before, then asked again
+                return item.own_audit(device, settings)
+            peers = [
+                other for other in item.session.items
+                if isinstance(other, SuiteItem) and other.parent is self
+                and other.check == item.check and (key, other.entry.id) not in self._tried
+            ]  # fmt: skip
+            if item not in peers:  # run directly (e.g. item.runtest() outside a session)
+                peers.append(item)
+            self._tried.update((key, other.entry.id) for other in peers)
+            if len(peers) == 1:
+                return item.own_audit(device, settings)
+            for other, outcome in self._split(item.check, peers, device, settings):
+                done[other.entry.id] = outcome
+        outcome = done.pop(item.entry.id)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _split(self, check: str, peers: list, device: Any, settings: dict[str, Any]) -> list:
+        """``[(item, result or the exception its audit raised)]`` for ``peers``, from as few
+        shared calls as the errors allow (a call that raises is retried in halves)."""
+        models, inputs, targets = self.placed(device, check)
         methods = [{"name": o.entry.name, "layer": o.entry.layer, **o.entry.options} for o in peers]
         try:
-            results = run_check(item.check, models, inputs, methods, target=targets, **settings)
-        except SaliencyError:
-            return item.own_audit(device, settings)
-        for other, result in zip(peers, results):
-            if other is not item:
-                done[other.entry.id] = result
-        return results[peers.index(item)]
+            results = run_check(check, models, inputs, methods, target=targets, **settings)
+        except Exception as exc:
+            if len(peers) == 1:
+                return [(peers[0], exc)]
+            half = len(peers) // 2
+            return self._split(check, peers[:half], device, settings) + self._split(
+                check, peers[half:], device, settings
+            )
+        return list(zip(peers, results))
 
 
 def run_check(check: str, models: list, inputs: Any, method: Any, **kwargs: Any) -> Any:
@@ -922,6 +954,10 @@ def run_check(check: str, models: list, inputs: Any, method: Any, **kwargs: Any)
 
     kwargs.pop("model", None)
     return api(get_check(check))(*models, inputs, method, **kwargs)
+
+
+# Frames of the test runner, not of the audit (left out of a crash's traceback).
+_RUNNER_PATHS = ("/_pytest/", "/pluggy/", "\\_pytest\\", "\\pluggy\\")
 
 
 class AuditFailed(Exception):
@@ -964,13 +1000,6 @@ class SuiteItem(pytest.Item):
             merged.pop(other, None)
         return merged
 
-    def device(self, defaults: Any) -> Any:
-        """``--saliency-device`` wins; then the suite's ``device``; then ini / default."""
-        wanted = self.parent.suite.top.get("device")
-        if getattr(defaults, "device_from_cli", False) or wanted is None:
-            return defaults.torch_device()
-        return resolve_device(wanted)
-
     def runtest(self) -> None:
         from .plugin import get_session
 
@@ -978,13 +1007,13 @@ class SuiteItem(pytest.Item):
         settings = self.settings(session.settings)
         threshold = float(settings.pop("threshold"))
         confidence = bool(settings.pop("confidence"))
-        try:
-            device = self.device(session.settings)
-        except SaliencyError as exc:
-            where = self.parent.suite.where(("device",))
-            raise SuiteError(f"{where}: {exc}; or run with --saliency-device cpu") from None
+        device = self.parent.device_or_error()
         try:
             result = self.parent.audit(self, device, settings)
+        except Exception as exc:
+            self.raised(session, exc, device, threshold, confidence, settings)
+            raise  # not reached: raised() always raises
+        try:
             record = session.record(
                 self.nodeid,
                 result,
@@ -1008,6 +1037,36 @@ class SuiteItem(pytest.Item):
                 failure_text(self.location_text(), result, record, threshold, confidence)
             )
 
+    def raised(self, session: Any, exc: Exception, device: Any, threshold: float,
+               confidence: bool, settings: dict[str, Any]) -> None:  # fmt: skip
+        """Record the audit that raised ``exc`` as a row, then end the item: xfailed when the
+        suite expects this refusal, else failed with the error (located when it is ours)."""
+        from .errors import REFUSALS, first_line, refusal_kind
+        from .plugin import junit_properties
+
+        record = session.record_error(
+            self.nodeid, exc, check=self.check, method=self.entry.name,
+            method_id=self.entry.id, options=self.entry.options, threshold=threshold,
+            confidence=confidence, expected=self.expected, source="suite", device=str(device),
+            seed=settings.get("seed"), settings={k: v for k, v in settings.items() if k != "seed"},
+        )  # fmt: skip
+        self.user_properties.extend(junit_properties(record))
+        if record["verdict"] == "refused":
+            pytest.xfail(f"refused as expected (expect: {self.expected}): {first_line(exc)}")
+        note = ""
+        if self.expected in REFUSALS:
+            kind = refusal_kind(exc)
+            got = f"the refusal {kind!r}" if kind else "an error that is no refusal"
+            note = (
+                f" [expect: {self.expected} was stated, but this is {got} "
+                f"({type(exc).__name__}); valid refusals: {', '.join(REFUSALS)}]"
+            )
+        if isinstance(exc, SaliencyError):
+            raise SuiteError(f"{self.location_text()}: {exc}{note}") from None
+        if note and hasattr(exc, "add_note"):  # Python >= 3.11
+            exc.add_note(note.strip(" []"))
+        raise exc
+
     def own_audit(self, device: Any, settings: dict[str, Any]) -> Any:
         """This item's audit on its own (one method)."""
         models, inputs, targets = self.parent.placed(device, self.check)
@@ -1021,7 +1080,19 @@ class SuiteItem(pytest.Item):
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, (AuditFailed, SuiteError)):
             return str(excinfo.value)
-        return super().repr_failure(excinfo, style=style)
+        # A crash: its traceback from the audit down, without pytest's and pluggy's frames,
+        # one line a frame unless --tb asks for another style.
+        excinfo.traceback = excinfo.traceback.filter(
+            lambda entry: (
+                not any(part in str(entry.path) for part in _RUNNER_PATHS)
+                and Path(str(entry.path)) != Path(__file__)
+            )  # this item's own plumbing
+        )
+        if style is None and self.config.getoption("tbstyle", "auto") == "auto":
+            style = "short"
+        return f"{self.location_text()}: the audit raised\n" + str(
+            super().repr_failure(excinfo, style=style)
+        )
 
     def reportinfo(self):
         line = self.parent.suite.lines.get(self.entry.path, 1)
@@ -1039,7 +1110,14 @@ def failure_text(where: str, result: Any, record: dict, threshold: float, confid
     bound = high if at_most else low
     side = "upper" if at_most else "lower"
     measured = f"score {score:.3f}" + (f", CI {side} bound {bound:.3f}" if confidence else "")
-    if record["verdict"] == "xpass":
+    expected = record.get("expected", "pass")
+    if record["verdict"] == "xpass" and expected != "fail":
+        head = (
+            f"expected a refusal (expect: {expected}), but the audit ran and passed "
+            f"({measured} {rule.symbol()} {key} {threshold:g}); the engine vouches for this "
+            "map now: remove its 'expect' entry"
+        )
+    elif record["verdict"] == "xpass":
         head = (
             f"expected to fail (expect: fail), but the audit passed ({measured} "
             f"{rule.symbol()} {key} {threshold:g}); the method is sensitive now: remove its "
@@ -1054,6 +1132,8 @@ def failure_text(where: str, result: Any, record: dict, threshold: float, confid
             f"{result.method} is not sensitive enough under {result.check}: "
             f"{limit:.3f} {'>' if at_most else '<'} {key} {threshold:g} ({measured})"
         )
+    if expected not in ("pass", "fail") and record["verdict"] != "xpass":
+        head += f" [expect: {expected} was stated: the audit ran instead of being refused]"
     lines = [f"{where}: {head}", "", result.summary()]
     row = result._worst()  # the per-sample scores the verdict reads
     sign = 1.0 if at_most else -1.0  # the worst samples first: most similar, or least risen

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import NonFiniteError, SaliencyError, non_finite_samples
+from ..errors import ModelError, NonFiniteError, SaliencyError, non_finite_samples
 
 
 def call_model(model: torch.nn.Module, inputs: torch.Tensor) -> object:
@@ -15,7 +15,7 @@ def call_model(model: torch.nn.Module, inputs: torch.Tensor) -> object:
     except SaliencyError:
         raise
     except Exception as exc:
-        raise SaliencyError(
+        raise ModelError(
             f"model {type(model).__name__} failed on inputs of shape {tuple(inputs.shape)} "
             f"({inputs.dtype}, {inputs.device}): {type(exc).__name__}: {exc}. Check that the "
             "inputs have the shape, channels, dtype and device the model expects"

@@ -325,11 +325,15 @@ def test_helpers_fail_with_messages_that_name_the_threshold_and_the_checks(
         ["E*SaliencyError: randomized_model is the trained model itself; pass the copy*"],
     ):
         result.stdout.fnmatch_lines(lines)
-    # Only the helper that ran its audit reached the table; the wrong calls recorded nothing.
+    # A call the check itself refused is a row (ERROR, with its message under the table); a
+    # call that never named a check, its threshold or its arguments right records nothing.
     result.stdout.fnmatch_lines(
         [
             "*test_errors.py::test_assert_fails*efficient_randomization*>= 5.000*FAIL",
-            "1 audit: 1 fail",
+            "*test_errors.py::test_bad_option*efficient_randomization*-*ERROR",
+            "4 audits: 1 fail, 3 error",
+            "raised:",
+            "  test_errors.py::test_bad_option: SaliencyError: bins must be an int >= 2, got 1",
         ]
     )
 

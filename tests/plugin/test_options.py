@@ -104,7 +104,16 @@ def test_cuda_without_cuda_is_a_usage_error(pytester: pytest.Pytester, device: s
     pytester.makepyfile("def test_nothing(): pass")
     result = pytester.runpytest(f"--saliency-device={device}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([f"*--saliency-device {device}: CUDA is not available*"])
+    result.stderr.fnmatch_lines([f"*--saliency-device '{device}': CUDA is not available*"])
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
+def test_mps_without_mps_is_one_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest("--saliency-device=mps")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--saliency-device 'mps': *MPS*; use cpu or auto"])
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
 
 
 @pytest.mark.parametrize(
@@ -116,7 +125,7 @@ def test_cuda_without_cuda_is_a_usage_error(pytester: pytest.Pytester, device: s
         (["--saliency-similarity=ssmi"], "*'ssmi' is not a similarity metric; did you mean ssim*"),
         (
             ["--saliency-device=tpu"],
-            "*--saliency-device*'tpu': expected auto, cpu, cuda or cuda:N*",
+            "*--saliency-device*'tpu': expected auto, cpu, cuda, cuda:N or mps*",
         ),
     ],
 )
@@ -132,7 +141,7 @@ def test_bad_ini_values_are_usage_errors(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_nothing(): pass")
     result = pytester.runpytest()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*saliency_device = 'gpu': expected auto, cpu, cuda or cuda:N*"])
+    result.stderr.fnmatch_lines(["*saliency_device = 'gpu': expected auto, cpu, cuda, cuda:N or mps*"])
 
 
 def test_options_are_listed_in_help(pytester: pytest.Pytester) -> None:

@@ -136,7 +136,9 @@ def test_make_record_verdicts(score: float, expected: str, verdict: str) -> None
 
 
 def test_make_record_rejects_a_bad_expectation() -> None:
-    with pytest.raises(ValueError, match="expected must be 'pass' or 'fail', got 'xfail'"):
+    with pytest.raises(
+        ValueError, match=r"expected must be one of \('pass', 'fail', 'error'.*got 'xfail'"
+    ):
         report.make_record("t", FakeResult(0.2, [0.2]), threshold=0.5, expected="xfail")
 
 

@@ -51,8 +51,8 @@ MISTAKES = {
     ),
     "maybe": (
         BASE + "methods: [gradient]\nexpect: {gradient: maybe}\n",
-        "*saliency_maybe.yaml:4: expect.gradient: expected 'fail', 'pass' or {check: fail}, "
-        "got 'maybe'",
+        "*saliency_maybe.yaml:4: expect.gradient: expected one of 'pass', 'fail', 'error', "
+        "'unsupported', 'nonfinite' or {check: one of them}, got 'maybe'",
     ),
     "colon": (
         "model: tinynet.make_model\ninputs: helpers:BATCH\nmethods: [gradient]\n",

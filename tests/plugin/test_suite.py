@@ -257,11 +257,23 @@ def test_suite_keys_win_over_ini_and_cli_device_wins_over_suite(project: pytest.
         "parameter_randomization": ("pearson", 3, 1.0, "cpu"),
     }
     if not torch.cuda.is_available():  # without the CLI option the suite's device applies
-        failed = project.runpytest()
-        failed.assert_outcomes(failed=2)
+        failed = project.runpytest()  # one collection error, not one per item
+        failed.assert_outcomes(errors=1)
         failed.stdout.fnmatch_lines(
-            ["saliency_keys.yaml:3: device: device 'cuda:0' *CUDA is not available*"]
-        )
+            ["saliency_keys.yaml:3: device: device 'cuda:0': CUDA is not available*"
+             "or run with --saliency-device cpu"]
+        )  # fmt: skip
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
+def test_a_suite_on_mps_without_mps_is_one_located_error(project: pytest.Pytester) -> None:
+    project.makefile(".yaml", saliency_mps="model: helpers:TRAINED\ninputs: helpers:BATCH\n"
+                                           "device: mps\nmethods: [gradient]\n")  # fmt: skip
+    result = project.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["saliency_mps.yaml:3: device: device 'mps': *MPS*"])
+    no_traceback(result)
+    assert project.runpytest("--saliency-device=cpu").ret == 0  # the remedy it names
 
 
 # name -> (what differs from a valid suite, the lines its collection error must show)

@@ -95,7 +95,7 @@ def test_one_selected_item_runs_its_own_audit(project, calls):
     assert calls == [("output_sensitivity", [{"name": "fullgrad", "layer": None}])]
 
 
-def test_a_failing_shared_call_falls_back_to_per_item_audits(project, calls):
+def test_a_failing_shared_call_is_split_until_the_error_is_one_items(project, calls):
     # Layer "4" is the Flatten: Grad-CAM fails there, and only its own item may fail for it.
     project.makefile(
         ".yaml",
@@ -115,4 +115,8 @@ def test_a_failing_shared_call_falls_back_to_per_item_audits(project, calls):
         {"name": "gradcam", "layer": "4"},
         {"name": "fullgrad", "layer": None},
     ]
-    assert calls[1:] == [("parameter_randomization", [entry]) for entry in calls[0][1]]
+    gradient, gradcam, fullgrad = calls[0][1]
+    check = "parameter_randomization"  # halves: [gradient] runs, [gradcam, fullgrad] raises
+    assert calls[1:] == [
+        (check, [gradient]), (check, [gradcam, fullgrad]), (check, [gradcam]), (check, [fullgrad])
+    ]  # fmt: skip
