@@ -42,9 +42,27 @@ def _apply(colors: np.ndarray, t: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.stack(rgb, axis=-1)), 0, 255).astype(np.uint8)
 
 
+def _tame(values: Any) -> np.ndarray:
+    """float64 values any arithmetic below takes without overflow (or a numpy warning, an
+    error under ``-W error``): NaN as 0, +-inf as the largest / smallest finite value, and
+    values beyond 1e30 divided by their largest magnitude (both colorings and the min-max
+    scaling are invariant to a positive factor)."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    if not finite.all():
+        if finite.any():
+            high, low = values[finite].max(), values[finite].min()
+        else:
+            high = low = 0.0
+        values = np.where(np.isnan(values), 0.0, values)
+        values = np.where(np.isposinf(values), high, np.where(np.isneginf(values), low, values))
+    peak = np.abs(values).max() if values.size else 0.0
+    return values / peak if peak > 1e30 else values
+
+
 def colorize(values: np.ndarray, signed: bool) -> np.ndarray:
     """A 2-D map as uint8 RGB: diverging around 0 (``signed``) or sequential min-max."""
-    values = np.nan_to_num(values.astype(np.float64))
+    values = _tame(values)
     if signed:
         scale = np.abs(values).max()
         t = 0.5 + 0.5 * values / scale if scale > 0 else np.full(values.shape, 0.5)
@@ -76,7 +94,7 @@ def input_image(x: np.ndarray) -> np.ndarray:
 
     [3, H, W] is RGB; [C, H, W] with other C is the channel mean; [C, L] is a C x L strip.
     """
-    x = np.nan_to_num(np.asarray(x, dtype=np.float64))
+    x = _tame(x)
     if x.ndim == 3:
         planes = list(x) if x.shape[0] == 3 else [x.mean(axis=0)]
     else:
@@ -99,7 +117,7 @@ def png_uri(pixels: np.ndarray) -> str:
 
 
 def map_uri(values: np.ndarray, signed: bool) -> str:
-    return png_uri(colorize(_shrink(_as_2d(values)), signed))
+    return png_uri(colorize(_shrink(_as_2d(_tame(values))), signed))
 
 
 # --- figures ----------------------------------------------------------------------------------

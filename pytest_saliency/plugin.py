@@ -299,8 +299,18 @@ def marker_kwargs(node: pytest.Item) -> dict[str, Any]:
     return merged
 
 
+def _ours(metafunc: pytest.Metafunc, name: str) -> bool:
+    """Whether fixture ``name`` resolves to this plugin's, not to one the user defined under
+    the same name (a conftest's ``saliency_method`` is theirs to parametrize)."""
+    defs = getattr(metafunc, "_arg2fixturedefs", {}).get(name)
+    if not defs:
+        return True
+    func = getattr(defs[-1], "func", None)
+    return getattr(func, "__module__", __name__) == __name__
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "saliency_method" not in metafunc.fixturenames:
+    if "saliency_method" not in metafunc.fixturenames or not _ours(metafunc, "saliency_method"):
         return
     where = metafunc.definition.nodeid
     try:

@@ -605,6 +605,12 @@ def parse_suite(data: Any, lines: dict[KeyPath, int], file: Path, label: str) ->
 # --- loading ----------------------------------------------------------------------------------
 
 
+# What the user's import or factory may raise that becomes a located collection error:
+# a SystemExit too (a script's exit at import), but never Ctrl-C, and never pytest's own
+# outcomes (pytest.importorskip at import skips the suite, as it skips a test module).
+_USER_ERRORS = (Exception, SystemExit)
+
+
 def _user_error(exc: BaseException) -> str:
     """``TypeName: message (at file:line)``: the user's exception, no traceback."""
     # The innermost frame outside the import machinery is where the user's code raised.
@@ -635,7 +641,7 @@ def _import_object(spec: str, search: list[str]) -> Any:
     try:
         with _search_path(search):
             obj = importlib.import_module(module_name)
-    except BaseException as exc:
+    except _USER_ERRORS as exc:
         raise SaliencyError(f"could not import {module_name!r}: {_user_error(exc)}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -651,7 +657,7 @@ def _import_object(spec: str, search: list[str]) -> Any:
 def _call_factory(spec: str, obj: Any) -> Any:
     try:
         return obj()
-    except BaseException as exc:
+    except _USER_ERRORS as exc:
         raise SaliencyError(f"calling {spec}() raised {_user_error(exc)}") from None
 
 

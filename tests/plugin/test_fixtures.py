@@ -280,3 +280,32 @@ def test_strict_xfail_mark_shows_as_expected_failure_in_the_table(
             "*test_not_expected[[]gradient]*output_sensitivity*pass",
         ]
     )
+
+
+def test_a_users_own_saliency_method_fixture_is_theirs(pytester: pytest.Pytester) -> None:
+    """A conftest fixture of the same name wins, as in pytest: no parametrization, no error
+    for a missing marker, and its own params stay its own."""
+    pytester.makeconftest(
+        """
+        import pytest
+
+        @pytest.fixture(params=["mine-a", "mine-b"])
+        def saliency_method(request):
+            return request.param
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        def test_plain(saliency_method):
+            assert saliency_method.startswith("mine-")
+
+        @pytest.mark.saliency(methods=["gradient"])
+        def test_marked(saliency_method):
+            assert saliency_method.startswith("mine-")
+        """
+    )
+    result = pytester.runpytest("-v")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*test_plain?mine-a?*PASSED*", "*test_marked?mine-b?*PASSED*"])

@@ -164,6 +164,24 @@ def check_images(fig: dict, size: tuple[int, int], input_mode: str) -> None:
             assert image.size == size and image.mode == "RGB"
 
 
+def test_extreme_values_draw_without_a_numpy_warning() -> None:
+    """Inf, NaN and values near the float64 limit: no overflow warning (an error under
+    ``-W error``); inf counts as the largest finite value, NaN as 0, the scale is kept."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = input_image(np.array([[1.0, np.inf], [0.0, -np.inf]]))
+        assert image.tolist() == [[255, 255], [0, 0]]
+        huge = input_image(np.array([[1e308, -1e308], [0.0, 5e307]]))
+        assert huge.tolist() == input_image(np.array([[1.0, -1.0], [0.0, 0.5]])).tolist()
+        assert input_image(np.full((5, 4, 4), 1.7e308)).max() == 0  # flat: one gray
+        signed = colorize(np.array([[1e308, -1e308, np.nan]]), True)
+        assert signed.tolist() == colorize(np.array([[1.0, -1.0, 0.0]]), True).tolist()
+        big = np.random.default_rng(0).random((3, 300, 300)) * 1e308
+        assert input_image(big).shape == (MAX_PIXELS, MAX_PIXELS, 3)
+
+
 def test_figures_of_output_sensitivity(results) -> None:
     result = results["sensitivity"]
     fig = json.loads(json.dumps(figures(result)))  # JSON-able, for xdist workers

@@ -141,7 +141,9 @@ def test_bad_ini_values_are_usage_errors(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_nothing(): pass")
     result = pytester.runpytest()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*saliency_device = 'gpu': expected auto, cpu, cuda, cuda:N or mps*"])
+    result.stderr.fnmatch_lines(
+        ["*saliency_device = 'gpu': expected auto, cpu, cuda, cuda:N or mps*"]
+    )
 
 
 def test_options_are_listed_in_help(pytester: pytest.Pytester) -> None:

@@ -85,3 +85,45 @@ def test_merge_keys_follow_yaml_precedence() -> None:
         load_yaml("x: {<<: [1, 2]}\n", "s.yaml")
     with pytest.raises(SuiteError, match="recursive alias"):
         load_yaml("a: &a {<<: *a, x: 1}\n", "s.yaml")
+
+
+# --- what the user's imports raise --------------------------------------------------------------
+
+SUITE_OF = "model: {module}:make_model\ninputs: tinynet:make_inputs\nmethods: [gradient]\n"
+
+
+def test_ctrl_c_during_a_suites_import_stops_the_run(pytester: pytest.Pytester) -> None:
+    """Ctrl-C is the user's, not a collection error: the run stops, no later suite loads."""
+    write_tinynet(pytester)
+    pytester.makepyfile(interrupted="raise KeyboardInterrupt\n")
+    pytester.makefile(".yaml", saliency_a=SUITE_OF.format(module="interrupted"))
+    pytester.makefile(".yaml", saliency_b=SUITE_OF.format(module="tinynet"))
+    result = pytester.runpytest_subprocess()
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    out = result.stdout.str()
+    assert "KeyboardInterrupt" in out and "could not import" not in out
+    assert "saliency_b.yaml" not in out and "passed" not in out
+
+
+def test_importorskip_in_a_suites_module_skips_the_suite(pytester: pytest.Pytester) -> None:
+    write_tinynet(pytester)
+    pytester.makepyfile(
+        needs_pkg="import pytest\npytest.importorskip('no_such_package_here')\n"
+        "from tinynet import make_model\n"
+    )
+    pytester.makefile(".yaml", saliency_a=SUITE_OF.format(module="needs_pkg"))
+    pytester.makefile(".yaml", saliency_b=SUITE_OF.format(module="tinynet"))
+    result = pytester.runpytest("-rs")
+    result.assert_outcomes(passed=2, skipped=1)
+    result.stdout.fnmatch_lines(["*no_such_package_here*"])
+
+
+def test_an_exit_at_import_is_a_located_collection_error(pytester: pytest.Pytester) -> None:
+    write_tinynet(pytester)
+    pytester.makepyfile(exits="import sys\nsys.exit('no GPU, giving up')\n")
+    pytester.makefile(".yaml", saliency_a=SUITE_OF.format(module="exits"))
+    result = pytester.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["saliency_a.yaml:1: model: could not import 'exits': SystemExit: no GPU, giving up*"]
+    )
