@@ -180,6 +180,7 @@ class SaliencySession:
         method_id: str | None = None,
         source: str = "python",
         device: str | None = None,
+        model: str | None = None,
     ) -> dict:
         """Build the record of ``result`` (see :func:`report.make_record`), keep it, return it."""
         rec = report.make_record(
@@ -191,6 +192,7 @@ class SaliencySession:
             method_id=method_id,
             device=device or str(self.settings.torch_device()),
             source=source,
+            model=model,
         )
         if any(path.suffix.lower() == ".html" for path in self.settings.reports):
             from .html import figures

@@ -32,6 +32,7 @@ A *record* is one audit as plain JSON types, built by :func:`make_record`. The J
           "degenerate": sample indices with a constant map, "cause": why,
           "targets":    explained class per sample, "seed", "settings": audit settings,
           "device", "torch", "source": "python" | "suite",
+          "model":      the suite's model id (``models:``), null for one ``model:`` and tests,
           sensitivity: "against", "others";
           parameter/smooth randomization: "mode", "order", "layers", "skipped",
                          "coverage", "unused", "fallback", "step_scores";
@@ -119,6 +120,7 @@ def make_error_record(
     source: str = "python",
     seed: int | None = None,
     settings: dict | None = None,
+    model: str | None = None,
 ) -> dict:
     """An audit that raised, as a row like any other: no score, its verdict ``error`` (or
     ``refused`` when ``expected`` names the refusal) and ``error`` = type, refusal kind (None
@@ -154,6 +156,7 @@ def make_error_record(
         "device": str(device),
         "torch": torch_version(),
         "source": source,
+        "model": model,
     }
     return _plain(json.loads(json.dumps(record, default=repr)))
 
@@ -168,6 +171,7 @@ def make_record(
     method_id: str | None = None,
     device: str = "cpu",
     source: str = "python",
+    model: str | None = None,
 ) -> dict:
     """One audit as JSON types: ``result.to_dict()`` plus where it ran and its verdict."""
     passed = bool(result.passed(threshold, confidence=confidence))
@@ -183,6 +187,7 @@ def make_record(
         device=str(device),
         torch=torch_version(),
         source=source,
+        model=model,
     )
     return _plain(record)
 

@@ -29,15 +29,28 @@ Schema (keys other than these are errors)::
                                    # (that kind of refusal; error: any); xfailed while it
                                    # does, a failure once the audit runs or raises otherwise
 
-One item per (method, check), ``<file>::<check>[<method id>]``; the id is the ``id`` key, else
-the name plus its non-default options (``rectgrad-positive=false``; the layer is not part of it).
+Several models instead of ``model:``::
 
-Every mistake is a collection error naming the file, the line, the key path and what was
-expected. The model, inputs and targets are imported once per file per process, at collection
-(with the rootdir and the ``pythonpath`` ini on ``sys.path``): so a bad import path, a factory
-that returns no module, inputs of the wrong type or rank, and a layer name that the model does
-not have are collection errors too; the price is that ``--co`` and deselected runs import the
-model as well.
+    models:                        # model id -> import path, or a mapping of:
+      vgg11: cifar.models:vgg11
+      resnet18:
+        model: cifar.models:resnet18
+        inputs: cifar.data:batch   # default: the top-level inputs / targets
+        layer: layer4              # CAM layer of the methods that name none
+        checks: {parameter_randomization: {layers: blocks}}   # over the suite's, for it
+        expect: {gradcam++: fail}  # over the suite's expect, for it
+
+One item per (method, check), ``<file>::<check>[<method id>]`` (``<file>::<model id>::<check>
+[<method id>]`` with ``models:``); the id is the ``id`` key, else the name plus its
+non-default options (``rectgrad-positive=false``; the layer is not part of it).
+
+Every mistake in the file is a collection error naming the file, the line, the key path and
+what was expected. Nothing is imported at collection: a model, its inputs and targets are
+imported when the first of its selected items runs, once per process (with the rootdir and the
+``pythonpath`` ini on ``sys.path``), so ``--co`` and ``-k`` load nothing they do not run. A bad
+import path, a factory that returns no module, inputs of the wrong type or rank, and a layer
+name the model does not have are then an error of each of that model's items: the message in
+full for the first, pointed at for the others.
 """
 
 from __future__ import annotations
@@ -64,9 +77,13 @@ from .specs import method_id
 # The checks a suite runs when it has no ``checks:`` key.
 DEFAULT_CHECKS = ("output_sensitivity", "parameter_randomization")
 TOP_KEYS = (
-    "model", "inputs", "targets", "device", "seed", "similarity", "max_similarity", "min_rise",
-    "batch_size", "confidence", "methods", "checks", "expect",
+    "model", "models", "inputs", "targets", "device", "seed", "similarity", "max_similarity",
+    "min_rise", "batch_size", "confidence", "methods", "checks", "expect",
 )  # fmt: skip
+# What one entry of ``models:`` may give (the short form is the model's import path alone).
+MODEL_KEYS = ("model", "inputs", "targets", "layer", "checks", "expect")
+# A model id names a node of the item ids (``suite.yaml::<model>::<check>[<method>]``).
+_MODEL_ID = re.compile(r"^[\w.+-]+$")
 # Settings a check may override; the suite's top-level value applies otherwise (a threshold
 # or a metric only to the checks that have one).
 SHARED_KEYS = ("similarity", "seed", "max_similarity", "min_rise", "batch_size", "confidence")
@@ -278,19 +295,48 @@ class MethodEntry:
 
 
 @dataclass
+class ModelSpec:
+    """One model a suite audits, with its own inputs, targets, CAM layer, check settings and
+    expectations (the suite's, with the model's own on top), and where each was written."""
+
+    id: str | None  # None: the one model of a ``model:`` suite (item ids have no model part)
+    model: str
+    inputs: str
+    targets: str | list[int] | None
+    layer: str | None  # CAM layer of the methods that need one and name none
+    checks: dict[str, dict[str, Any]]  # every check the suite runs: its settings for this model
+    expect: dict[tuple[str, str], str]
+    paths: dict[str, KeyPath]  # "model", "inputs", "targets", "layer" -> where it was written
+    check_paths: dict[tuple[str, str], KeyPath] = field(default_factory=dict)  # model-level keys
+
+    def path(self, key: str) -> KeyPath:
+        return self.paths.get(key, (key,))
+
+    def setting_path(self, check: str, key: str) -> KeyPath:
+        """Where ``key`` of ``check`` was set for this model (its own override, else the
+        suite's ``checks:``)."""
+        return self.check_paths.get((check, key), ("checks", check, key))
+
+    def layer_of(self, entry: MethodEntry) -> str | None:
+        """The CAM layer ``entry`` reads on this model: its own, else the model's."""
+        from .bundled.registry import get_method
+
+        if entry.layer is not None or not get_method(entry.name).needs_layer:
+            return entry.layer
+        return self.layer
+
+
+@dataclass
 class Suite:
     """A validated suite (nothing imported yet)."""
 
     file: Path
     label: str  # how messages name the file (its node id, relative to the rootdir)
     lines: dict[KeyPath, int]
-    model: str
-    inputs: str
-    targets: str | list[int] | None
+    models: list[ModelSpec]
     top: dict[str, Any]  # device and the shared settings given at the top level
     methods: list[MethodEntry]
     checks: dict[str, dict[str, Any]]
-    expect: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def where(self, path: KeyPath) -> str:
         """``file:line: key.path`` for error messages (the nearest enclosing line if needed)."""
@@ -306,7 +352,7 @@ class _Problems:
     """Collects every mistake of a suite so the user sees them all at once."""
 
     def __init__(self, label: str, lines: dict[KeyPath, int]) -> None:
-        self.suite = Suite(Path(label), label, lines, "", "", None, {}, [], {})
+        self.suite = Suite(Path(label), label, lines, [], {}, [], {})
         self.messages: list[str] = []
 
     def add(self, path: KeyPath, message: str) -> None:
@@ -430,42 +476,47 @@ def _checks(p: _Problems, raw: Any) -> dict[str, dict[str, Any]]:
         if name not in names:
             p.unknown(("checks", name), "check", name, names)
             continue
-        check = _check(name)
-        keys = (*check.suite_keys, "methods")
-        settings = {} if settings is None else settings
-        if not isinstance(settings, dict):
-            p.add(("checks", name), f"expected a mapping of settings ({', '.join(keys)})")
-            continue
-        for key, value in settings.items():
-            limit = check.threshold.key
-            if key in ("max_similarity", "min_rise") and key != limit:
-                p.add(("checks", name, key), f"{name} passes by {limit} ({check.threshold.help}), "
-                      f"not by {key}; write {limit}: X")  # fmt: skip
-            elif key == "similarity" and not check.similarity:
-                p.add(("checks", name, key), f"{name} compares the complexity of maps, not "
-                      f"their similarity: no metric (its settings: {', '.join(keys)})")  # fmt: skip
-            elif key not in keys:
-                p.unknown(("checks", name, key), f"setting of {name}", key, keys)
-            else:
-                _check_setting(p, ("checks", name, key), key, value, check)
-        for key in check.models[1:]:
-            if settings.get(check.model_keys.get(key, key)) is None:
-                p.add(
-                    ("checks", name),
-                    f"{name} needs '{check.model_keys.get(key, key)}:' naming "
-                    f"{check.model_help.get(key, key)} (the forms of the top-level 'model:', "
-                    "e.g. 'package.module:attribute')",
-                )
-        out[name] = dict(settings)
+        settings = _check_settings(p, ("checks", name), name, settings, per_model=False)
+        if settings is not None:
+            out[name] = settings
     return out
 
 
-def _expect(p: _Problems, raw: Any, ids: list[str], checks: dict[str, dict]) -> dict:
+def _check_settings(p: _Problems, path: KeyPath, name: str, settings: Any, *, per_model: bool
+                    ) -> dict[str, Any] | None:  # fmt: skip
+    """One check's settings at ``path`` (the suite's, or a model's own: no ``methods:``
+    there, which methods run is the suite's), validated by the check's schema."""
+    check = _check(name)
+    keys = (*check.suite_keys, *([] if per_model else ["methods"]))
+    settings = {} if settings is None else settings
+    if not isinstance(settings, dict):
+        p.add(path, f"expected a mapping of settings ({', '.join(keys)})")
+        return None
+    for key, value in settings.items():
+        limit = check.threshold.key
+        if key in ("max_similarity", "min_rise") and key != limit:
+            p.add((*path, key), f"{name} passes by {limit} ({check.threshold.help}), "
+                  f"not by {key}; write {limit}: X")  # fmt: skip
+        elif key == "similarity" and not check.similarity:
+            p.add((*path, key), f"{name} compares the complexity of maps, not "
+                  f"their similarity: no metric (its settings: {', '.join(keys)})")  # fmt: skip
+        elif key == "methods" and per_model:
+            p.add((*path, key), "which methods a check runs is the suite's (checks."
+                  f"{name}.methods); a model's own checks: settings tune how it runs")  # fmt: skip
+        elif key not in keys:
+            p.unknown((*path, key), f"setting of {name}", key, keys)
+        else:
+            _check_setting(p, (*path, key), key, value, check)
+    return dict(settings)
+
+
+def _expect(p: _Problems, raw: Any, ids: list[str], checks: dict[str, dict],
+            where: KeyPath = ("expect",)) -> dict:  # fmt: skip
     out: dict[tuple[str, str], str] = {}
     if raw is None:
         return out
     if not isinstance(raw, dict):
-        p.add(("expect",), "expected a mapping: method id -> fail, or -> {check: fail}")
+        p.add(where, "expected a mapping: method id -> fail, or -> {check: fail}")
         return out
     from .report import expectations
 
@@ -473,17 +524,17 @@ def _expect(p: _Problems, raw: Any, ids: list[str], checks: dict[str, dict]) -> 
     valid = ", ".join(repr(o) for o in outcomes)
     for ident, value in raw.items():
         if ident not in ids:
-            p.unknown(("expect", ident), "method id", ident, ids)
+            p.unknown((*where, ident), "method id", ident, ids)
             continue
         if not isinstance(value, dict) and value not in outcomes:  # one message, not one per check
-            p.add(("expect", ident), f"expected one of {valid} or {{check: one of them}}, got "
-                                     f"{value!r}")  # fmt: skip
+            p.add((*where, ident), f"expected one of {valid} or {{check: one of them}}, got "
+                                   f"{value!r}")  # fmt: skip
             continue
         runs = [c for c in checks if not isinstance(checks[c].get("methods"), list)
                 or ident in checks[c]["methods"]]  # fmt: skip
         per_check = value if isinstance(value, dict) else dict.fromkeys(runs, value)
         for check, outcome in per_check.items():
-            path = ("expect", ident) + ((check,) if isinstance(value, dict) else ())
+            path = (*where, ident) + ((check,) if isinstance(value, dict) else ())
             if check not in checks:
                 p.unknown(path, "check", check, list(checks))
             elif check not in runs:
@@ -526,9 +577,14 @@ def parse_suite(data: Any, lines: dict[KeyPath, int], file: Path, label: str) ->
     for key in data:
         if key not in TOP_KEYS:
             p.unknown((key,), "key", key, TOP_KEYS)
-    for key in ("model", "inputs", "methods"):
-        if data.get(key) is None:
-            p.add((), f"missing required key {key!r}")
+    if data.get("methods") is None:
+        p.add((), "missing required key 'methods'")
+    if data.get("model") is None and data.get("models") is None:
+        p.add((), "missing required key 'model' (or 'models:' for several)")
+    elif data.get("model") is not None and data.get("models") is not None:
+        p.add(("models",), "give either 'model:' (one model) or 'models:' (several), not both")
+    if data.get("model") is not None and data.get("inputs") is None:
+        p.add((), "missing required key 'inputs'")
     if data.get("model") is not None:
         _source(p, "model", data["model"])
     if data.get("inputs") is not None:
@@ -595,11 +651,110 @@ def parse_suite(data: Any, lines: dict[KeyPath, int], file: Path, label: str) ->
             p.add((key,), f"{key} applies to {', '.join(takers)}, which this suite does not run "
                   f"(its checks: {', '.join(checks)}); remove it or add such a check")  # fmt: skip
     expect = _expect(p, data.get("expect"), [e.id for e in entries], checks)
+    models = _models(p, data, checks, entries, expect)
     p.raise_if_any()
-    targets = data.get("targets")
-    return Suite(
-        file, label, lines, data["model"], data["inputs"], targets, top, entries, checks, expect
-    )
+    return Suite(file, label, lines, models, top, entries, checks)
+
+
+def _models(p: _Problems, data: dict, checks: dict[str, dict], entries: list[MethodEntry],
+            expect: dict) -> list[ModelSpec]:  # fmt: skip
+    """The suite's models: its one ``model:``, or each entry of ``models:`` with the suite's
+    inputs, targets, check settings and expectations under its own."""
+    top = {key: data.get(key) for key in ("inputs", "targets")}
+    if data.get("models") is None:
+        if data.get("model") is None:
+            return []
+        spec = ModelSpec(None, data["model"], top["inputs"], top["targets"], None,
+                         {c: dict(st) for c, st in checks.items()}, dict(expect), {})  # fmt: skip
+        _needs_twins(p, spec, ("checks",))
+        return [spec]
+    raw = data["models"]
+    if not isinstance(raw, dict) or not raw:
+        p.add(("models",), "expected a mapping of model id -> 'package.module:attribute' or "
+                           f"{{{', '.join(MODEL_KEYS)}}}, got {raw!r}")  # fmt: skip
+        return []
+    out: list[ModelSpec] = []
+    ids = [e.id for e in entries]
+    for ident, value in raw.items():
+        where: KeyPath = ("models", ident)
+        if not isinstance(ident, str) or not _MODEL_ID.match(ident):
+            p.add(
+                where,
+                "a model id is letters, digits, '_', '.', '+' or '-' (it names "
+                f"the items: suite.yaml::<model>::<check>[<method>]), got {ident!r}",
+            )
+            # fmt: skip
+            continue
+        if isinstance(value, str):
+            value = {"model": value}
+            paths = {"model": where}
+        elif isinstance(value, dict):
+            paths = {k: (*where, k) for k in value}
+            for key in value:
+                if key not in MODEL_KEYS:
+                    p.unknown((*where, key), "key of a model", key, MODEL_KEYS)
+        else:
+            p.add(where, f"expected 'package.module:attribute' or a mapping with "
+                         f"{', '.join(MODEL_KEYS)}, got {value!r}")  # fmt: skip
+            continue
+        if value.get("model") is None:
+            p.add(where, "missing required key 'model' (the model's import path)")
+            continue
+        _source(p, paths["model"], value["model"])
+        for key in ("inputs", "targets"):
+            if value.get(key) is not None:
+                _source(p, (*where, key), value[key], allow_list=key == "targets")
+        if value.get("inputs") is None and top["inputs"] is None:
+            p.add(where, "missing 'inputs:' (give it here, or once at the top level for every "
+                         "model)")  # fmt: skip
+        layer = value.get("layer")
+        if layer is not None and not isinstance(layer, str):
+            p.add((*where, "layer"), f"expected a module name (str), got {layer!r}")
+            layer = None
+        merged = {c: dict(st) for c, st in checks.items()}
+        check_paths: dict[tuple[str, str], KeyPath] = {}
+        own = value.get("checks")
+        if own is not None and not isinstance(own, dict):
+            p.add((*where, "checks"), f"expected a mapping of check -> settings (of: "
+                                      f"{', '.join(checks)}), got {own!r}")  # fmt: skip
+        for name, settings in (own or {}).items() if isinstance(own, dict) else ():
+            path = (*where, "checks", name)
+            if name not in checks:
+                runs = ", ".join(checks)
+                p.add(path, f"this suite does not run {name!r} (its checks: {runs}); a model's "
+                            "checks: tune the suite's checks for that model")  # fmt: skip
+                continue
+            settings = _check_settings(p, path, name, settings, per_model=True)
+            if settings is not None:
+                merged[name].update(settings)
+                check_paths.update({(name, k): (*path, k) for k in settings})
+        own_expect = _expect(p, value.get("expect"), ids, checks, (*where, "expect"))
+        spec = ModelSpec(
+            ident, value["model"], value.get("inputs", top["inputs"]),
+            value.get("targets", top["targets"]), layer, merged, {**expect, **own_expect},
+            paths, check_paths,
+        )  # fmt: skip
+        _needs_twins(p, spec, where)
+        out.append(spec)
+    return out
+
+
+def _needs_twins(p: _Problems, spec: ModelSpec, where: KeyPath) -> None:
+    """A check with a second model (data randomization's twin) needs it named, for this
+    model: in the suite's check settings, or in the model's own."""
+    for name, settings in spec.checks.items():
+        check = _check(name)
+        for model in check.models[1:]:
+            key = check.model_keys.get(model, model)
+            if settings.get(key) is not None:
+                continue
+            there = (f"in checks.{name} or models.{spec.id}.checks.{name}; "
+                     if spec.id is not None else "")  # fmt: skip
+            p.add(
+                ("checks", name) if spec.id is None else where,
+                f"{name} needs '{key}:' naming {check.model_help.get(model, model)} ({there}the "
+                "forms of the top-level 'model:', e.g. 'package.module:attribute')",
+            )
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -672,15 +827,19 @@ class Loaded:
     others: dict[str, Any] = field(default_factory=dict)
 
 
-def load_objects(suite: Suite, search: list[str]) -> Loaded:
-    """Import the model, inputs and targets of ``suite``; errors name the key and line."""
+def load_objects(suite: Suite, spec: ModelSpec, search: list[str],
+                 cache: dict[str, Any] | None = None) -> Loaded:  # fmt: skip
+    """Import the model, inputs and targets of ``spec``; errors name the key and line.
+    ``cache`` keeps inputs and targets by source, for the file's other models."""
     import torch
     from torch import nn
 
     from .explainer import check_inputs
 
+    cache = {} if cache is None else cache
+
     def fail(key: str, message: str) -> SuiteError:
-        return SuiteError(f"{suite.where((key,))}: {message}")
+        return SuiteError(f"{suite.where(spec.path(key))}: {message}")
 
     def tensor_from(key: str, value: str) -> Any:
         if value.lower().endswith(_TENSOR_FILE):
@@ -693,12 +852,14 @@ def load_objects(suite: Suite, search: list[str]) -> Loaded:
                 return torch.load(file, map_location="cpu", weights_only=True)
             except Exception as exc:
                 raise fail(key, f"could not load {str(file)!r}: {_user_error(exc)}") from None
-        obj = _import_object(value, search)
-        return (
-            _call_factory(value, obj)
-            if callable(obj) and not isinstance(obj, torch.Tensor)
-            else obj
-        )
+        if value not in cache:
+            obj = _import_object(value, search)
+            cache[value] = (
+                _call_factory(value, obj)
+                if callable(obj) and not isinstance(obj, torch.Tensor)
+                else obj
+            )
+        return cache[value]
 
     def module_from(spec: str) -> Any:
         obj = _import_object(spec, search)
@@ -716,23 +877,24 @@ def load_objects(suite: Suite, search: list[str]) -> Loaded:
         return obj
 
     try:
-        model = module_from(suite.model)
+        model = module_from(spec.model)
     except SaliencyError as exc:
         raise fail("model", str(exc)) from None
     others: dict[str, Any] = {}
-    for check, settings in suite.checks.items():
-        spec = settings.get("model")
-        if spec is not None:
+    for check, settings in spec.checks.items():
+        source = settings.get("model")
+        if source is not None:
             try:
-                others[check] = model if spec == suite.model else module_from(spec)
+                others[check] = model if source == spec.model else module_from(source)
             except SaliencyError as exc:
-                raise SuiteError(f"{suite.where(('checks', check, 'model'))}: {exc}") from None
+                where = suite.where(spec.setting_path(check, "model"))
+                raise SuiteError(f"{where}: {exc}") from None
     try:
-        inputs = tensor_from("inputs", suite.inputs)
+        inputs = tensor_from("inputs", spec.inputs)
         check_inputs(inputs)
     except SaliencyError as exc:
-        raise fail("inputs", f"{suite.inputs}: {exc}") from None
-    targets = suite.targets
+        raise fail("inputs", f"{spec.inputs}: {exc}") from None
+    targets = spec.targets
     if targets is not None:
         try:
             raw = targets if isinstance(targets, list) else tensor_from("targets", targets)
@@ -742,9 +904,9 @@ def load_objects(suite: Suite, search: list[str]) -> Loaded:
     return Loaded(model, inputs, targets, others)
 
 
-def check_forward(suite: Suite, loaded: Loaded) -> None:
+def check_forward(suite: Suite, spec: ModelSpec, loaded: Loaded) -> None:
     """One input through the model (eval mode, no grad, flags restored), so inputs the model
-    cannot take, or targets it has no class for, are one collection error, not a traceback
+    cannot take, or targets it has no class for, are one located error, not a traceback
     in every item."""
     import torch
 
@@ -757,7 +919,7 @@ def check_forward(suite: Suite, loaded: Loaded) -> None:
             out = model(inputs[:1].to(device=device, dtype=dtype))
     except Exception as exc:
         raise SuiteError(
-            f"{suite.where(('inputs',))}: the model cannot run on {suite.inputs} (shape "
+            f"{suite.where(spec.path('inputs'))}: the model cannot run on {spec.inputs} (shape "
             f"{list(inputs.shape)}): {_user_error(exc)}"
         ) from None
     targets = loaded.targets
@@ -765,7 +927,7 @@ def check_forward(suite: Suite, loaded: Loaded) -> None:
         classes = out.shape[1]
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
             raise SuiteError(
-                f"{suite.where(('targets',))}: class indices must be in [0, {classes - 1}] "
+                f"{suite.where(spec.path('targets'))}: class indices must be in [0, {classes - 1}] "
                 f"(the model has {classes} outputs), got {targets.tolist()}"
             )
 
@@ -784,64 +946,81 @@ def _as_targets(raw: Any, n: int) -> Any:
     return t.long()
 
 
-def check_layers(suite: Suite, model: Any) -> None:
-    """Every layer a suite names must be a module of the model (collection error otherwise)."""
+def check_layers(suite: Suite, spec: ModelSpec, model: Any) -> None:
+    """Every layer a suite names for this model must be one of its modules (one located
+    error listing them all otherwise)."""
     from .engine.layers import parse_cam_layer, resolve_layer
 
     p = _Problems(suite.label, suite.lines)
-    for entry in suite.methods:
-        if entry.layer is not None:
-            try:
-                parse_cam_layer(model, entry.layer)
-            except SaliencyError as exc:
-                p.add((*entry.path, "layer"), str(exc))
-    for check, settings in suite.checks.items():
+    named = [((*e.path, "layer"), e.layer) for e in suite.methods if e.layer is not None]
+    if spec.layer is not None:
+        named.append((spec.path("layer"), spec.layer))
+    for path, layer in named:
+        try:
+            parse_cam_layer(model, layer)
+        except SaliencyError as exc:
+            p.add(path, str(exc))
+    for check, settings in spec.checks.items():
         layers = settings.get("layers")
         for i, name in enumerate(layers if isinstance(layers, list) else []):
             try:
                 resolve_layer(model, name)
             except SaliencyError as exc:
-                p.add(("checks", check, "layers", i), str(exc))
+                p.add((*spec.setting_path(check, "layers"), i), str(exc))
     p.raise_if_any()
 
 
-def check_twins(suite: Suite, loaded: Loaded) -> None:
+def check_twins(suite: Suite, spec: ModelSpec, loaded: Loaded) -> None:
     """A check's extra model (data randomization's twin) must be the model's architecture: a
-    collection error at its ``model:`` key naming the first mismatch, not one per item."""
+    located error at its ``model:`` key naming the first mismatch, not one per item."""
     from .checks.data import check_twin
 
     for check, twin in loaded.others.items():
         try:
-            check_twin(loaded.model, twin, label=f"{suite.checks[check]['model']}")
+            check_twin(loaded.model, twin, label=f"{spec.checks[check]['model']}")
         except SaliencyError as exc:
-            raise SuiteError(f"{suite.where(('checks', check, 'model'))}: {exc}") from None
+            where = suite.where(spec.setting_path(check, "model"))
+            raise SuiteError(f"{where}: {exc}") from None
 
 
 # --- pytest nodes -----------------------------------------------------------------------------
 
 
-class SuiteFile(pytest.File):
-    """A suite file: validates, imports once, yields one item per (method, check)."""
+class _Holder:
+    """What the items of one model share: the model, inputs and targets, loaded when the
+    first of them runs (once per process; the error too, if loading fails), placed on each
+    device once, and the results of shared audits until their items run."""
 
-    suite: Suite
-    loaded: Loaded
+    spec: ModelSpec
 
-    def collect(self) -> Iterator[SuiteItem]:
-        label = self.nodeid or self.path.name
-        data, lines = load_yaml(read_suite(self.path, label), label)
-        self.suite = parse_suite(data, lines, self.path, label)
-        search = [str(self.config.rootpath)] + [str(p) for p in self.config.getini("pythonpath")]
-        with _search_path(search):  # factories and forwards may import lazily
-            self.loaded = load_objects(self.suite, search)
-            check_forward(self.suite, self.loaded)
-        check_layers(self.suite, self.loaded.model)
-        check_twins(self.suite, self.loaded)
-        self.device_or_error()  # a device this machine lacks: one error here, not one per item
+    def _init_holder(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self._loaded: Loaded | BaseException | None = None
+        self._failed_first: str | None = None  # the item whose setup showed the load error
         self._placed: dict[str, tuple] = {}
-        self._shared: dict[str, dict[str, Any]] = {}  # audit key -> {method id: result}
+        self._shared: dict[str, dict[str, Any]] = {}  # audit key -> {method id: outcome}
         self._tried: set[tuple[str, str]] = set()  # (audit key, method id) already computed
-        for entry in self.suite.methods:
-            for check, settings in self.suite.checks.items():
+
+    @property
+    def file_node(self) -> SuiteFile:
+        node = self
+        while not isinstance(node, SuiteFile):
+            node = node.parent
+        return node
+
+    @property
+    def suite(self) -> Suite:
+        """The parsed suite (kept by the file node)."""
+        return self.file_node.__dict__["_suite"]
+
+    @suite.setter
+    def suite(self, value: Suite) -> None:
+        self.__dict__["_suite"] = value
+
+    def items(self) -> Iterator[SuiteItem]:
+        suite = self.suite
+        for entry in suite.methods:
+            for check, settings in suite.checks.items():
                 if "methods" in settings and entry.id not in settings["methods"]:
                     continue  # the check runs only the methods it names
                 name = f"{check}[{entry.id}]"
@@ -853,30 +1032,36 @@ class SuiteFile(pytest.File):
                     nodeid=f"{self.nodeid}::{name}",
                     entry=entry,
                     check=check,
-                    expected=self.suite.expect.get((entry.id, check), "pass"),
+                    expected=self.spec.expect.get((entry.id, check), "pass"),
                 )
 
-    def device_or_error(self) -> Any:
-        """The suite's device (``--saliency-device`` wins; then its ``device:``; then the ini
-        or the default), or a located error naming the remedy."""
-        from .plugin import get_session
+    def loaded(self, item: SuiteItem) -> Loaded:
+        """The model's objects; a located error (the whole message for the first item that
+        needs them, a pointer to it for the others) if they cannot be loaded."""
+        if self._loaded is None:
+            try:
+                self._loaded = self.file_node.load(self.spec)
+            except (SuiteError, pytest.skip.Exception) as exc:  # importorskip: all skip
+                self._loaded = exc
+                self._failed_first = item.name
+                raise
+        if isinstance(self._loaded, pytest.skip.Exception):
+            raise self._loaded
+        if isinstance(self._loaded, SuiteError):
+            first_line = str(self._loaded).splitlines()[0]
+            raise SuiteError(f"{first_line} (as for {self._failed_first}, above)")
+        return self._loaded
 
-        settings = get_session(self.config).settings
-        wanted = self.suite.top.get("device")
-        if settings.device_from_cli or wanted is None:
-            return settings.torch_device()
-        try:
-            return resolve_device(wanted)
-        except SaliencyError as exc:
-            raise SuiteError(
-                f"{self.suite.where(('device',))}: device {exc}; or run with --saliency-device cpu"
-            ) from None
+    def device_or_error(self) -> Any:
+        return self.file_node.device_or_error()
 
     def placed(self, device: Any, check: str | None = None) -> tuple[Any, Any, Any]:
         """Models, inputs and targets on ``device`` (moved once; the user's models are not
-        moved): the models are the suite's model, then ``check``'s extra model if it has one."""
+        moved): the models are this model, then ``check``'s extra model if it has one."""
         key = str(device)
         if key not in self._placed:
+            loaded = self._loaded
+            assert isinstance(loaded, Loaded), "placed() before the item's setup loaded"
             copies: dict[int, Any] = {}
 
             def moved(model):  # one copy per model object: a twin that is the model stays it
@@ -885,21 +1070,16 @@ class SuiteFile(pytest.File):
                     copies[id(model)] = copy.deepcopy(model).to(device) if on else model
                 return copies[id(model)]
 
-            targets = self.loaded.targets
+            targets = loaded.targets
             self._placed[key] = (
-                moved(self.loaded.model),
-                {name: moved(m) for name, m in self.loaded.others.items()},
-                self.loaded.inputs.to(device),
+                moved(loaded.model),
+                {name: moved(m) for name, m in loaded.others.items()},
+                loaded.inputs.to(device),
                 None if targets is None else targets.to(device),
             )
         model, others, inputs, targets = self._placed[key]
         models = [model] + ([others[check]] if check in others else [])
         return models, inputs, targets
-
-    def repr_failure(self, excinfo, style=None):  # a Collector's takes no style (pytest >= 9)
-        if isinstance(excinfo.value, SuiteError):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo)
 
     def audit(self, item: SuiteItem, device: Any, settings: dict[str, Any]) -> Any:
         """The item's audit result (or its error, raised).
@@ -940,7 +1120,7 @@ class SuiteFile(pytest.File):
         """``[(item, result or the exception its audit raised)]`` for ``peers``, from as few
         shared calls as the errors allow (a call that raises is retried in halves)."""
         models, inputs, targets = self.placed(device, check)
-        methods = [{"name": o.entry.name, "layer": o.entry.layer, **o.entry.options} for o in peers]
+        methods = [o.method_spec() for o in peers]
         try:
             results = run_check(check, models, inputs, methods, target=targets, **settings)
         except Exception as exc:
@@ -951,6 +1131,72 @@ class SuiteFile(pytest.File):
                 check, peers[half:], device, settings
             )
         return list(zip(peers, results))
+
+
+class SuiteFile(_Holder, pytest.File):
+    """A suite file: validated at collection; one item per (method, check) of its one model,
+    or one :class:`SuiteModel` per entry of ``models:``. Nothing is imported until an item
+    runs, so ``--co`` and ``-k`` load nothing they do not run."""
+
+    def collect(self) -> Iterator[SuiteItem | SuiteModel]:
+        label = self.nodeid or self.path.name
+        data, lines = load_yaml(read_suite(self.path, label), label)
+        self.suite = parse_suite(data, lines, self.path, label)
+        self._objects: dict[str, Any] = {}  # inputs and targets by source, for every model
+        self.device_or_error()  # a device this machine lacks: one error here, not one per item
+        if self.suite.models[0].id is None:
+            self._init_holder(self.suite.models[0])
+            yield from self.items()
+            return
+        for spec in self.suite.models:
+            yield SuiteModel.from_parent(self, name=spec.id, spec=spec)
+
+    def load(self, spec: ModelSpec) -> Loaded:
+        """Import and check one model's objects (the rootdir and the ``pythonpath`` ini on
+        ``sys.path``); every problem is a located :class:`SuiteError`."""
+        search = [str(self.config.rootpath)] + [str(p) for p in self.config.getini("pythonpath")]
+        with _search_path(search):  # factories and forwards may import lazily
+            loaded = load_objects(self.suite, spec, search, self._objects)
+            check_forward(self.suite, spec, loaded)
+        check_layers(self.suite, spec, loaded.model)
+        check_twins(self.suite, spec, loaded)
+        return loaded
+
+    def device_or_error(self) -> Any:
+        """The suite's device (``--saliency-device`` wins; then its ``device:``; then the ini
+        or the default), or a located error naming the remedy."""
+        from .plugin import get_session
+
+        settings = get_session(self.config).settings
+        wanted = self.suite.top.get("device")
+        if settings.device_from_cli or wanted is None:
+            return settings.torch_device()
+        try:
+            return resolve_device(wanted)
+        except SaliencyError as exc:
+            raise SuiteError(
+                f"{self.suite.where(('device',))}: device {exc}; or run with --saliency-device cpu"
+            ) from None
+
+    def repr_failure(self, excinfo, style=None):  # a Collector's takes no style (pytest >= 9)
+        if isinstance(excinfo.value, SuiteError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+
+class SuiteModel(_Holder, pytest.Collector):
+    """One entry of a suite's ``models:``: its items, ``suite.yaml::<model>::<check>[<id>]``."""
+
+    def __init__(self, *, spec: ModelSpec, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._init_holder(spec)
+
+    def collect(self) -> Iterator[SuiteItem]:
+        yield from self.items()
+
+    def reportinfo(self):
+        line = self.suite.lines.get(("models", self.spec.id), 1)
+        return self.path, line - 1, self.spec.id
 
 
 def run_check(check: str, models: list, inputs: Any, method: Any, **kwargs: Any) -> Any:
@@ -979,11 +1225,25 @@ class SuiteItem(pytest.Item):
         self.check = check
         self.expected = expected
 
+    @property
+    def holder(self) -> _Holder:
+        """The node that holds this item's model (the file, or its ``models:`` entry)."""
+        return self.parent
+
+    def method_spec(self) -> dict[str, Any]:
+        """The method as the API takes it, with the CAM layer it reads on this model."""
+        layer = self.holder.spec.layer_of(self.entry)
+        return {"name": self.entry.name, "layer": layer, **self.entry.options}
+
+    def setup(self) -> None:
+        self.holder.loaded(self)  # the model's objects, imported on first use (or its error)
+
     def settings(self, defaults: Any) -> dict[str, Any]:
-        """Check keys > suite top-level keys > session defaults (ini / CLI) > the check's
-        defaults. A threshold or a metric applies only to the checks that have one: the
-        result holds the check's threshold under ``"threshold"``."""
-        suite: Suite = self.parent.suite
+        """The model's check keys > the suite's check keys > suite top-level keys > session
+        defaults (ini / CLI) > the check's defaults. A threshold or a metric applies only to
+        the checks that have one: the result holds the check's threshold under
+        ``"threshold"``."""
+        suite: Suite = self.holder.suite
         check = _check(self.check)
         key = check.threshold.key
         session_limit = defaults.max_similarity if key == "max_similarity" else None
@@ -998,7 +1258,7 @@ class SuiteItem(pytest.Item):
         merged = {
             **base,
             **{k: v for k, v in suite.top.items() if k != "device"},
-            **suite.checks[self.check],
+            **self.holder.spec.checks[self.check],
         }
         merged["threshold"] = merged.pop(key)
         merged.pop("methods", None)  # which items the check has, not an audit setting
@@ -1013,9 +1273,9 @@ class SuiteItem(pytest.Item):
         settings = self.settings(session.settings)
         threshold = float(settings.pop("threshold"))
         confidence = bool(settings.pop("confidence"))
-        device = self.parent.device_or_error()
+        device = self.holder.device_or_error()
         try:
-            result = self.parent.audit(self, device, settings)
+            result = self.holder.audit(self, device, settings)
         except Exception as exc:
             self.raised(session, exc, device, threshold, confidence, settings)
             raise  # not reached: raised() always raises
@@ -1029,6 +1289,7 @@ class SuiteItem(pytest.Item):
                 method_id=self.entry.id,
                 source="suite",
                 device=str(device),
+                model=self.holder.spec.id,
             )
         except SaliencyError as exc:  # e.g. confidence: true with one sample
             raise SuiteError(f"{self.location_text()}: {exc}") from None
@@ -1055,6 +1316,7 @@ class SuiteItem(pytest.Item):
             method_id=self.entry.id, options=self.entry.options, threshold=threshold,
             confidence=confidence, expected=self.expected, source="suite", device=str(device),
             seed=settings.get("seed"), settings={k: v for k, v in settings.items() if k != "seed"},
+            model=self.holder.spec.id,
         )  # fmt: skip
         self.user_properties.extend(junit_properties(record))
         if record["verdict"] == "refused":
@@ -1075,13 +1337,21 @@ class SuiteItem(pytest.Item):
 
     def own_audit(self, device: Any, settings: dict[str, Any]) -> Any:
         """This item's audit on its own (one method)."""
-        models, inputs, targets = self.parent.placed(device, self.check)
+        models, inputs, targets = self.holder.placed(device, self.check)
         # a one-item list: the method's own options (a smoothgrad seed) stay the method's
-        spec = {"name": self.entry.name, "layer": self.entry.layer, **self.entry.options}
-        return run_check(self.check, models, inputs, [spec], target=targets, **settings)[0]
+        return run_check(
+            self.check, models, inputs, [self.method_spec()], target=targets, **settings
+        )[0]
 
     def location_text(self) -> str:
-        return self.parent.suite.where(self.entry.path)
+        where = self.holder.suite.where(self.entry.path)
+        model = self.holder.spec.id
+        return where if model is None else f"{where} (model {model})"
+
+    def _repr_failure_py(self, excinfo, style=None):  # what pytest shows for setup errors
+        if isinstance(excinfo.value, SuiteError):
+            return str(excinfo.value)
+        return super()._repr_failure_py(excinfo, style=style)
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, (AuditFailed, SuiteError)):
@@ -1101,8 +1371,10 @@ class SuiteItem(pytest.Item):
         )
 
     def reportinfo(self):
-        line = self.parent.suite.lines.get(self.entry.path, 1)
-        return self.path, line - 1, f"{self.check}[{self.entry.id}]"
+        line = self.holder.suite.lines.get(self.entry.path, 1)
+        model = self.holder.spec.id
+        name = f"{self.check}[{self.entry.id}]"
+        return self.path, line - 1, name if model is None else f"{model}::{name}"
 
 
 def failure_text(where: str, result: Any, record: dict, threshold: float, confidence: bool) -> str:

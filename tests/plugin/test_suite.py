@@ -366,15 +366,19 @@ def bad_suite(model="helpers:TRAINED", inputs="helpers:BATCH", methods="methods:
     return f"model: {model}\ninputs: {inputs}\nseed: 0\n{methods}\n{extra}\n"
 
 
-def test_every_mistake_is_a_collection_error_and_none_hides_another(
+def test_every_mistake_is_a_located_error_and_none_hides_another(
     project: pytest.Pytester,
 ) -> None:
     for name, (changes, _) in BAD_SUITES.items():
         project.makefile(".yaml", **{f"saliency_{name}": bad_suite(**changes)})
     project.makefile(".yaml", saliency_zgood=SUITE.format(limit=1.0))
     result = project.runpytest("--continue-on-collection-errors")
-    # Every bad suite is reported, and the good one still runs.
-    result.assert_outcomes(passed=4, errors=len(BAD_SUITES))
+    # Every bad suite is reported, and the good one still runs. A mistake in the file is a
+    # collection error; one that needs the model loaded (imports, inputs, layers) is an error
+    # of each of the suite's items (two here), shown in full once.
+    at_run = {"importerr", "attr", "raises", "notmodule", "rank", "type", "layer"}
+    result.assert_outcomes(passed=4, errors=len(BAD_SUITES) + len(at_run))
+    assert result.stdout.str().count(", above)") == len(at_run)
     for _, patterns in BAD_SUITES.values():
         result.stdout.fnmatch_lines(patterns)
     result.stdout.fnmatch_lines(["*_ ERROR collecting saliency_topkey.yaml _*"])
@@ -415,7 +419,9 @@ def test_layer_lists_are_checked_against_the_model(project: pytest.Pytester) -> 
             layers: ["0", "7"]
         """,
     )
-    result = project.runpytest("--co")
+    assert project.runpytest("--co").ret == 0  # the model is not loaded to collect
+    result = project.runpytest()
+    result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
         ["saliency_layers.yaml:6: checks.parameter_randomization.layers[[]1]: layer '7' is not*"]
     )
@@ -458,7 +464,8 @@ def test_cam_layer_points_and_layouts_in_a_suite(project: pytest.Pytester) -> No
     project.makefile(".yaml", saliency_points=suite.format(layer="2:output", layout="null"))
     project.runpytest().assert_outcomes(passed=2)
     project.makefile(".yaml", saliency_points=suite.format(layer="2:inputs", layout="null"))
-    result = project.runpytest("--co")
+    result = project.runpytest()  # the layer is read on the model, when its items run
+    result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines(
         ["saliency_points.yaml:6: methods[[]1[]].layer: layer '2:inputs': 'inputs' is not a*"]
     )

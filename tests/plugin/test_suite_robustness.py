@@ -114,16 +114,22 @@ def test_importorskip_in_a_suites_module_skips_the_suite(pytester: pytest.Pytest
     pytester.makefile(".yaml", saliency_a=SUITE_OF.format(module="needs_pkg"))
     pytester.makefile(".yaml", saliency_b=SUITE_OF.format(module="tinynet"))
     result = pytester.runpytest("-rs")
-    result.assert_outcomes(passed=2, skipped=1)
+    result.assert_outcomes(passed=2, skipped=2)  # each item of the suite, as for a fixture
     result.stdout.fnmatch_lines(["*no_such_package_here*"])
 
 
-def test_an_exit_at_import_is_a_located_collection_error(pytester: pytest.Pytester) -> None:
+def test_an_exit_at_import_is_a_located_error(pytester: pytest.Pytester) -> None:
+    """Once in full (the first item that needs the model), then pointed at, in each item."""
     write_tinynet(pytester)
     pytester.makepyfile(exits="import sys\nsys.exit('no GPU, giving up')\n")
     pytester.makefile(".yaml", saliency_a=SUITE_OF.format(module="exits"))
     result = pytester.runpytest()
-    result.assert_outcomes(errors=1)
+    result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines(
-        ["saliency_a.yaml:1: model: could not import 'exits': SystemExit: no GPU, giving up*"]
+        [
+            "saliency_a.yaml:1: model: could not import 'exits': SystemExit: no GPU, giving up*",
+            "saliency_a.yaml:1: model: could not import 'exits': * (as for "
+            "output_sensitivity[[]gradient[]], above)",
+        ]
     )
+    assert "Traceback" not in result.stdout.str()
