@@ -24,7 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .checks import AuditResult
 
-REPORT_SUFFIXES = (".json", ".html")
 MARKER_KEYS = ("methods", "max_similarity", "min_rise", "similarity", "seed", "confidence",
                "batch_size")  # fmt: skip
 MARKER_HELP = (
@@ -63,7 +62,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--saliency-max-similarity", "saliency_max_similarity", "default threshold in [-1, 1]: "
         "an audit passes when its similarity is at most this (default 0.5)", "0.5", type=float,
         metavar="X")  # fmt: skip
-    add("--saliency-report", "saliency_report", "write a .json or .html report; repeat for both",
+    add("--saliency-report", "saliency_report", "write a report: .json, .html or .md (a "
+        "summary for a pull request) by suffix; repeat for several",
         [], ini_type="paths", action="append", metavar="PATH")  # fmt: skip
 
 
@@ -113,11 +113,14 @@ class Settings:
             reports = [base / Path(p).expanduser() for p in cli_reports]
         else:  # the "paths" ini type is already relative to the ini file
             reports = [Path(p) for p in config.getini("saliency_report")]
+        from .reporters import formats
+
+        suffixes = formats(config)
         for path in reports:
-            if path.suffix.lower() not in REPORT_SUFFIXES:
+            if path.suffix.lower() not in suffixes:
                 raise pytest.UsageError(
-                    f"--saliency-report {path}: the suffix must be .json or .html "
-                    "(repeat the option to write both)"
+                    f"--saliency-report {path}: the suffix must be one of "
+                    f"{', '.join(suffixes)} (repeat the option to write several)"
                 )
         reports = list(dict.fromkeys(path.resolve() for path in reports))
         similarity = str(value("saliency_similarity")[0] or "").strip() or None
@@ -163,8 +166,10 @@ def check_similarity(name: str) -> None:
 class SaliencySession:
     """Every audit of the run (records, JSON-able) and the settings they ran with."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, config: pytest.Config | None = None) -> None:
         self.settings = settings
+        self.config = config
+        self.order: dict[str, int] = {}  # node id -> position in the collection
         self.records: list[dict] = []
         self.written: list[Path] = []
         self.errors: list[str] = []
@@ -198,19 +203,23 @@ class SaliencySession:
             from .html import figures
 
             rec["figures"] = figures(result)
+        return self._keep(rec)
+
+    def _keep(self, rec: dict) -> dict:
+        if self.config is not None:
+            self.config.hook.pytest_saliency_record(record=rec, config=self.config)
         self.records.append(rec)
         return rec
 
     def record_error(self, nodeid: str, exc: BaseException, **fields: Any) -> dict:
         """Keep the row of an audit that raised (see :func:`report.make_error_record`)."""
         fields.setdefault("device", str(self.settings.torch_device()))
-        rec = report.make_error_record(nodeid, exc, **fields)
-        self.records.append(rec)
-        return rec
+        return self._keep(report.make_error_record(nodeid, exc, **fields))
 
     def sorted_records(self) -> list[dict]:
-        """Records in a stable order, so serial and xdist runs give the same report."""
-        return sorted(self.records, key=lambda r: (r["nodeid"], r["check"]))
+        """Records in collection order (xdist's controller has it from the workers), so
+        serial and xdist runs give the same reports."""
+        return report.in_order(self.records, self.order)
 
     def meta(self) -> dict:
         from . import __version__
@@ -227,19 +236,19 @@ class SaliencySession:
         }
 
     def write_reports(self) -> None:
+        from .reporters import formats
+
         records, meta = self.sorted_records(), self.meta()
+        writers = formats(self.config) if self.config is not None else {}
         for path in self.settings.reports:
             try:
-                if path.suffix.lower() == ".json":
-                    report.write_json(records, path, meta)
-                else:
-                    from .html import write_html
-
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    write_html(records, path, meta)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                writers[path.suffix.lower()](records, path, meta)
                 self.written.append(path)
             except OSError as exc:
                 self.errors.append(f"could not write the saliency report {path}: {exc}")
+            except Exception as exc:  # a user's writer: its error, named, not an INTERNALERROR
+                self.errors.append(f"the {path.suffix} writer failed on {path}: {exc!r}")
 
 
 SESSION_KEY = pytest.StashKey[SaliencySession]()
@@ -261,7 +270,28 @@ def pytest_configure(config: pytest.Config) -> None:
         settings.torch_device()  # fail now, as a usage error, not in every test
     if settings.similarity is not None:
         check_similarity(settings.similarity)
-    config.stash[SESSION_KEY] = SaliencySession(settings)
+    config.stash[SESSION_KEY] = SaliencySession(settings, config)
+
+
+def pytest_addhooks(pluginmanager: Any) -> None:
+    from . import hooks
+
+    pluginmanager.add_hookspecs(hooks)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    state = session.config.stash.get(SESSION_KEY, None)
+    if state is not None and not state.order:
+        state.order = {item.nodeid: i for i, item in enumerate(session.items)}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    """The controller collects nothing itself: the first worker's collection gives the
+    order of the reports."""
+    state = node.config.stash.get(SESSION_KEY, None)
+    if state is not None and not state.order:
+        state.order = {nodeid: i for i, nodeid in enumerate(ids)}
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:

@@ -7,7 +7,7 @@ A *record* is one audit as plain JSON types, built by :func:`make_record`. The J
       "schema": "pytest-saliency/1",
       "meta": {"plugin", "version", "torch", "pytest", "seed", "device",
                "settings": {"device", "seed", "similarity", "max_similarity", "reports"}},
-      "records": [   # sorted by (nodeid, check)
+      "records": [   # in collection order (serial and xdist runs alike)
         {
           "nodeid":     test id, e.g. "test_x.py::test_a[gradcam]" or a suite item's id,
           "method_id":  readable method id ("gradcam++-positive=false"),
@@ -253,34 +253,111 @@ def error_text(record: dict) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def format_table(records: list[dict]) -> str:
-    """The terminal verdict table: one row per audit, with the null controls' scores; the
-    audits that raised are rows too, their errors listed under the table."""
-    rows = [["test", "method", "check", "metric", "score", "95% CI", "noise/edge", "threshold",
-             "verdict"]]  # fmt: skip
-    raised = []
+TABLE_WIDTH = 120  # the terminal table's lines; longer names are shortened in the middle
+
+
+def shorten(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, cut in the middle (``ab...yz``)."""
+    text = _cell(text)
+    if len(text) <= width:
+        return text
+    keep = max(width - 3, 2)
+    return text[: (keep + 1) // 2] + "..." + text[len(text) - keep // 2 :]
+
+
+def where_of(record: dict) -> str:
+    """What an audit belongs to: a suite item's id without its ``check[method]`` part (the
+    file, or file::model), a test's own id."""
+    nodeid = str(record["nodeid"])
+    return nodeid.rsplit("::", 1)[0] if record.get("source") == "suite" else nodeid
+
+
+def in_order(records: list[dict], order: dict[str, int] | None = None) -> list[dict]:
+    """``records`` in collection order (``order``: node id -> position; records of one test
+    keep the order they were made in); records of unknown ids last, by id."""
+    order = order or {}
+    last = len(order)
+    ranked = sorted(
+        enumerate(records),
+        key=lambda p: (
+            order.get(p[1]["nodeid"], last),
+            "" if p[1]["nodeid"] in order else str(p[1]["nodeid"]),
+            p[0],
+        ),
+    )
+    return [r for _, r in ranked]
+
+
+def groups(records: list[dict]) -> list[tuple[str, list]]:
+    """``[(f"{where} :: {check}", records)]``: the audits of one check on one test or suite
+    model, together, in the order of their first record."""
+    out: dict[str, list] = {}
     for r in records:
-        limit = f"{_symbol(r)} {r['threshold']:.3f}" + (" (CI)" if r.get("confidence") else "")
-        if r.get("error"):
-            raised.append(r)
-            scored = ["-", "-", "-"]
-        else:
-            scored = [_num(r["score"]), _ci(r), _controls(r)]
-        rows.append(
-            [r["nodeid"], r.get("method_id") or r["method"], r["check"],
-             str(r.get("similarity") or "-"), *scored, limit, _shown_verdict(r)]
-        )  # fmt: skip
+        out.setdefault(f"{where_of(r)} :: {r['check']}", []).append(r)
+    return list(out.items())
+
+
+def _baseline_cell(record: dict) -> str:
+    base = record.get("baseline")
+    if not base:
+        return "new" if record.get("baseline") is None and "baseline" in record else "-"
+    if base.get("score") is None or record.get("score") is None:
+        return f"{_num(base.get('score'))} (-)"
+    return f"{_num(base['score'])} ({record['score'] - base['score']:+.3f})"
+
+
+def tally(records: list[dict]) -> str:
+    """``178 audits: 105 pass, 73 xfail``."""
     counts = {v: sum(r["verdict"] == v for r in records) for v in VERDICTS}
-    tally = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+    shown = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
     noun = "audit" if len(records) == 1 else "audits"
-    text = f"{_table(rows)}\n{len(records)} {noun}: {tally}"
+    return f"{len(records)} {noun}: {shown}" if shown else f"{len(records)} {noun}"
+
+
+def format_table(records: list[dict], width: int = TABLE_WIDTH) -> str:
+    """The terminal verdict table: the audits of each test or suite model and check under
+    one heading (in the records' order: the session gives them in collection order), with
+    the null controls' scores (and the baseline's, when one was given); lines of at most
+    ``width`` characters. The audits that raised are rows too, their errors listed under
+    the table."""
+    with_baseline = any("baseline" in r for r in records)
+    head = ["method", "metric", "score", "95% CI", "noise/edge", "threshold", "verdict"]
+    head += ["baseline (change)"] if with_baseline else []
+    grouped, raised = [], []
+    for title, members in groups(records):
+        rows = []
+        for r in members:
+            limit = f"{_symbol(r)} {r['threshold']:.3f}" + (" CI" if r.get("confidence") else "")
+            if r.get("error"):
+                raised.append(r)
+                scored = ["-", "-", "-"]
+            else:
+                scored = [_num(r["score"]), _ci(r), _controls(r)]
+            row = [str(r.get("method_id") or r["method"]), str(r.get("similarity") or "-"),
+                   *scored, limit, _shown_verdict(r)]  # fmt: skip
+            rows.append(row + ([_baseline_cell(r)] if with_baseline else []))
+        grouped.append((title, rows))
+    cells = [head] + [row for _, rows in grouped for row in rows]
+    widths = [max(len(_cell(row[i])) for row in cells) for i in range(len(head))]
+    room = width - 2 - sum(widths[1:]) - 2 * (len(head) - 1)
+    widths[0] = max(12, min(widths[0], room))
+
+    def line(row: list[str]) -> str:
+        texts = [shorten(row[0], widths[0])] + [_cell(c) for c in row[1:]]
+        return ("  " + "  ".join(t.ljust(w) for t, w in zip(texts, widths))).rstrip()
+
+    lines = [line(head), "  " + "  ".join("-" * w for w in widths)]
+    for title, rows in grouped:
+        lines.append(shorten(title, width))
+        lines += [line(row) for row in rows]
+    lines.append(tally(records))
     if raised:
-        text += "\nraised:" + "".join(
-            f"\n  {_cell(r['nodeid'])}: {_cell(error_text(r))}"
-            + (" (refused as expected)" if r["verdict"] == "refused" else "")
-            for r in raised
-        )
-    return text
+        lines.append("raised:")
+        for r in raised:
+            note = " (refused as expected)" if r["verdict"] == "refused" else ""
+            text = _cell(f"  {r['nodeid']}: {error_text(r)}{note}")
+            lines.append(text if len(text) <= width else text[: width - 3] + "...")
+    return "\n".join(lines)
 
 
 def _why(record: dict) -> str:

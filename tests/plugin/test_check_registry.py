@@ -210,15 +210,17 @@ def test_fixture_api_fills_the_json_junit_and_the_table(project: pytest.Pytester
     result.stdout.fnmatch_lines(
         [
             "*= saliency audits =*",
-            "test*method*check*metric*score*95% CI*noise/edge*threshold*verdict",
-            f"test_api.py::test_audit*gradient*efficient_randomization*entropy_rise*"
-            f"{controls_text(records['test_audit'])}*>= 0.100*{shown(records['test_audit'])}",
-            f"test_api.py::test_data*gradient*data_randomization*ssim*"
-            f"{controls_text(records['test_data'])}*<= 0.500*{shown(records['test_data'])}",
-            f"test_api.py::test_efficient*gradient*efficient_randomization*entropy_rise*"
-            f"{controls_text(efficient)}*>= -1.000*pass",
-            f"test_api.py::test_smooth*gradient*smooth_randomization*spearman_abs*"
-            f"{controls_text(smooth)}*<= 0.500*{shown(smooth)}",
+            "  method*metric*score*95% CI*noise/edge*threshold*verdict",
+            "test_api.py::test_smooth :: smooth_randomization",
+            f"  gradient*spearman_abs*{controls_text(smooth)}*<= 0.500*{shown(smooth)}",
+            "test_api.py::test_efficient :: efficient_randomization",
+            f"  gradient*entropy_rise*{controls_text(efficient)}*>= -1.000*pass",
+            "test_api.py::test_data :: data_randomization",
+            f"  gradient*ssim*{controls_text(records['test_data'])}*<= 0.500*"
+            f"{shown(records['test_data'])}",
+            "test_api.py::test_audit :: efficient_randomization",
+            f"  gradient*entropy_rise*{controls_text(records['test_audit'])}*>= 0.100*"
+            f"{shown(records['test_audit'])}",
             "4 audits: *",
         ]
     )
@@ -329,8 +331,10 @@ def test_helpers_fail_with_messages_that_name_the_threshold_and_the_checks(
     # call that never named a check, its threshold or its arguments right records nothing.
     result.stdout.fnmatch_lines(
         [
-            "*test_errors.py::test_assert_fails*efficient_randomization*>= 5.000*FAIL",
-            "*test_errors.py::test_bad_option*efficient_randomization*-*ERROR",
+            "test_errors.py::test_assert_fails :: efficient_randomization",
+            "  gradient*>= 5.000*FAIL",
+            "test_errors.py::test_bad_option :: efficient_randomization",
+            "  gradient*-*ERROR",
             "4 audits: 1 fail, 3 error",
             "raised:",
             "  test_errors.py::test_bad_option: SaliencyError: bins must be an int >= 2, got 1",
@@ -476,8 +480,8 @@ def test_suite_runs_all_five_checks_into_every_report(project: pytest.Pytester) 
     assert parameter["settings"]["layers"] == "blocks"
     result.stdout.fnmatch_lines(
         [
-            "*saliency_all.yaml::efficient_randomization[[]gradient]*entropy_rise*"
-            f"{controls_text(efficient)}*>= -1.000*pass",
+            "saliency_all.yaml :: efficient_randomization",
+            f"  gradient*entropy_rise*{controls_text(efficient)}*>= -1.000*pass",
             "10 audits: 10 pass",
         ]
     )
@@ -680,7 +684,7 @@ def test_expect_fail_is_a_strict_xfail_for_the_new_checks(project: pytest.Pytest
             ]
         )
     result.stdout.fnmatch_lines(
-        ["*saliency_expect.yaml::efficient_randomization[[]gradient]*>= 5.000*xfail"]
+        ["saliency_expect.yaml :: efficient_randomization", "  gradient*>= 5.000*xfail"]
     )
 
     # Once efficient randomization passes (min_rise -1), its expect entry fails the run.

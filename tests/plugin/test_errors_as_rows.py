@@ -269,8 +269,8 @@ def test_the_table_keeps_one_line_per_row_whatever_the_names():
     error = {**row, "verdict": "error", "score": None,
              "error": {"type": "SaliencyError", "message": "line one\r\nline two"}}  # fmt: skip
     lines = report.format_table([row, error]).splitlines()
-    assert len(lines) == 7  # header, rule, 2 rows, tally, "raised:", 1 entry
-    assert r"t.py::test[a\nb]" in lines[2] and r"x\ty" in lines[2]
+    assert len(lines) == 8  # header, rule, heading, 2 rows, tally, "raised:", 1 entry
+    assert lines[2] == r"t.py::test[a\nb] :: output_sensitivity" and r"x\ty" in lines[3]
     assert lines[-1].endswith("SaliencyError: line one")
 
 

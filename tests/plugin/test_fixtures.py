@@ -27,9 +27,11 @@ def test_passing_audit_exits_0_with_the_table(tiny_project: pytest.Pytester) -> 
     result.stdout.fnmatch_lines(
         [
             "*= saliency audits =*",
-            "test*method*check*metric*score*95% CI*threshold*verdict",
-            "test_*.py::test_audit[[]gradient]*gradient*output_sensitivity*ssim*<= 0.990*pass",
-            "test_*.py::test_audit[[]gradient]*gradient*parameter_randomization*ssim*pass",
+            "  method*metric*score*95% CI*noise/edge*threshold*verdict",
+            "test_*.py::test_audit[[]gradient] :: output_sensitivity",
+            "  gradient*ssim*<= 0.990*pass",
+            "test_*.py::test_audit[[]gradient] :: parameter_randomization",
+            "  gradient*ssim*pass",
             "2 audits: 2 pass",
         ]
     )
@@ -52,7 +54,8 @@ def test_failing_audit_exits_1_with_a_readable_table(tiny_project: pytest.Pytest
             "E*most similar samples:",
             "E*sample*target*other*similarity",
             "*= saliency audits =*",
-            "*output_sensitivity*FAIL",
+            "*test_audit[[]gradient] :: output_sensitivity",
+            "  gradient*FAIL",
             "1 audit: 1 fail",
         ]
     )
@@ -276,8 +279,10 @@ def test_strict_xfail_mark_shows_as_expected_failure_in_the_table(
     result.assert_outcomes(xfailed=1, passed=1)
     result.stdout.fnmatch_lines(
         [
-            "*test_audit[[]gradient]*output_sensitivity*xfail",
-            "*test_not_expected[[]gradient]*output_sensitivity*pass",
+            "*test_audit[[]gradient] :: output_sensitivity",
+            "  gradient*xfail",
+            "*test_not_expected[[]gradient] :: output_sensitivity",
+            "  gradient*pass",
         ]
     )
 

@@ -119,7 +119,10 @@ def test_mps_without_mps_is_one_usage_error(pytester: pytest.Pytester) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--saliency-report=run.xml"], "*--saliency-report*run.xml*must be .json or .html*"),
+        (
+            ["--saliency-report=run.xml"],
+            "*--saliency-report*run.xml*must be one of .json, .html, .md*",
+        ),
         (["--saliency-max-similarity=1.5"], "*saliency_max_similarity = 1.5*[[]-1, 1]*"),
         (["--saliency-seed=-2"], "*saliency_seed = -2*integer >= 0*"),
         (["--saliency-similarity=ssmi"], "*'ssmi' is not a similarity metric; did you mean ssim*"),

@@ -67,11 +67,11 @@ def test_json_report_records_and_meta(tiny_project: pytest.Pytester) -> None:
     assert meta["torch"] == torch.__version__
     records = doc["records"]
     keys = [(r["nodeid"].split("::")[1], r["check"]) for r in records]
-    assert keys == [
-        ("test_audit[gradcam]", "output_sensitivity"),
-        ("test_audit[gradcam]", "parameter_randomization"),
+    assert keys == [  # collection order (the marker lists gradient first)
         ("test_audit[gradient]", "output_sensitivity"),
         ("test_audit[gradient]", "parameter_randomization"),
+        ("test_audit[gradcam]", "output_sensitivity"),
+        ("test_audit[gradcam]", "parameter_randomization"),
     ]
     for r in records:
         assert REQUIRED <= set(r), REQUIRED - set(r)
@@ -164,9 +164,31 @@ def test_format_table_rows_and_tally() -> None:
         report.make_record("b.py::t", FakeResult(0.7, [0.7]), threshold=0.5, confidence=True),
     ]
     lines = report.format_table(records).splitlines()
-    assert lines[0].split() == ["test", "method", "check", "metric", "score", "95%", "CI",
-                                "noise/edge", "threshold", "verdict"]  # fmt: skip
-    assert lines[2].split() == ["a.py::t", "gradient", "output_sensitivity", "ssim", "0.300",
-                                "[0.300,", "nan]", "-", "<=", "0.500", "pass"]  # fmt: skip
-    assert lines[3].split()[-3:] == ["0.500", "(CI)", "FAIL"]
+    assert lines[0].split() == ["method", "metric", "score", "95%", "CI", "noise/edge",
+                                "threshold", "verdict"]  # fmt: skip
+    assert lines[2] == "a.py::t :: output_sensitivity"  # a heading per test (or model) and check
+    assert lines[3].split() == ["gradient", "ssim", "0.300", "[0.300,", "nan]", "-", "<=",
+                                "0.500", "pass"]  # fmt: skip
+    assert lines[4] == "b.py::t :: output_sensitivity"
+    assert lines[5].split()[-3:] == ["0.500", "CI", "FAIL"]
     assert lines[-1] == "2 audits: 1 pass, 1 fail"
+
+
+def test_the_table_fits_120_columns_in_collection_order_grouped() -> None:
+    """Long ids are shortened in the middle; the suite's order, not the alphabet's."""
+    method = "gradcam++-positive=false-layout=tokens:1-" + "x" * 60
+    rows = [
+        dict(report.make_record(f"suite.yaml::{check}[{m}]", FakeResult(0.3, [0.3]),
+                                threshold=0.5, method_id=m, source="suite"), check=check)
+        for m in ("zeta", method, "alpha") for check in ("output_sensitivity", "smooth_x")
+    ]  # fmt: skip
+    deep = report.make_record("tests/" + "very_deep/" * 20 + "test_x.py::test_y[z]",
+                              FakeResult(0.3, [0.3]), threshold=0.5)  # fmt: skip
+    lines = report.format_table([*rows, deep]).splitlines()
+    assert max(len(line) for line in lines) <= report.TABLE_WIDTH
+    headings = [line for line in lines if not line.startswith(" ")][:-1]
+    assert headings[:2] == ["suite.yaml :: output_sensitivity", "suite.yaml :: smooth_x"]
+    assert headings[2].startswith("tests/very_deep/") and "..." in headings[2]
+    first = [line.split()[0] for line in lines[3:6]]
+    assert first[0] == "zeta" and first[1].startswith("gradcam++-positive") and "..." in first[1]
+    assert first[2] == "alpha"  # the suite's order, not sorted

@@ -1,0 +1,102 @@
+"""The Markdown summary (``--saliency-report summary.md``): short enough for a pull-request
+comment or ``$GITHUB_STEP_SUMMARY``: the tally, what needs attention, what got worse than the
+baseline, and every audit in a collapsed section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .report import _ci, _controls, _num, _symbol, _why, error_text, groups, tally
+
+ATTENTION = ("fail", "xpass", "error")
+
+
+def _md(text: object) -> str:
+    """A table cell: one line, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _verdict(record: dict) -> str:
+    verdict = str(record["verdict"])
+    return f"**{verdict.upper()}**" if verdict in ATTENTION else verdict
+
+
+def _audit(record: dict) -> str:
+    """A suite item's id names its check; a test's id is followed by the check's name."""
+    shown = f"`{_md(record['nodeid'])}`"
+    return shown if record.get("source") == "suite" else f"{shown} {_md(record['check'])}"
+
+
+def _reason(record: dict) -> str:
+    if record.get("error"):
+        return error_text(record)
+    if record.get("regressed"):
+        base = record["baseline"]
+        return (
+            f"worse than the baseline by {base['worse_by']:.3f} (tolerance "
+            f"{base['tolerance']:.3f}; baseline score {_num(base['score'])})"
+        )
+    if record["verdict"] == "xpass":
+        return "expected to fail or be refused, but passed: update its 'expect'"
+    return _why(record)
+
+
+def format_markdown(records: list[dict], meta: dict | None = None) -> str:
+    """The summary as one Markdown string (records in the order to show them)."""
+    meta = meta or {}
+    lines = [f"## pytest-saliency: {tally(records)}", ""]
+    about = [f"{k} {meta[k]}" for k in ("version", "torch", "device", "seed") if k in meta]
+    if about:
+        lines += ["pytest-saliency " + ", ".join(about), ""]
+    attention = [r for r in records if r["verdict"] in ATTENTION]
+    if attention:
+        lines += [f"### Needs attention ({len(attention)})", ""]
+        lines += ["| audit | score | threshold | verdict | why |", "|---|---|---|---|---|"]
+        for r in attention:
+            lines.append(
+                f"| {_audit(r)} | {_num(r.get('score'))} | "
+                f"{_symbol(r)} {r['threshold']:.3f} | {_verdict(r)} | {_md(_reason(r))} |"
+            )
+        lines.append("")
+    compared = [r for r in records if r.get("baseline") and r["baseline"].get("worse_by")]
+    worse = sorted((r for r in compared if r["baseline"]["worse_by"] > 0),
+                   key=lambda r: -r["baseline"]["worse_by"])  # fmt: skip
+    new = [r for r in records if "baseline" in r and r["baseline"] is None]
+    if worse or new or meta.get("baseline_gone"):
+        lines += ["### Compared with the baseline", ""]
+        if worse:
+            lines += ["| audit | baseline | now | worse by | |", "|---|---|---|---|---|"]
+            for r in worse[:50]:
+                base = r["baseline"]
+                mark = "**regressed**" if r.get("regressed") else "within tolerance"
+                lines.append(
+                    f"| {_audit(r)} | {_num(base['score'])} | "
+                    f"{_num(r.get('score'))} | {base['worse_by']:.3f} | {mark} |"
+                )
+            lines.append("")
+        if new:
+            lines.append(f"New audits (not in the baseline): {len(new)}")
+        if meta.get("baseline_gone"):
+            lines.append(f"Gone (in the baseline, not run): {len(meta['baseline_gone'])}")
+        lines.append("")
+    lines += [f"<details><summary>All {len(records)} audits</summary>", ""]
+    for title, members in groups(records):
+        lines += [f"#### `{_md(title)}`", "",
+                  "| method | metric | score | 95% CI | noise/edge | threshold | verdict |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in members:
+            scored = ("-", "-", "-") if r.get("error") else (_num(r["score"]), _ci(r), _controls(r))
+            lines.append(
+                f"| {_md(r.get('method_id') or r['method'])} | {_md(r.get('similarity') or '-')} | "
+                f"{' | '.join(scored)} | {_symbol(r)} {r['threshold']:.3f} | {_verdict(r)} |"
+            )
+        lines.append("")
+    lines += ["</details>", ""]
+    return "\n".join(lines)
+
+
+def write_markdown(records: list[dict], path: str | Path, meta: dict | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(format_markdown(records, meta), encoding="utf-8")
+    return path
