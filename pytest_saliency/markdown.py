@@ -30,12 +30,6 @@ def _audit(record: dict) -> str:
 def _reason(record: dict) -> str:
     if record.get("error"):
         return error_text(record)
-    if record.get("regressed"):
-        base = record["baseline"]
-        return (
-            f"worse than the baseline by {base['worse_by']:.3f} (tolerance "
-            f"{base['tolerance']:.3f}; baseline score {_num(base['score'])})"
-        )
     if record["verdict"] == "xpass":
         return "expected to fail or be refused, but passed: update its 'expect'"
     return _why(record)
@@ -62,7 +56,8 @@ def format_markdown(records: list[dict], meta: dict | None = None) -> str:
     worse = sorted((r for r in compared if r["baseline"]["worse_by"] > 0),
                    key=lambda r: -r["baseline"]["worse_by"])  # fmt: skip
     new = [r for r in records if "baseline" in r and r["baseline"] is None]
-    if worse or new or meta.get("baseline_gone"):
+    gone = (meta.get("baseline") or {}).get("gone") or []
+    if worse or new or gone:
         lines += ["### Compared with the baseline", ""]
         if worse:
             lines += ["| audit | baseline | now | worse by | |", "|---|---|---|---|---|"]
@@ -76,8 +71,8 @@ def format_markdown(records: list[dict], meta: dict | None = None) -> str:
             lines.append("")
         if new:
             lines.append(f"New audits (not in the baseline): {len(new)}")
-        if meta.get("baseline_gone"):
-            lines.append(f"Gone (in the baseline, not run): {len(meta['baseline_gone'])}")
+        if gone:
+            lines.append(f"Gone (in the baseline, not run): {len(gone)}")
         lines.append("")
     lines += [f"<details><summary>All {len(records)} audits</summary>", ""]
     for title, members in groups(records):

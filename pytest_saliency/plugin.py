@@ -62,6 +62,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--saliency-max-similarity", "saliency_max_similarity", "default threshold in [-1, 1]: "
         "an audit passes when its similarity is at most this (default 0.5)", "0.5", type=float,
         metavar="X")  # fmt: skip
+    add("--saliency-baseline", "saliency_baseline", "compare every audit's score with this "
+        "baseline (written by --saliency-baseline-save); worse by more than the tolerance fails",
+        "", metavar="PATH")  # fmt: skip
+    add("--saliency-baseline-tolerance", "saliency_baseline_tolerance", "how much worse than "
+        "the baseline a score may get, in the check's failing direction (default 0.05)",
+        "0.05", metavar="X")  # fmt: skip
+    group.addoption("--saliency-baseline-save", dest="saliency_baseline_save", default=None,
+                    metavar="PATH", help="write every audit's score to PATH at the end of the "
+                    "run, as a baseline for --saliency-baseline")  # fmt: skip
     add("--saliency-report", "saliency_report", "write a report: .json, .html or .md (a "
         "summary for a pull request) by suffix; repeat for several",
         [], ini_type="paths", action="append", metavar="PATH")  # fmt: skip
@@ -77,6 +86,9 @@ class Settings:
     max_similarity: float = 0.5
     reports: list[Path] = field(default_factory=list)
     device_from_cli: bool = False
+    baseline: Path | None = None  # compare with this baseline
+    baseline_tolerance: float = 0.05
+    baseline_save: Path | None = None  # write the run's baseline here
     _resolved: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -124,7 +136,26 @@ class Settings:
                 )
         reports = list(dict.fromkeys(path.resolve() for path in reports))
         similarity = str(value("saliency_similarity")[0] or "").strip() or None
-        return cls(device, seed, similarity, limit, reports, from_cli)
+        from .baseline import tolerance_value
+
+        base_dir = config.invocation_params.dir
+        ini_dir = config.inipath.parent if config.inipath else config.rootpath
+        baseline, baseline_from_cli = value("saliency_baseline")
+        baseline = str(baseline or "").strip()
+        baseline_path = None
+        if baseline:
+            baseline_path = ((base_dir if baseline_from_cli else ini_dir) / baseline).resolve()
+        raw_tolerance, tolerance_from_cli = value("saliency_baseline_tolerance")
+        tolerance = tolerance_value(
+            raw_tolerance,
+            "--saliency-baseline-tolerance"
+            if tolerance_from_cli
+            else "saliency_baseline_tolerance",
+        )
+        save = config.getoption("saliency_baseline_save")
+        save_path = (base_dir / Path(save).expanduser()).resolve() if save else None
+        return cls(device, seed, similarity, limit, reports, from_cli, baseline_path, tolerance,
+                   save_path)  # fmt: skip
 
     def torch_device(self) -> torch.device:
         """The device audits run on; auto is cuda when available. UsageError for a device
@@ -146,6 +177,8 @@ class Settings:
             "similarity": self.similarity,
             "max_similarity": self.max_similarity,
             "reports": [str(p) for p in self.reports],
+            "baseline": None if self.baseline is None else str(self.baseline),
+            "baseline_tolerance": self.baseline_tolerance,
         }
 
 
@@ -171,7 +204,14 @@ class SaliencySession:
         self.config = config
         self.order: dict[str, int] = {}  # node id -> position in the collection
         self.records: list[dict] = []
+        self.baseline = None
+        self._keyed: dict[str, int] = {}  # baseline keys made so far, by node id and check
+        if settings.baseline is not None:
+            from .baseline import Baseline
+
+            self.baseline = Baseline(settings.baseline, settings.baseline_tolerance)
         self.written: list[Path] = []
+        self.written_baseline: Path | None = None
         self.errors: list[str] = []
 
     def record(
@@ -206,6 +246,11 @@ class SaliencySession:
         return self._keep(rec)
 
     def _keep(self, rec: dict) -> dict:
+        from .baseline import key_of
+
+        key = key_of(rec, self._keyed)
+        if self.baseline is not None:
+            self.baseline.compare(key, rec)
         if self.config is not None:
             self.config.hook.pytest_saliency_record(record=rec, config=self.config)
         self.records.append(rec)
@@ -233,7 +278,49 @@ class SaliencySession:
             "settings": settings.as_dict(),
             "seed": settings.seed,
             "device": str(settings.torch_device()),
+            **(
+                {}
+                if self.baseline is None
+                else {
+                    "baseline": {
+                        "path": str(self.baseline.path),
+                        "tolerance": self.baseline.tolerance,
+                        "gone": self.baseline.gone(self.sorted_records()),
+                    }
+                }
+            ),  # fmt: skip
         }
+
+    def write_baseline(self) -> None:
+        from .baseline import save
+
+        path = self.settings.baseline_save
+        try:
+            save(self.sorted_records(), path, self.meta())
+            self.written_baseline = path
+        except OSError as exc:
+            self.errors.append(f"could not write the saliency baseline {path}: {exc}")
+
+    def baseline_summary(self) -> list[str]:
+        """What the comparison with the baseline found, for the terminal."""
+        if self.baseline is None:
+            return []
+        records = self.sorted_records()
+        compared = [r for r in records if r.get("baseline")]
+        worse = [r for r in compared if (r["baseline"].get("worse_by") or 0) > 0]
+        regressed = [r for r in compared if r["baseline"].get("regressed")]
+        new = [r for r in records if "baseline" in r and r["baseline"] is None]
+        gone = self.baseline.gone(records)
+        lines = [
+            f"saliency baseline {self.baseline.path}: {len(compared)} compared, {len(worse)} "
+            f"worse ({len(regressed)} by more than {self.baseline.tolerance:g}), {len(new)} new, "
+            f"{len(gone)} gone"
+        ]
+        lines += [f"  worse: {r['nodeid']} ({r['check']}) {r['baseline']['score']:.3f} -> "
+                  f"{r['score']:.3f}" for r in regressed[:10]]  # fmt: skip
+        lines += [f"  new: {r['nodeid']} ({r['check']})" for r in new[:5]]
+        lines += [f"  gone: {key}" for key in gone[:5]]
+        return lines
 
     def write_reports(self) -> None:
         from .reporters import formats
@@ -503,7 +590,7 @@ class Auditor:
     def _asserting(self, name: str, args: tuple, confidence: bool | None, kw: dict):
         __tracebackhide__ = True
         result, rec = self._audit(name, args, confidence, kw)
-        if not rec["passed"]:
+        if not rec["passed"] or rec.get("regressed"):
             raise AssertionError(report.format_failure(rec))
         return result
 
@@ -633,8 +720,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     if state.settings.reports:
         state.write_reports()
-        if state.errors and session.exitstatus == pytest.ExitCode.OK:
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if state.settings.baseline_save is not None:
+        state.write_baseline()
+    if state.errors and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -655,8 +744,12 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         if state.records:
             terminalreporter.write_sep("=", "saliency audits")
             terminalreporter.write_line(report.format_table(state.sorted_records()))
+        for line in state.baseline_summary():
+            terminalreporter.write_line(line)
         for path in state.written:
             terminalreporter.write_line(f"saliency report: {path}")
+        if state.written_baseline is not None:
+            terminalreporter.write_line(f"saliency baseline written: {state.written_baseline}")
         for message in state.errors:
             terminalreporter.write_line(f"ERROR: {message}", red=True)
     except Exception as exc:  # the summary must never turn a run into an internal error

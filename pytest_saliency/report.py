@@ -360,7 +360,17 @@ def format_table(records: list[dict], width: int = TABLE_WIDTH) -> str:
     return "\n".join(lines)
 
 
+def _regression(record: dict) -> str:
+    base = record["baseline"]
+    return (
+        f"worse than the baseline by {base['worse_by']:.3f} (tolerance {base['tolerance']:g}; "
+        f"baseline score {_num(base['score'])}, now {_num(record['score'])})"
+    )
+
+
 def _why(record: dict) -> str:
+    if record.get("regressed"):
+        return _regression(record)
     score, threshold, key = record["score"], record["threshold"], _key(record)
     if score is None:
         return "degenerate maps (a constant map has no score)"

@@ -1403,6 +1403,10 @@ def failure_text(where: str, result: Any, record: dict, threshold: float, confid
         )
     elif math.isnan(score):
         head = f"{result.method}: some maps were constant, so {result.check} has no valid score"
+    elif record.get("regressed"):
+        from .report import _regression
+
+        head = f"{result.method} got worse under {result.check}: {_regression(record)}"
     else:
         met = score <= threshold if at_most else score >= threshold
         limit = bound if confidence and met else score
