@@ -15,8 +15,9 @@ def valid(name: object) -> bool:
     return isinstance(name, str) and PATTERN.fullmatch(name) is not None
 
 
-def resolve_device(name: str) -> Any:
-    """The torch device ``name`` means here: ``auto`` is CUDA when available, else the CPU.
+def resolve_device(name: str, *, worker: int | None = None) -> Any:
+    """The torch device ``name`` means here: ``auto`` is CUDA when available (xdist worker
+    ``gwN`` on ``cuda:N % devices``, so the workers spread over the GPUs), else the CPU.
     A device this machine does not have is a SaliencyError saying what it has (no audit
     starts, rather than one traceback per item); its message starts with ``'name':``, for
     the caller to say where the name came from."""
@@ -25,7 +26,11 @@ def resolve_device(name: str) -> Any:
     if not valid(name):
         raise SaliencyError(f"{name!r}: expected {CHOICES}")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if worker is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", worker % torch.cuda.device_count())  # workers spread
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -7,7 +7,7 @@ torch is imported inside hooks and fixtures, only once an audit, a CUDA device o
 from __future__ import annotations
 
 import copy
-import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +68,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--saliency-baseline-tolerance", "saliency_baseline_tolerance", "how much worse than "
         "the baseline a score may get, in the check's failing direction (default 0.05)",
         "0.05", metavar="X")  # fmt: skip
+    add("--saliency-threads", "saliency_threads", "torch threads of each xdist worker: auto "
+        "(the CPU cores / the workers), or N; a serial run keeps torch's own unless N is given",
+        "auto", metavar="N")  # fmt: skip
     group.addoption("--saliency-baseline-save", dest="saliency_baseline_save", default=None,
                     metavar="PATH", help="write every audit's score to PATH at the end of the "
                     "run, as a baseline for --saliency-baseline")  # fmt: skip
@@ -89,6 +92,8 @@ class Settings:
     baseline: Path | None = None  # compare with this baseline
     baseline_tolerance: float = 0.05
     baseline_save: Path | None = None  # write the run's baseline here
+    threads: int | None = None  # torch threads to set in this process (None: leave them)
+    worker: int | None = None  # this xdist worker's number (gw3 -> 3)
     _resolved: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -154,8 +159,24 @@ class Settings:
         )
         save = config.getoption("saliency_baseline_save")
         save_path = (base_dir / Path(save).expanduser()).resolve() if save else None
+        worker_input = getattr(config, "workerinput", None)
+        worker = None
+        if worker_input is not None:
+            digits = re.sub(r"\D", "", str(worker_input.get("workerid", "")))
+            worker = int(digits) if digits else 0
+        threads = _threads(value("saliency_threads"), worker_input)
         return cls(device, seed, similarity, limit, reports, from_cli, baseline_path, tolerance,
-                   save_path)  # fmt: skip
+                   save_path, threads, worker)  # fmt: skip
+
+    def apply_threads(self) -> None:
+        """Set torch's thread count once, in a process that runs audits (an xdist worker by
+        default; anywhere with ``--saliency-threads N``)."""
+        if self.threads is not None:
+            import torch
+
+            if torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)
+            self.threads = None
 
     def torch_device(self) -> torch.device:
         """The device audits run on; auto is cuda when available. UsageError for a device
@@ -164,7 +185,7 @@ class Settings:
             from .devices import resolve_device
 
             try:
-                self._resolved = resolve_device(self.device)
+                self._resolved = resolve_device(self.device, worker=self.worker)
             except SaliencyError as exc:
                 flag = "--saliency-device" if self.device_from_cli else "saliency_device ="
                 raise pytest.UsageError(f"{flag} {exc}") from None
@@ -180,6 +201,28 @@ class Settings:
             "baseline": None if self.baseline is None else str(self.baseline),
             "baseline_tolerance": self.baseline_tolerance,
         }
+
+
+def _threads(given: tuple[Any, bool], worker_input: Any) -> int | None:
+    """The thread count ``--saliency-threads`` / ``saliency_threads`` asks for here."""
+    import os
+
+    raw, from_cli = given
+    text = str(raw).strip().lower()
+    where = "--saliency-threads" if from_cli else "saliency_threads ="
+    if text in ("", "auto"):
+        if worker_input is None:
+            return None  # a serial run keeps torch's own
+        count = int(worker_input.get("workercount", 1) or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        return max(1, (cores or os.cpu_count() or 1) // max(count, 1))
+    try:
+        threads = int(text)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise pytest.UsageError(f"{where} {raw!r}: expected auto or an integer >= 1")
+    return threads
 
 
 def check_similarity(name: str) -> None:
@@ -212,6 +255,7 @@ class SaliencySession:
             self.baseline = Baseline(settings.baseline, settings.baseline_tolerance)
         self.written: list[Path] = []
         self.written_baseline: Path | None = None
+        self.crashed: list[str] = []  # tests whose xdist worker crashed while running them
         self.errors: list[str] = []
 
     def record(
@@ -248,6 +292,8 @@ class SaliencySession:
     def _keep(self, rec: dict) -> dict:
         from .baseline import key_of
 
+        rec["nodeid"] = plain_nodeid(rec["nodeid"])
+
         key = key_of(rec, self._keyed)
         if self.baseline is not None:
             self.baseline.compare(key, rec)
@@ -278,6 +324,7 @@ class SaliencySession:
             "settings": settings.as_dict(),
             "seed": settings.seed,
             "device": str(settings.torch_device()),
+            **({"missing_records": list(self.crashed)} if self.crashed else {}),
             **(
                 {}
                 if self.baseline is None
@@ -339,6 +386,14 @@ class SaliencySession:
 
 
 SESSION_KEY = pytest.StashKey[SaliencySession]()
+# xdist's --dist loadgroup appends "@<group>" to the ids it schedules; a "@" inside a
+# parameter id ("test[a@b]") is followed by "]" and stays.
+_GROUP_SUFFIX = re.compile(r"@[^\[\]]*$")
+
+
+def plain_nodeid(nodeid: str) -> str:
+    """A node id as a serial run names it (without xdist's ``@group`` suffix)."""
+    return _GROUP_SUFFIX.sub("", nodeid)
 
 
 def get_session(config: pytest.Config) -> SaliencySession:
@@ -357,7 +412,9 @@ def pytest_configure(config: pytest.Config) -> None:
         settings.torch_device()  # fail now, as a usage error, not in every test
     if settings.similarity is not None:
         check_similarity(settings.similarity)
-    config.stash[SESSION_KEY] = SaliencySession(settings, config)
+    state = config.stash[SESSION_KEY] = SaliencySession(settings, config)
+    if not is_worker(config):
+        config.pluginmanager.register(_Controller(state), "saliency-controller")
 
 
 def pytest_addhooks(pluginmanager: Any) -> None:
@@ -369,7 +426,14 @@ def pytest_addhooks(pluginmanager: Any) -> None:
 def pytest_collection_finish(session: pytest.Session) -> None:
     state = session.config.stash.get(SESSION_KEY, None)
     if state is not None and not state.order:
-        state.order = {item.nodeid: i for i, item in enumerate(session.items)}
+        state.order = {plain_nodeid(item.nodeid): i for i, item in enumerate(session.items)}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """Tell each worker the scheduling mode (xdist resets it to "no" there): suites share
+    passes on a worker only when all of a model's items come to it."""
+    node.workerinput["saliency_dist"] = node.config.getvalue("dist")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -378,7 +442,7 @@ def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
     order of the reports."""
     state = node.config.stash.get(SESSION_KEY, None)
     if state is not None and not state.order:
-        state.order = {nodeid: i for i, nodeid in enumerate(ids)}
+        state.order = {plain_nodeid(nodeid): i for i, nodeid in enumerate(ids)}
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
@@ -692,7 +756,9 @@ def saliency(request: pytest.FixtureRequest) -> Auditor:
                 f"@pytest.mark.saliency has no argument {key!r}; valid: {', '.join(MARKER_KEYS)} "
                 "(the device is set for the whole run with --saliency-device)"
             )
-    return Auditor(get_session(request.config), request.node, **kwargs)
+    session = get_session(request.config)
+    session.settings.apply_threads()
+    return Auditor(session, request.node, **kwargs)
 
 
 @pytest.fixture
@@ -710,13 +776,37 @@ def saliency_device(pytestconfig: pytest.Config) -> torch.device:
 # -- end of run: xdist, reports, terminal table ----------------------------------------------
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
+    """On an xdist worker, the records an item made travel home on its own reports (a
+    report's extra attributes reach the controller), so a crashed worker loses only the
+    records of the test it crashed in."""
+    outcome = yield
+    state = item.config.stash.get(SESSION_KEY, None)
+    if state is not None and is_worker(item.config) and state.records:
+        outcome.get_result().saliency_records = state.records
+        state.records = []
+
+
+class _Controller:
+    """The hooks only the xdist controller (or a serial run) needs: the records that came
+    home on the workers' reports, and the tests whose worker crashed under them."""
+
+    def __init__(self, state: SaliencySession) -> None:
+        self.state = state
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        records = getattr(report, "saliency_records", None)
+        if records:
+            self.state.records.extend(records)
+        if report.failed and "crashed while running" in str(report.longrepr):
+            self.state.crashed.append(plain_nodeid(report.nodeid))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     state = config.stash.get(SESSION_KEY, None)
-    if state is None:
-        return
-    if is_worker(config):  # send the records home; the controller writes the reports
-        config.workeroutput["saliency_records"] = json.dumps(state.records)
+    if state is None or is_worker(config):  # a worker's records went home on its reports
         return
     if state.settings.reports:
         state.write_reports()
@@ -724,14 +814,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         state.write_baseline()
     if state.errors and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node: Any, error: Any) -> None:
-    state = node.config.stash.get(SESSION_KEY, None)
-    raw = getattr(node, "workeroutput", {}).get("saliency_records")
-    if state is not None and raw:
-        state.records.extend(json.loads(raw))
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -744,6 +826,12 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         if state.records:
             terminalreporter.write_sep("=", "saliency audits")
             terminalreporter.write_line(report.format_table(state.sorted_records()))
+        for nodeid in state.crashed if state.records else []:
+            terminalreporter.write_line(
+                f"saliency: no audit record from {nodeid}: its xdist worker crashed while "
+                "running it (the records of the tests it had finished are in)",
+                red=True,
+            )
         for line in state.baseline_summary():
             terminalreporter.write_line(line)
         for path in state.written:

@@ -1026,7 +1026,7 @@ class _Holder:
                 name = f"{check}[{entry.id}]"
                 # A string node id is parsed into name + params (pytest >= 9.1), so that it
                 # equals the ids --lf reads back from the cache; a child id would not.
-                yield SuiteItem.from_parent(
+                item = SuiteItem.from_parent(
                     self,
                     name=name,
                     nodeid=f"{self.nodeid}::{name}",
@@ -1034,6 +1034,25 @@ class _Holder:
                     check=check,
                     expected=self.spec.expect.get((entry.id, check), "pass"),
                 )
+                if self.config.pluginmanager.hasplugin("xdist"):
+                    # --dist loadgroup sends the items of one model to one worker
+                    item.add_marker(pytest.mark.xdist_group(name=self.group()))
+                yield item
+
+    def group(self) -> str:
+        """The xdist group of this model's items (no '@', '[' or ']', which xdist and the
+        report ids read)."""
+        return re.sub(r"[@\[\]]", "_", self.nodeid)
+
+    def all_here(self, item: SuiteItem) -> bool:
+        """Whether this xdist worker runs every item of this model: under ``--dist
+        loadscope`` or ``loadfile`` (a model's items share a scope and a file), or
+        ``loadgroup`` when xdist did group them (it marks their ids; with pytest >= 9.2 and
+        pytest-xdist <= 3.8 it silently does not)."""
+        dist = self.config.workerinput.get("saliency_dist")
+        if dist in ("loadscope", "loadfile"):
+            return True
+        return dist == "loadgroup" and item.nodeid.endswith("@" + self.group())
 
     def loaded(self, item: SuiteItem) -> Loaded:
         """The model's objects; a located error (the whole message for the first item that
@@ -1090,9 +1109,10 @@ class _Holder:
         call raises, it is split in halves, and so on, until the error is down to the methods
         that raise it: each of those items gets its own error, and the others their results.
         On an xdist worker, which does not know which items it will get, each item runs its
-        own audit.
+        own audit, unless the scheduler sends every item of this model to it (see
+        :meth:`all_here`): then they share as in a serial run.
         """
-        if hasattr(self.config, "workerinput"):
+        if hasattr(self.config, "workerinput") and not self.all_here(item):
             return item.own_audit(device, settings)
         key = repr((item.check, str(device), sorted(settings.items())))
         done = self._shared.setdefault(key, {})
@@ -1236,6 +1256,9 @@ class SuiteItem(pytest.Item):
         return {"name": self.entry.name, "layer": layer, **self.entry.options}
 
     def setup(self) -> None:
+        from .plugin import get_session
+
+        get_session(self.config).settings.apply_threads()
         self.holder.loaded(self)  # the model's objects, imported on first use (or its error)
 
     def settings(self, defaults: Any) -> dict[str, Any]:
