@@ -30,6 +30,7 @@ _EXPORTS = {
     "RandomizationResult": ".checks",
     "ComplexityResult": ".checks",
     "DataRandomizationResult": ".checks",
+    "sample": ".data",
     "SaliencyError": ".errors",
     "UnsupportedActivationError": ".errors",
     "NonFiniteError": ".errors",
@@ -53,6 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
         parameter_randomization,
         smooth_randomization,
     )
+    from .data import sample  # noqa: F401
     from .errors import (  # noqa: F401
         ModelError,
         NonFiniteError,

@@ -629,8 +629,11 @@ class Auditor:
         if len(models) > 1 and models[1] is models[0]:
             placed[1] = placed[0]  # the check refuses a twin that is the model: keep it so
         _, inputs = self._place(None, inputs)
+        from .progress import listening
+
         try:
-            result = api(check)(*placed, inputs, [spec], **kw)[0]
+            with listening(Progress(self._node.config, f"{self._node.nodeid} :: {check.name}")):
+                result = api(check)(*placed, inputs, [spec], **kw)[0]
         except Exception as exc:  # a row in the reports too, then the test's error as raised
             rec = self._session.record_error(
                 self._node.nodeid, exc, check=check.name, method=name_, method_id=ident,
@@ -782,10 +785,45 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
     report's extra attributes reach the controller), so a crashed worker loses only the
     records of the test it crashed in."""
     outcome = yield
+    if call.when == "call" and hasattr(item, "shared_seconds"):
+        # a shared audit's time, split over the items that share it (the sum stays)
+        report = outcome.get_result()
+        report.duration = max(0.0, report.duration - item.paid_seconds + item.shared_seconds)
     state = item.config.stash.get(SESSION_KEY, None)
     if state is not None and is_worker(item.config) and state.records:
         outcome.get_result().saliency_records = state.records
         state.records = []
+
+
+PROGRESS_AFTER = 5.0  # seconds an audit runs before its first progress line
+PROGRESS_EVERY = 10.0  # seconds between two lines of one audit
+
+
+class Progress:
+    """Listens to an audit's steps (``progress.listening``) and prints ``saliency: <what>:
+    step k/n (layer), T s`` once it has run PROGRESS_AFTER seconds, then at most every
+    PROGRESS_EVERY seconds; nothing under ``-q`` or on an xdist worker."""
+
+    def __init__(self, config: pytest.Config, what: str) -> None:
+        import time
+
+        writer = config.pluginmanager.get_plugin("terminalreporter")
+        quiet = (config.getoption("verbose") or 0) < 0 or is_worker(config)
+        self.writer = None if quiet else writer
+        self.what, self.clock = what, time.monotonic
+        self.start, self.last = self.clock(), None
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        if self.writer is None:
+            return
+        now = self.clock()
+        elapsed = now - self.start
+        if elapsed < PROGRESS_AFTER or (self.last is not None and now - self.last < PROGRESS_EVERY):
+            return
+        self.last = now
+        self.writer.write_line(
+            f"saliency: {self.what}: step {done}/{total} ({label}), {elapsed:.0f} s"
+        )
 
 
 class _Controller:

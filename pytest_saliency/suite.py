@@ -301,7 +301,7 @@ class ModelSpec:
 
     id: str | None  # None: the one model of a ``model:`` suite (item ids have no model part)
     model: str
-    inputs: str
+    inputs: str | dict  # a source, or {data: source, samples: N, per_class: K}
     targets: str | list[int] | None
     layer: str | None  # CAM layer of the methods that need one and name none
     checks: dict[str, dict[str, Any]]  # every check the suite runs: its settings for this model
@@ -547,6 +547,34 @@ def _expect(p: _Problems, raw: Any, ids: list[str], checks: dict[str, dict],
     return out
 
 
+DATA_KEYS = ("data", "samples", "per_class")  # inputs drawn from a Dataset or DataLoader
+
+
+def _inputs(p: _Problems, key: str | KeyPath, value: Any) -> None:
+    """``inputs:``: a source (see :func:`_source`), or ``{data: <Dataset or DataLoader>,
+    samples: N, per_class: K}``."""
+    path = key if isinstance(key, tuple) else (key,)
+    if not isinstance(value, dict):
+        _source(p, path, value)
+        return
+    for k in value:
+        if k not in DATA_KEYS:
+            p.unknown((*path, k), "key of inputs", k, DATA_KEYS)
+    if value.get("data") is None:
+        p.add(
+            path,
+            "inputs as a mapping needs 'data:' naming a Dataset or DataLoader "
+            "('package.module:attribute'), with optional samples: N and per_class: K",
+        )
+        # fmt: skip
+    else:
+        _source(p, (*path, "data"), value["data"])
+    for k in ("samples", "per_class"):
+        n = value.get(k)
+        if k in value and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            p.add((*path, k), f"expected an int >= 1, got {n!r}")
+
+
 def _source(p: _Problems, key: str | KeyPath, value: Any, *, allow_list: bool = False) -> None:
     path = key if isinstance(key, tuple) else (key,)
     key = path[-1]
@@ -588,7 +616,7 @@ def parse_suite(data: Any, lines: dict[KeyPath, int], file: Path, label: str) ->
     if data.get("model") is not None:
         _source(p, "model", data["model"])
     if data.get("inputs") is not None:
-        _source(p, "inputs", data["inputs"])
+        _inputs(p, "inputs", data["inputs"])
     if data.get("targets") is not None:
         _source(p, "targets", data["targets"], allow_list=True)
     top = {k: data[k] for k in (*SHARED_KEYS, "device") if data.get(k) is not None}
@@ -701,9 +729,10 @@ def _models(p: _Problems, data: dict, checks: dict[str, dict], entries: list[Met
             p.add(where, "missing required key 'model' (the model's import path)")
             continue
         _source(p, paths["model"], value["model"])
-        for key in ("inputs", "targets"):
-            if value.get(key) is not None:
-                _source(p, (*where, key), value[key], allow_list=key == "targets")
+        if value.get("inputs") is not None:
+            _inputs(p, (*where, "inputs"), value["inputs"])
+        if value.get("targets") is not None:
+            _source(p, (*where, "targets"), value["targets"], allow_list=True)
         if value.get("inputs") is None and top["inputs"] is None:
             p.add(where, "missing 'inputs:' (give it here, or once at the top level for every "
                          "model)")  # fmt: skip
@@ -828,9 +857,10 @@ class Loaded:
 
 
 def load_objects(suite: Suite, spec: ModelSpec, search: list[str],
-                 cache: dict[str, Any] | None = None) -> Loaded:  # fmt: skip
+                 cache: dict[str, Any] | None = None, seed: int = 0) -> Loaded:  # fmt: skip
     """Import the model, inputs and targets of ``spec``; errors name the key and line.
-    ``cache`` keeps inputs and targets by source, for the file's other models."""
+    ``cache`` keeps inputs and targets by source, for the file's other models; ``seed``
+    draws the inputs from a Dataset or DataLoader."""
     import torch
     from torch import nn
 
@@ -889,11 +919,23 @@ def load_objects(suite: Suite, spec: ModelSpec, search: list[str],
             except SaliencyError as exc:
                 where = suite.where(spec.setting_path(check, "model"))
                 raise SuiteError(f"{where}: {exc}") from None
+    from .data import DEFAULT_SAMPLES, is_data, sample
+
+    drawn = spec.inputs if isinstance(spec.inputs, dict) else {"data": spec.inputs}
+    source = drawn["data"]
     try:
-        inputs = tensor_from("inputs", spec.inputs)
+        inputs = tensor_from("inputs", source)
+        if is_data(inputs):  # a seeded, class-balanced batch of a Dataset or DataLoader
+            inputs = sample(inputs, drawn.get("samples", DEFAULT_SAMPLES),
+                            per_class=drawn.get("per_class"), seed=seed)[0]  # fmt: skip
+        elif len(drawn) > 1:
+            raise SaliencyError(
+                f"samples and per_class draw from a Dataset or DataLoader, and this is a "
+                f"{type(inputs).__name__}; give the dataset, or leave them out"
+            )
         check_inputs(inputs)
     except SaliencyError as exc:
-        raise fail("inputs", f"{spec.inputs}: {exc}") from None
+        raise fail("inputs", f"{source}: {exc}") from None
     targets = spec.targets
     if targets is not None:
         try:
@@ -902,6 +944,10 @@ def load_objects(suite: Suite, spec: ModelSpec, search: list[str],
         except SaliencyError as exc:
             raise fail("targets", str(exc)) from None
     return Loaded(model, inputs, targets, others)
+
+
+def _named(inputs: str | dict) -> str:
+    return inputs["data"] if isinstance(inputs, dict) else inputs
 
 
 def check_forward(suite: Suite, spec: ModelSpec, loaded: Loaded) -> None:
@@ -918,8 +964,9 @@ def check_forward(suite: Suite, spec: ModelSpec, loaded: Loaded) -> None:
         with eval_mode(model), torch.no_grad():
             out = model(inputs[:1].to(device=device, dtype=dtype))
     except Exception as exc:
+        where = suite.where(spec.path("inputs"))
         raise SuiteError(
-            f"{suite.where(spec.path('inputs'))}: the model cannot run on {spec.inputs} (shape "
+            f"{where}: the model cannot run on {_named(spec.inputs)} (shape "
             f"{list(inputs.shape)}): {_user_error(exc)}"
         ) from None
     targets = loaded.targets
@@ -1129,8 +1176,15 @@ class _Holder:
             self._tried.update((key, other.entry.id) for other in peers)
             if len(peers) == 1:
                 return item.own_audit(device, settings)
+            import time
+
+            start = time.perf_counter()
             for other, outcome in self._split(item.check, peers, device, settings):
                 done[other.entry.id] = outcome
+            seconds = time.perf_counter() - start
+            for other in peers:  # each item's duration is its share (plugin's makereport)
+                other.shared_seconds = seconds / len(peers)
+            item.paid_seconds = seconds
         outcome = done.pop(item.entry.id)
         if isinstance(outcome, Exception):
             raise outcome
@@ -1175,8 +1229,11 @@ class SuiteFile(_Holder, pytest.File):
         """Import and check one model's objects (the rootdir and the ``pythonpath`` ini on
         ``sys.path``); every problem is a located :class:`SuiteError`."""
         search = [str(self.config.rootpath)] + [str(p) for p in self.config.getini("pythonpath")]
+        from .plugin import get_session
+
+        seed = self.suite.top.get("seed", get_session(self.config).settings.seed)
         with _search_path(search):  # factories and forwards may import lazily
-            loaded = load_objects(self.suite, spec, search, self._objects)
+            loaded = load_objects(self.suite, spec, search, self._objects, seed)
             check_forward(self.suite, spec, loaded)
         check_layers(self.suite, spec, loaded.model)
         check_twins(self.suite, spec, loaded)
@@ -1244,6 +1301,7 @@ class SuiteItem(pytest.Item):
         self.entry = entry
         self.check = check
         self.expected = expected
+        self.paid_seconds = 0.0  # of a shared audit's time, the part this item's call ran
 
     @property
     def holder(self) -> _Holder:
@@ -1297,8 +1355,12 @@ class SuiteItem(pytest.Item):
         threshold = float(settings.pop("threshold"))
         confidence = bool(settings.pop("confidence"))
         device = self.holder.device_or_error()
+        from .plugin import Progress
+        from .progress import listening
+
         try:
-            result = self.holder.audit(self, device, settings)
+            with listening(Progress(self.config, f"{self.holder.nodeid} :: {self.check}")):
+                result = self.holder.audit(self, device, settings)
         except Exception as exc:
             self.raised(session, exc, device, threshold, confidence, settings)
             raise  # not reached: raised() always raises

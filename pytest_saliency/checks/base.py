@@ -406,6 +406,10 @@ def execute(check: Check, models: Sequence[Any], inputs: Any, method: Any, kwarg
     for opt in check.options:
         options[opt.name] = opt.validate(kwargs.pop(opt.name, opt.default))
     _check_method_keywords(check, method, kwargs)
+    from ..data import is_data, sample
+
+    if is_data(inputs):  # a Dataset or DataLoader: a seeded, class-balanced batch of it
+        inputs = sample(inputs, seed=shared["seed"])[0]
     audit = Audit(check, models, inputs, method, method_options=kwargs, **shared)
     return check.run(audit, *models[1:], **options)
 

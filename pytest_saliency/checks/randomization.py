@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import progress
 from ..engine.state import copy_model, rng_preserved
 from ..errors import SaliencyError
 from ..explainer import opaque_module
@@ -183,6 +184,7 @@ def run_steps(audit: Audit, *, mode: str, order: str, layers: Any, aggregate: st
         del now
         if saved is not None:
             _restore(saved)
+        progress.step(k + 1, len(steps), step.name)
     fields = []
     for i in range(count):
         scores = torch.stack(rows[i])

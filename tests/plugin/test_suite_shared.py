@@ -120,3 +120,30 @@ def test_a_failing_shared_call_is_split_until_the_error_is_one_items(project, ca
     assert calls[1:] == [
         (check, [gradient]), (check, [gradcam, fullgrad]), (check, [gradcam]), (check, [fullgrad])
     ]  # fmt: skip
+
+
+def test_each_item_reports_its_share_of_the_shared_audit(project):
+    """--durations and junit charge a shared audit to its items equally, not to the first."""
+    import xml.etree.ElementTree as ET
+
+    project.runpytest("--junitxml=j.xml", "-k", "parameter_randomization").assert_outcomes(passed=7)
+    times = [float(case.get("time")) for case in ET.parse(project.path / "j.xml").iter("testcase")]
+    assert len(times) == 7 and sum(times) > 0
+    assert max(times) < 0.5 * sum(times)  # before: the first item had nearly all of it
+    assert max(times) - min(times) < 0.25 * sum(times)
+
+
+def test_a_long_audit_prints_its_progress(project, monkeypatch):
+    import pytest_saliency.plugin as plugin
+
+    monkeypatch.setattr(plugin, "PROGRESS_AFTER", 0.0)
+    monkeypatch.setattr(plugin, "PROGRESS_EVERY", 0.0)
+    result = project.runpytest("-k", "parameter_randomization")
+    result.stdout.fnmatch_lines(
+        ["saliency: saliency_shared.yaml :: parameter_randomization: step 1/3 (*), * s",
+         "saliency: saliency_shared.yaml :: parameter_randomization: step 3/3 (*), * s"]
+    )  # fmt: skip
+    quiet = project.runpytest("-q", "-k", "parameter_randomization")
+    assert "saliency: saliency_shared.yaml" not in quiet.stdout.str()
+    monkeypatch.setattr(plugin, "PROGRESS_AFTER", 3600.0)  # a short audit prints nothing
+    assert "step 1/3" not in project.runpytest("-k", "parameter_randomization").stdout.str()
