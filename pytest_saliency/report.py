@@ -267,9 +267,13 @@ def shorten(text: str, width: int) -> str:
 
 def where_of(record: dict) -> str:
     """What an audit belongs to: a suite item's id without its ``check[method]`` part (the
-    file, or file::model), a test's own id."""
+    file, or file::model); a test's id, without its ``[param]`` when that is the method id
+    the row shows (``test_x[gradcam]`` -> ``test_x``)."""
     nodeid = str(record["nodeid"])
-    return nodeid.rsplit("::", 1)[0] if record.get("source") == "suite" else nodeid
+    if record.get("source") == "suite":
+        return nodeid.rsplit("::", 1)[0]
+    shown = f"[{record.get('method_id') or record.get('method')}]"
+    return nodeid[: -len(shown)] if nodeid.endswith(shown) else nodeid
 
 
 def in_order(records: list[dict], order: dict[str, int] | None = None) -> list[dict]:

@@ -91,3 +91,9 @@ def held_out(n: int, size: int = 32, channels: int = 1) -> tuple[torch.Tensor, t
     if not 0 < n <= len(data.test_y):
         raise ValueError(f"n must be in 1..{len(data.test_y)}, got {n}")
     return data.test_x[:n].clone(), data.test_y[:n].clone()
+
+
+def test_set(size: int = 32, channels: int = 1) -> torch.utils.data.TensorDataset:
+    """The held-out split as a ``torch.utils.data.Dataset`` of (image, label) pairs."""
+    data = digits_data(size, channels)
+    return torch.utils.data.TensorDataset(data.test_x, data.test_y)
