@@ -14,14 +14,15 @@ import html
 import io
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-MAX_SAMPLES = 4  # samples shown per audit
-MAX_STEPS = 8  # randomization steps shown (evenly spaced, the last one always)
+MAX_SAMPLES = 2  # samples shown per audit: the ones whose scores count most against it
+MAX_STEPS = 5  # randomization steps shown (evenly spaced, the last one always)
 MAX_PIXELS = 64  # longest side of an embedded image; CSS upscales it, pixelated
 
 _DIVERGING = np.array(
@@ -116,8 +117,33 @@ def png_uri(pixels: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _levels(values: np.ndarray, signed: bool) -> np.ndarray:
+    """A 2-D map as uint8 levels 0..255 of :func:`colorize`'s scaling."""
+    values = _tame(values)
+    if signed:
+        scale = np.abs(values).max()
+        t = 0.5 + 0.5 * values / scale if scale > 0 else np.full(values.shape, 0.5)
+    else:
+        low, high = values.min(), values.max()
+        t = (values - low) / (high - low) if high > low else np.zeros(values.shape)
+    return np.clip(np.rint(t * 255), 0, 255).astype(np.uint8)
+
+
+_PALETTES: dict[bool, bytes] = {}
+
+
 def map_uri(values: np.ndarray, signed: bool) -> str:
-    return png_uri(colorize(_shrink(_as_2d(_tame(values))), signed))
+    """A map as a palette PNG (256 colormap levels: a third of an RGB PNG's bytes)."""
+    from PIL import Image
+
+    if signed not in _PALETTES:
+        colors = _DIVERGING if signed else _SEQUENTIAL
+        _PALETTES[signed] = _apply(colors, np.linspace(0.0, 1.0, 256)).tobytes()
+    image = Image.fromarray(_levels(_shrink(_as_2d(_tame(values))), signed), mode="P")
+    image.putpalette(_PALETTES[signed])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 # --- figures ----------------------------------------------------------------------------------
@@ -143,11 +169,20 @@ def _key(result: Any) -> str:
 def figures(result: Any) -> dict[str, Any]:
     """JSON-able figures of an audit result: inputs, compared maps and their scores.
 
-    Rows are samples (at most MAX_SAMPLES); columns are the input, then the target-class and
-    other-class maps (output sensitivity) or the original map and the maps after the
-    randomization steps (a subset of at most MAX_STEPS, like Adebayo et al.'s cascading figure).
+    Rows are samples (at most MAX_SAMPLES: the worst first, as the verdict reads them: the
+    most similar, or the least risen; a constant map's sample before them); columns are the
+    input, then the target-class and other-class maps (output sensitivity) or the original map
+    and the maps after the randomization steps (a subset of at most MAX_STEPS, like Adebayo et
+    al.'s cascading figure).
     """
     n = min(int(result.scores.shape[-1]), MAX_SAMPLES)
+    row = result._worst() if hasattr(result, "_worst") else result.scores
+    row = row.detach().cpu().double()
+    row = row.max(dim=0).values if row.dim() == 2 else row  # steps x samples: the worst
+    sign = 1.0 if _key(result) == "max_similarity" else -1.0
+    shown = sorted(range(row.shape[0]), key=lambda i: (
+        not math.isnan(float(row[i])), -sign * float(row[i]) if not math.isnan(float(row[i]))
+        else 0.0, i))[:n]  # fmt: skip
     scores = result.scores.detach().cpu().double()
     if result.check == "output_sensitivity":
         keys, headers = ["target", "other"], ["target class", "other class"]
@@ -181,16 +216,16 @@ def figures(result: Any) -> dict[str, Any]:
         def caption(col: int, i: int) -> str:
             return ""
 
-    maps = [result.maps[k][:n].detach().cpu().double().numpy() for k in keys]
+    maps = [result.maps[k][shown].detach().cpu().double().numpy() for k in keys]
     signed = any(float(m.min()) < 0 for m in maps if m.size)
-    inputs = result.inputs[:n].detach().cpu().double().numpy()
+    inputs = result.inputs[shown].detach().cpu().double().numpy()
     rows = []
-    for i in range(n):
+    for j, i in enumerate(shown):
         cells = [
-            {"image": map_uri(m[i], signed), "score": cell_score(c, i), "caption": caption(c, i)}
+            {"image": map_uri(m[j], signed), "score": cell_score(c, i), "caption": caption(c, i)}
             for c, m in enumerate(maps)
         ]
-        rows.append({"sample": i, "input": png_uri(input_image(inputs[i])), "cells": cells})
+        rows.append({"sample": i, "input": png_uri(input_image(inputs[j])), "cells": cells})
     return {
         "check": result.check,
         "colormap": "diverging" if signed else "sequential",
@@ -319,9 +354,15 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .pass,.xfail{background:#2a7d3f}.fail,.xpass{background:#b3261e}
 .xfail{background:#6b7d2a}.error{background:#7a1f6e}.refused{background:#5d6b7a}
 pre.error{white-space:pre-wrap;background:#f6eef5;padding:6px;font-size:12px}
-section.audit{border-top:2px solid #ccc;margin-top:28px;padding-top:8px}
+details.audit{border-top:1px solid #ccc;margin-top:6px;padding-top:4px}
+details.audit summary{cursor:pointer}
+table.overview td,table.overview th{border:1px solid #ddd;font-size:12px;padding:2px 6px}
+td.cell a{color:inherit;text-decoration:none;display:block}
+td.cell.pass{background:#d7efdc}td.cell.fail,td.cell.xpass{background:#f5c9c5}
+td.cell.xfail{background:#e8ecd0}td.cell.error{background:#ecc9e6}
+td.cell.refused{background:#dde2e8}ul.attention{font-size:13px}
 table.maps td{text-align:center;font-size:12px}
-table.maps img{width:96px;height:auto;image-rendering:pixelated;display:block;margin:auto}
+table.maps img{width:64px;height:auto;image-rendering:pixelated;display:block;margin:auto}
 .note{color:#666;font-size:12px}
 svg text{font-size:10px;fill:#444}svg .grid{stroke:#ddd}
 svg .threshold{stroke:#b3261e;stroke-dasharray:4 3}
@@ -418,9 +459,10 @@ def _section(k: int, r: dict) -> str:
     threshold = float(r.get("threshold", 0.5))
     key = str(r.get("threshold_key") or "max_similarity")
     parts = [
-        f'<section class="audit" id="audit-{k}"><h2>{_e(r.get("nodeid", ""))}</h2>',
-        f'<p><span class="verdict {_e(verdict)}">{_e(verdict.upper())}</span> '
-        f"{_e(_label(r))} · {_e(r.get('check', ''))} · {_e(r.get('similarity', ''))} "
+        f'<details class="audit" id="audit-{k}"><summary><span class="verdict {_e(verdict)}">'
+        f"{_e(verdict.upper())}</span> {_e(r.get('nodeid', ''))} · {_e(r.get('check', ''))}"
+        "</summary>",
+        f"<p>{_e(_label(r))} · {_e(r.get('check', ''))} · {_e(r.get('similarity', ''))} "
         f"score <b>{_fmt(r.get('score'))}</b> 95% CI {_ci(r)} · {_e(key)} "
         f"{_fmt(threshold, 2)}{' (CI bound too)' if r.get('confidence') else ''}</p>",
     ]
@@ -459,8 +501,97 @@ def _section(k: int, r: dict) -> str:
     elif scores:
         what = "similarity" if key == "max_similarity" else "score"
         parts.append(f"<h3>{what} per sample</h3>" + strip_svg(scores, threshold, key))
-    parts.append("</section>")
+    parts.append("</details>")
     return "".join(parts)
+
+
+ATTENTION = ("fail", "xpass", "error")
+_RANK = {"error": 0, "fail": 1, "xpass": 2, "refused": 3, "xfail": 4, "pass": 5}
+
+
+def _overview(records: list[dict]) -> str:
+    """What needs attention (links), then one matrix per test or suite model: methods by
+    checks, each cell the score, coloured by verdict, linking to the audit's details. The
+    methods with failures and errors come first."""
+    from .report import where_of
+
+    parts = []
+    attention = [(k, r) for k, r in enumerate(records) if r.get("verdict") in ATTENTION]
+    if attention:
+        items = "".join(
+            f'<li><a href="#audit-{k}"><span class="verdict {_e(r["verdict"])}">'
+            f"{_e(str(r['verdict']).upper())}</span> {_e(r.get('nodeid', ''))} "
+            f"· {_e(r.get('check', ''))}</a></li>"
+            for k, r in attention
+        )
+        parts.append(
+            f'<h2>Needs attention ({len(attention)})</h2><ul class="attention">{items}</ul>'
+        )
+    groups: dict[str, dict] = {}
+    for k, r in enumerate(records):
+        where = where_of(r) if r.get("source") == "suite" else str(r.get("nodeid", ""))
+        if r.get("source") != "suite":  # tests: one matrix per file
+            where = where.split("::", 1)[0]
+        group = groups.setdefault(where, {"checks": [], "rows": {}})
+        if r.get("check") not in group["checks"]:
+            group["checks"].append(r.get("check"))
+        label = (
+            _label(r) if r.get("source") == "suite" else str(r.get("nodeid", "")).split("::", 1)[-1]
+        )
+        group["rows"].setdefault(label, {})[r.get("check")] = k
+    for where, group in groups.items():
+        checks = group["checks"]
+        rows = sorted(
+            group["rows"].items(),
+            key=lambda item: min(
+                _RANK.get(str(records[k].get("verdict")), 9) for k in item[1].values()
+            ),
+        )
+        head = "<tr><th>method</th>" + "".join(f"<th>{_e(c)}</th>" for c in checks) + "</tr>"
+        body = []
+        for label, cells in rows:
+            tds = []
+            for check in checks:
+                if check not in cells:
+                    tds.append("<td></td>")
+                    continue
+                k = cells[check]
+                r = records[k]
+                verdict = str(r.get("verdict", "?"))
+                shown = "error" if r.get("error") else _fmt(r.get("score"))
+                at_most = (r.get("threshold_key") or "max_similarity") == "max_similarity"
+                limit = f"{'<=' if at_most else '>='} {_fmt(r.get('threshold'), 2)}"
+                tip = f"{verdict}: score {_fmt(r.get('score'))}, passes at {limit}"
+                tds.append(
+                    f'<td class="cell {_e(verdict)}"><a href="#audit-{k}" title="{_e(tip)}">'
+                    f"{_e(shown)}</a></td>"
+                )
+            body.append(f"<tr><th>{_e(label)}</th>{''.join(tds)}</tr>")
+        parts.append(f'<h2>{_e(where)}</h2><table class="overview">{head}{"".join(body)}</table>')
+    return "".join(parts)
+
+
+_IMAGE = re.compile(r'src="(data:image/png;base64,[A-Za-z0-9+/=]+)"')
+# Sets every deduplicated image's source from the list U, and opens the audit a link points
+# at (the details start collapsed).
+_SCRIPT = (
+    "document.querySelectorAll('img[data-u]').forEach(i=>{i.src=U[+i.dataset.u]});"
+    "function openTarget(){const d=document.getElementById(location.hash.slice(1));"
+    "if(d&&d.tagName==='DETAILS'){d.open=true;}}"
+    "window.addEventListener('hashchange',openTarget);openTarget();"
+)
+
+
+def _dedupe(body: str) -> tuple[str, list[str]]:
+    """Each distinct image once: ``<img data-u="i">`` with the URIs in one list (the same
+    inputs appear in every audit of a batch)."""
+    uris: dict[str, int] = {}
+
+    def ref(match: re.Match) -> str:
+        index = uris.setdefault(match.group(1), len(uris))
+        return f'data-u="{index}"'
+
+    return _IMAGE.sub(ref, body), list(uris)
 
 
 def render_html(records: Sequence[dict], meta: dict | None = None) -> str:
@@ -472,13 +603,14 @@ def render_html(records: Sequence[dict], meta: dict | None = None) -> str:
         counts[str(r.get("verdict"))] = counts.get(str(r.get("verdict")), 0) + 1
     tally = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no audits"
     info = " · ".join(f"{_e(k)}: {_e(_text(v))}" for k, v in meta.items())
-    body = "".join(_section(k, r) for k, r in enumerate(records))
+    body, uris = _dedupe("".join(_section(k, r) for k, r in enumerate(records)))
+    script = f"<script>const U={json.dumps(uris)};{_SCRIPT}</script>"
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         "<title>pytest-saliency report</title>"
         f"<style>{_CSS}</style></head><body><h1>pytest-saliency report</h1>"
         f'<p class="note">{info}</p><p>{len(records)} audits: {_e(tally)}</p>'
-        f"{_summary(records)}{body}</body></html>\n"
+        f"{_overview(records)}<h2>All audits</h2>{_summary(records)}{body}{script}</body></html>\n"
     )
 
 

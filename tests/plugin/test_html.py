@@ -56,13 +56,14 @@ class Page(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
-        if tag == "section" and "audit" in attrs.get("class", ""):
+        if tag == "details" and "audit" in attrs.get("class", ""):
             self.sections.append(attrs["id"])
-        if tag == "img":
-            self.images.append(attrs["src"])
+        if tag == "img":  # each distinct image is once in the script's list U
+            self.images.append(attrs.get("src") or int(attrs["data-u"]))
         external = "href" in attrs and not attrs["href"].startswith("#")
-        if tag in ("link", "script", "iframe") or external:
+        if tag in ("link", "iframe") or (tag == "script" and "src" in attrs) or external:
             self.links.append(attrs.get("href") or attrs.get("src") or tag)
+        self.in_script = tag == "script"
         if tag == "svg":
             self.svgs += 1
         if tag == "tr" and any("summary" in c for c in self.classes):
@@ -70,6 +71,11 @@ class Page(HTMLParser):
         if tag not in VOID:
             self.stack.append(tag)
             self.classes.append(attrs.get("class", ""))
+
+    def handle_data(self, data):
+        if getattr(self, "in_script", False) and data.startswith("const U="):
+            uris = json.loads(data[len("const U=") : data.index("];") + 1])
+            self.images = [uris[i] if isinstance(i, int) else i for i in self.images]
 
     def handle_startendtag(self, tag, attrs):
         if tag not in VOID:  # self-closed SVG elements
@@ -160,8 +166,8 @@ def check_images(fig: dict, size: tuple[int, int], input_mode: str) -> None:
         image = decode(row["input"])
         assert image.size == size and image.mode == input_mode
         for cell in row["cells"]:
-            image = decode(cell["image"])
-            assert image.size == size and image.mode == "RGB"
+            image = decode(cell["image"])  # a palette PNG of the colormap's 256 levels
+            assert image.size == size and image.mode == "P" and len(image.getpalette()) == 768
 
 
 def test_extreme_values_draw_without_a_numpy_warning() -> None:
@@ -189,7 +195,11 @@ def test_figures_of_output_sensitivity(results) -> None:
     assert fig["colormap"] == "diverging"  # gradients are signed
     assert len(fig["rows"]) == MAX_SAMPLES and fig["samples_total"] == 6
     check_images(fig, (8, 8), "RGB")
-    for i, row in enumerate(fig["rows"]):
+    # the samples shown are the most similar ones (the verdict's worst), most similar first
+    worst = sorted(range(6), key=lambda i: -float(result.scores[i]))[:MAX_SAMPLES]
+    assert [row["sample"] for row in fig["rows"]] == worst
+    for row in fig["rows"]:
+        i = row["sample"]
         target, other = row["cells"]
         assert target["score"] is None and target["caption"] == f"class {int(result.targets[i])}"
         assert other["caption"] == f"class {int(result.others[i])}"
@@ -203,7 +213,12 @@ def test_figures_of_parameter_randomization(results) -> None:
     fig = figures(result)
     assert fig["columns"] == ["original"] + [f"{k + 1}. {n}" for k, n in enumerate(result.layers)]
     check_images(fig, (8, 8), "RGB")
-    for i, row in enumerate(fig["rows"]):
+    worst = result._worst()
+    assert [row["sample"] for row in fig["rows"]] == sorted(
+        range(len(worst)), key=lambda i: -float(worst[i])
+    )[:MAX_SAMPLES]
+    for row in fig["rows"]:
+        i = row["sample"]
         assert row["cells"][0]["score"] is None
         for k in range(len(result.layers)):
             assert row["cells"][k + 1]["score"] == pytest.approx(float(result.scores[k, i]))
@@ -272,8 +287,40 @@ def test_html_report_from_a_suite_run(pytester: pytest.Pytester) -> None:
     records = json.loads((pytester.path / "run.json").read_text())["records"]
     assert len(page.sections) == len(records) == 4
     per_sample = [
-        3 if r["check"] == "output_sensitivity" else 2 + len(r["layers"]) for r in records
+        3 if r["check"] == "output_sensitivity" else 2 + min(len(r["layers"]), MAX_STEPS)
+        for r in records
     ]
-    assert len(page.images) == 4 * sum(per_sample)  # 4 samples in tinynet's batch
+    assert len(page.images) == MAX_SAMPLES * sum(per_sample)  # of tinynet's 4 samples
     for uri in page.images:
         assert decode(uri).size == (8, 8)
+
+
+def test_the_page_opens_with_an_overview_and_collapses_the_details() -> None:
+    from pytest_saliency.html import render_html
+
+    def record(method: str, check: str, verdict: str, score: float | None) -> dict:
+        return {"nodeid": f"s.yaml::{check}[{method}]", "source": "suite", "method": method,
+                "method_id": method, "check": check, "score": score, "threshold": 0.5,
+                "threshold_key": "max_similarity", "verdict": verdict, "similarity": "ssim",
+                **({"error": {"type": "ModelError", "message": "boom"}} if verdict == "error"
+                   else {})}  # fmt: skip
+
+    records = [
+        record("gradient", "output_sensitivity", "pass", 0.1),
+        record("gradient", "parameter_randomization", "pass", 0.2),
+        record("gradcam", "output_sensitivity", "fail", 0.9),
+        record("gradcam", "parameter_randomization", "error", None),
+    ]
+    text = render_html(records)
+    page = parse(text)
+    assert page.sections == ["audit-0", "audit-1", "audit-2", "audit-3"]
+    assert "<h2>Needs attention (2)</h2>" in text
+    attention = text[text.index("Needs attention") : text.index('<table class="overview">')]
+    assert 'href="#audit-2"' in attention and 'href="#audit-3"' in attention
+    assert 'href="#audit-0"' not in attention
+    overview = text[text.index('<table class="overview">') : text.index("</table>")]
+    assert overview.index("<th>gradcam</th>") < overview.index("<th>gradient</th>")  # worst first
+    assert '<td class="cell error"><a href="#audit-3"' in overview and ">error</a>" in overview
+    assert '<td class="cell pass"><a href="#audit-0" title="pass: score 0.100' in overview
+    assert text.count('<details class="audit"') == 4 and '<details class="audit" open' not in text
+    assert "openTarget" in text  # a link to an audit opens it
