@@ -1,10 +1,11 @@
 """Baselines: every audit's score saved, and a later run compared with it.
 
 ``--saliency-baseline-save PATH`` writes, at the end of the run, one entry per audit: its key
-(the node id, then ``::`` and the check for a test's audits, ``#2`` and up for a second audit
-of the same check in one test), score, threshold and verdict. ``--saliency-baseline PATH``
-compares each audit with its entry: *worse by* is how far the score moved in the check's
-failing direction (up for ``max_similarity``, down for ``min_rise``); worse by more than
+(a suite item's node id; a test's node id, then ``::check[method id]``, and ``#2`` and up for
+a second audit of the same method and check in one test), score, threshold and verdict.
+``--saliency-baseline PATH`` compares each audit with its entry: *worse by* is how far the
+score moved in the check's failing direction (up for ``max_similarity``, down for
+``min_rise``); worse by more than
 ``--saliency-baseline-tolerance`` (default 0.05) fails an audit that otherwise passes. Audits
 with no entry are *new*; entries no audit of the run matched are *gone*.
 """
@@ -25,7 +26,8 @@ DEFAULT_TOLERANCE = 0.05
 def key_of(record: dict, seen: dict[str, int]) -> str:
     """``record``'s baseline key, counting in ``seen`` the audits already keyed this run."""
     r = record
-    base = r["nodeid"] if r.get("source") == "suite" else f"{r['nodeid']}::{r['check']}"
+    method = r.get("method_id") or r.get("method")
+    base = r["nodeid"] if r.get("source") == "suite" else f"{r['nodeid']}::{r['check']}[{method}]"
     seen[base] = seen.get(base, 0) + 1
     return base if seen[base] == 1 else f"{base}#{seen[base]}"
 

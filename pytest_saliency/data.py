@@ -133,7 +133,9 @@ def sample(
     def read(i: int) -> Any:
         if i not in cache:
             with rng_preserved():
-                torch.manual_seed(seed + i)  # a random transform: the same draw every run
+                # a random transform: the same draw every run (the CPU generator only: seeding
+                # CUDA here would queue a lazy seed that outlives the block)
+                torch.default_generator.manual_seed(seed + i)
                 import random
 
                 import numpy as np

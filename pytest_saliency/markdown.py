@@ -4,6 +4,7 @@ baseline, and every audit in a collapsed section."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .report import _ci, _controls, _num, _symbol, _why, error_text, groups, tally
@@ -11,9 +12,22 @@ from .report import _ci, _controls, _num, _symbol, _why, error_text, groups, tal
 ATTENTION = ("fail", "xpass", "error")
 
 
+_SPECIAL = re.compile(r"([\\`*_\[\]<>#|~])")
+
+
 def _md(text: object) -> str:
-    """A table cell: one line, pipes escaped."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Plain text in a table cell: one line, Markdown's and HTML's marks escaped."""
+    return _SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def _code(text: object) -> str:
+    """Text as a code span in a table cell: a fence longer than its longest run of
+    backticks, pipes escaped (GitHub splits cells on them even in code)."""
+    text = " ".join(str(text).split())
+    runs = [len(m) for m in re.findall(r"`+", text)]
+    fence = "`" * (max(runs, default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text.replace('|', chr(92) + '|')}{pad}{fence}"
 
 
 def _verdict(record: dict) -> str:
@@ -23,7 +37,7 @@ def _verdict(record: dict) -> str:
 
 def _audit(record: dict) -> str:
     """A suite item's id names its check; a test's id is followed by the check's name."""
-    shown = f"`{_md(record['nodeid'])}`"
+    shown = _code(record["nodeid"])
     return shown if record.get("source") == "suite" else f"{shown} {_md(record['check'])}"
 
 
@@ -48,7 +62,7 @@ def format_markdown(records: list[dict], meta: dict | None = None) -> str:
         lines += ["| audit | score | threshold | verdict | why |", "|---|---|---|---|---|"]
         for r in attention:
             lines.append(
-                f"| {_audit(r)} | {_num(r.get('score'))} | "
+                f"| {_audit(r)} | {'-' if r.get('error') else _num(r.get('score'))} | "
                 f"{_symbol(r)} {r['threshold']:.3f} | {_verdict(r)} | {_md(_reason(r))} |"
             )
         lines.append("")
@@ -76,7 +90,7 @@ def format_markdown(records: list[dict], meta: dict | None = None) -> str:
         lines.append("")
     lines += [f"<details><summary>All {len(records)} audits</summary>", ""]
     for title, members in groups(records):
-        lines += [f"#### `{_md(title)}`", "",
+        lines += [f"#### {_code(title)}", "",
                   "| method | metric | score | 95% CI | noise/edge | threshold | verdict |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in members:

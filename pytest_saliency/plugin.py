@@ -6,6 +6,7 @@ torch is imported inside hooks and fixtures, only once an audit, a CUDA device o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from collections.abc import Mapping
@@ -292,8 +293,6 @@ class SaliencySession:
     def _keep(self, rec: dict) -> dict:
         from .baseline import key_of
 
-        rec["nodeid"] = plain_nodeid(rec["nodeid"])
-
         key = key_of(rec, self._keyed)
         if self.baseline is not None:
             self.baseline.compare(key, rec)
@@ -386,13 +385,26 @@ class SaliencySession:
 
 
 SESSION_KEY = pytest.StashKey[SaliencySession]()
-# xdist's --dist loadgroup appends "@<group>" to the ids it schedules; a "@" inside a
-# parameter id ("test[a@b]") is followed by "]" and stays.
-_GROUP_SUFFIX = re.compile(r"@[^\[\]]*$")
+# xdist's --dist loadgroup appends "@<group>" to the ids it schedules (with pytest < 9.2);
+# a "@" inside a parameter id ("test[a@b]") is followed by "]" and stays.
+_GROUP_SUFFIX = re.compile(r"@[^\[\]@:/]*$")
 
 
-def plain_nodeid(nodeid: str) -> str:
-    """A node id as a serial run names it (without xdist's ``@group`` suffix)."""
+def item_nodeid(item: pytest.Item) -> str:
+    """``item``'s id as a serial run names it: without the ``@group`` suffix xdist's
+    loadgroup gives an item with ``xdist_group`` marks (their names, sorted, joined by _)."""
+    nodeid = item.nodeid
+    names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                    for m in item.iter_markers("xdist_group")})  # fmt: skip
+    suffix = "@" + "_".join(names)
+    return nodeid[: -len(suffix)] if names and nodeid.endswith(suffix) else nodeid
+
+
+def plain_nodeid(nodeid: str, config: pytest.Config) -> str:
+    """A node id the xdist controller got (a collected id, a crash report's) without the
+    ``@group`` suffix, which only ``--dist loadgroup`` adds."""
+    if getattr(config.option, "dist", None) != "loadgroup":
+        return nodeid
     return _GROUP_SUFFIX.sub("", nodeid)
 
 
@@ -426,7 +438,7 @@ def pytest_addhooks(pluginmanager: Any) -> None:
 def pytest_collection_finish(session: pytest.Session) -> None:
     state = session.config.stash.get(SESSION_KEY, None)
     if state is not None and not state.order:
-        state.order = {plain_nodeid(item.nodeid): i for i, item in enumerate(session.items)}
+        state.order = {item_nodeid(item): i for i, item in enumerate(session.items)}
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -442,7 +454,7 @@ def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
     order of the reports."""
     state = node.config.stash.get(SESSION_KEY, None)
     if state is not None and not state.order:
-        state.order = {plain_nodeid(nodeid): i for i, nodeid in enumerate(ids)}
+        state.order = {plain_nodeid(nodeid, node.config): i for i, nodeid in enumerate(ids)}
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
@@ -636,7 +648,7 @@ class Auditor:
                 result = api(check)(*placed, inputs, [spec], **kw)[0]
         except Exception as exc:  # a row in the reports too, then the test's error as raised
             rec = self._session.record_error(
-                self._node.nodeid, exc, check=check.name, method=name_, method_id=ident,
+                item_nodeid(self._node), exc, check=check.name, method=name_, method_id=ident,
                 options=options, threshold=threshold, confidence=confidence,
                 expected=_expected_refusal(self._node, exc), seed=kw.get("seed"),
                 settings={k: v for k, v in kw.items() if k != "seed"},
@@ -644,7 +656,7 @@ class Auditor:
             self._node.user_properties.extend(junit_properties(rec))
             raise
         rec = self._session.record(
-            self._node.nodeid,
+            item_nodeid(self._node),
             result,
             threshold=threshold,
             confidence=confidence,
@@ -717,30 +729,37 @@ def junit_properties(record: dict) -> list[tuple[str, Any]]:
     return props
 
 
+def _xfail(node: pytest.Item) -> Any:
+    """pytest's own reading of the test's xfail marks (conditions evaluated, ``--runxfail``
+    honoured): an object with ``raises``, or None when the test is not expected to fail."""
+    if node.config.option.runxfail:
+        return None
+    try:
+        from _pytest.skipping import evaluate_xfail_marks, xfailed_key
+    except ImportError:  # pragma: no cover - a pytest without it: read the marks plainly
+        marks = [m for m in node.iter_markers("xfail") if not m.args or m.args[0] is True]
+        return marks and type("Xfail", (), {"raises": marks[0].kwargs.get("raises")})()
+    found = node.stash.get(xfailed_key, None)
+    return evaluate_xfail_marks(node) if found is None else found
+
+
 def _expects_failure(node: pytest.Item) -> bool:
-    """Whether the test carries an unconditional (or true-conditioned) ``xfail`` mark, so a
+    """Whether pytest expects the test to fail (an xfail mark whose condition holds), so a
     failing audit shows as an expected failure in the table, as pytest reports the test."""
-    for mark in node.iter_markers("xfail"):
-        conditions = mark.args or (
-            (mark.kwargs["condition"],) if "condition" in mark.kwargs else ()
-        )
-        if all(isinstance(c, bool) and c for c in conditions):
-            return True
-    return False
+    return bool(_xfail(node))
 
 
 def _expected_refusal(node: pytest.Item, exc: BaseException) -> str:
-    """``"error"`` when the test's xfail mark (as :func:`_expects_failure` reads it) expects
-    ``exc``, so pytest xfails the test and the row says ``refused``; else ``"pass"``."""
-    from .errors import SaliencyError
+    """``"error"`` when the test is expected to fail with ``exc`` (its xfail's ``raises``, or
+    any) and ``exc`` is a refusal, so the row says ``refused`` as pytest xfails the test;
+    else ``"pass"``."""
+    from .errors import refusal_kind
 
-    if not isinstance(exc, SaliencyError) or not _expects_failure(node):
+    expected = _xfail(node)
+    if not expected or refusal_kind(exc) is None:
         return "pass"
-    for mark in node.iter_markers("xfail"):
-        raises = mark.kwargs.get("raises")
-        if raises is None or isinstance(exc, raises):
-            return "error"
-    return "pass"
+    raises = getattr(expected, "raises", None)
+    return "error" if raises is None or isinstance(exc, raises) else "pass"
 
 
 def _check_threshold(value: object, what: str) -> None:
@@ -785,11 +804,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
     report's extra attributes reach the controller), so a crashed worker loses only the
     records of the test it crashed in."""
     outcome = yield
+    state = item.config.stash.get(SESSION_KEY, None)
+    if call.when == "call" and state is not None and outcome.get_result().passed:
+        # the test passed: an error its audit raised was caught (pytest.raises), not a row
+        mine = item_nodeid(item)
+        state.records = [r for r in state.records if not (
+            r.get("error") and r.get("source") == "python" and r["nodeid"] == mine)]  # fmt: skip
     if call.when == "call" and hasattr(item, "shared_seconds"):
         # a shared audit's time, split over the items that share it (the sum stays)
         report = outcome.get_result()
         report.duration = max(0.0, report.duration - item.paid_seconds + item.shared_seconds)
-    state = item.config.stash.get(SESSION_KEY, None)
     if state is not None and is_worker(item.config) and state.records:
         outcome.get_result().saliency_records = state.records
         state.records = []
@@ -810,7 +834,7 @@ class Progress:
         writer = config.pluginmanager.get_plugin("terminalreporter")
         quiet = (config.getoption("verbose") or 0) < 0 or is_worker(config)
         self.writer = None if quiet else writer
-        self.what, self.clock = what, time.monotonic
+        self.config, self.what, self.clock = config, what, time.monotonic
         self.start, self.last = self.clock(), None
 
     def __call__(self, done: int, total: int, label: str) -> None:
@@ -821,9 +845,11 @@ class Progress:
         if elapsed < PROGRESS_AFTER or (self.last is not None and now - self.last < PROGRESS_EVERY):
             return
         self.last = now
-        self.writer.write_line(
-            f"saliency: {self.what}: step {done}/{total} ({label}), {elapsed:.0f} s"
-        )
+        line = f"saliency: {self.what}: step {done}/{total} ({label}), {elapsed:.0f} s"
+        capture = self.config.pluginmanager.getplugin("capturemanager")
+        quiet = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
+        with quiet:  # past pytest's capture of the test's output, to the terminal
+            self.writer.write_line(line)
 
 
 class _Controller:
@@ -837,8 +863,8 @@ class _Controller:
         records = getattr(report, "saliency_records", None)
         if records:
             self.state.records.extend(records)
-        if report.failed and "crashed while running" in str(report.longrepr):
-            self.state.crashed.append(plain_nodeid(report.nodeid))
+        if report.failed and report.when == "???":  # xdist's report of a crashed worker
+            self.state.crashed.append(plain_nodeid(report.nodeid, self.state.config))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

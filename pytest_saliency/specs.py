@@ -42,11 +42,12 @@ def parse_method(spec: object) -> MethodSpec:
             )
         options = {k: v for k, v in spec.items() if k not in ("name", "id", "layer")}
         given = spec.get("id")
-        if given is not None and (not str(given).strip() or not str(given).isprintable()):
+        text = None if given is None else str(given)
+        if text is not None and (not text.strip() or not text.isprintable() or "::" in text):
             raise SaliencyError(
-                f"method {name!r}: id {str(given)!r} is not one printable line; an id names "
-                "test items and report rows, so give a non-empty id without newlines or "
-                "control characters, or leave 'id' out for the made one"
+                f"method {name!r}: id {text!r} is not one printable line without '::'; an id "
+                "names test items and report rows, so give a non-empty id without newlines, "
+                "control characters or '::', or leave 'id' out for the made one"
             )
         return MethodSpec(name, options, spec.get("layer"), None if given is None else str(given))
     raise SaliencyError(

@@ -379,35 +379,19 @@ def _check_setting(p: _Problems, path: KeyPath, key: str, value: Any, check: Any
 
     A check's own options are validated by the check's schema (the same validators as the
     API); ``check`` is None for the suite's top-level keys."""
-    from .checks.base import MIN_RISE, SIMILARITY_THRESHOLD
+    from .validate import SHARED
 
     if check is not None and key in [o.name for o in check.options]:
         try:
             check.option(key).validate(value)
         except SaliencyError as exc:
             p.add(path, str(exc))
-    elif key in ("max_similarity", "min_rise"):
-        threshold = SIMILARITY_THRESHOLD if key == "max_similarity" else MIN_RISE
-        low, high = threshold.bounds
-        if not _is_number(value) or not math.isfinite(value) or not low <= value <= high:
-            p.add(path, f"expected a number in [{low:g}, {high:g}] ({threshold.help}), "
-                        f"got {value!r}")  # fmt: skip
-    elif key == "seed":
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            p.add(path, f"expected a non-negative integer, got {value!r}")
-    elif key == "batch_size":
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 1
-        ):
-            p.add(path, f"expected a positive integer or null, got {value!r}")
-    elif key == "confidence":
-        if not isinstance(value, bool):
-            p.add(path, f"expected true or false, got {value!r}")
-    elif key == "similarity":
-        from .similarities import metrics
+    elif key in SHARED:
+        from .validate import problem
 
-        if value not in metrics():
-            p.unknown(path, "similarity", value, metrics())
+        found = problem(key, value)
+        if found is not None:
+            p.add(path, found)
     elif key == "model":  # a check's second model (data randomization's twin)
         _source(p, path, value)
     elif key == "device":
@@ -449,10 +433,10 @@ def _method_entry(p: _Problems, index: int, entry: Any) -> MethodEntry | None:
     if given_id is not None and (not isinstance(given_id, str) or not given_id.strip()):
         ok = False
         p.add((*path, "id"), f"expected a non-empty string, got {given_id!r}")
-    elif given_id is not None and not given_id.isprintable():
+    elif given_id is not None and (not given_id.isprintable() or "::" in given_id):
         ok = False
-        p.add((*path, "id"), f"expected one printable line (it names items and report rows), "
-                             f"got {given_id!r}")  # fmt: skip
+        p.add((*path, "id"), f"expected one printable line without '::' (it names items and "
+                             f"report rows), got {given_id!r}")  # fmt: skip
     if not ok:
         return None
     try:
@@ -717,7 +701,7 @@ def _models(p: _Problems, data: dict, checks: dict[str, dict], entries: list[Met
             value = {"model": value}
             paths = {"model": where}
         elif isinstance(value, dict):
-            paths = {k: (*where, k) for k in value}
+            paths = {k: (*where, k) for k in value if value[k] is not None}
             for key in value:
                 if key not in MODEL_KEYS:
                     p.unknown((*where, key), "key of a model", key, MODEL_KEYS)
@@ -758,10 +742,11 @@ def _models(p: _Problems, data: dict, checks: dict[str, dict], entries: list[Met
                 merged[name].update(settings)
                 check_paths.update({(name, k): (*path, k) for k in settings})
         own_expect = _expect(p, value.get("expect"), ids, checks, (*where, "expect"))
+        own_inputs, own_targets = value.get("inputs"), value.get("targets")  # null: the suite's
         spec = ModelSpec(
-            ident, value["model"], value.get("inputs", top["inputs"]),
-            value.get("targets", top["targets"]), layer, merged, {**expect, **own_expect},
-            paths, check_paths,
+            ident, value["model"], top["inputs"] if own_inputs is None else own_inputs,
+            top["targets"] if own_targets is None else own_targets, layer, merged,
+            {**expect, **own_expect}, paths, check_paths,
         )  # fmt: skip
         _needs_twins(p, spec, where)
         out.append(spec)
@@ -926,8 +911,13 @@ def load_objects(suite: Suite, spec: ModelSpec, search: list[str],
     try:
         inputs = tensor_from("inputs", source)
         if is_data(inputs):  # a seeded, class-balanced batch of a Dataset or DataLoader
-            inputs = sample(inputs, drawn.get("samples", DEFAULT_SAMPLES),
-                            per_class=drawn.get("per_class"), seed=seed)[0]  # fmt: skip
+            try:
+                inputs = sample(inputs, drawn.get("samples", DEFAULT_SAMPLES),
+                                per_class=drawn.get("per_class"), seed=seed)[0]  # fmt: skip
+            except SaliencyError:
+                raise
+            except _USER_ERRORS as exc:  # the dataset's own code (its __getitem__)
+                raise SaliencyError(f"reading its items raised {_user_error(exc)}") from None
         elif len(drawn) > 1:
             raise SaliencyError(
                 f"samples and per_class draw from a Dataset or DataLoader, and this is a "
@@ -1087,9 +1077,9 @@ class _Holder:
                 yield item
 
     def group(self) -> str:
-        """The xdist group of this model's items (no '@', '[' or ']', which xdist and the
-        report ids read)."""
-        return re.sub(r"[@\[\]]", "_", self.nodeid)
+        """The xdist group of this model's items: its node id with letters, digits, '.', '-'
+        and '_' only (xdist and the report ids read '@', '[', ']' and '::')."""
+        return re.sub(r"[^\w.-]", "_", self.nodeid)
 
     def all_here(self, item: SuiteItem) -> bool:
         """Whether this xdist worker runs every item of this model: under ``--dist
@@ -1111,6 +1101,11 @@ class _Holder:
                 self._loaded = exc
                 self._failed_first = item.name
                 raise
+            except Exception as exc:  # not foreseen: located, and not tried again per item
+                where = self.suite.where(self.spec.path("model"))
+                self._loaded = SuiteError(f"{where}: loading this model raised {_user_error(exc)}")
+                self._failed_first = item.name
+                raise self._loaded from exc
         if isinstance(self._loaded, pytest.skip.Exception):
             raise self._loaded
         if isinstance(self._loaded, SuiteError):
@@ -1192,19 +1187,47 @@ class _Holder:
 
     def _split(self, check: str, peers: list, device: Any, settings: dict[str, Any]) -> list:
         """``[(item, result or the exception its audit raised)]`` for ``peers``, from as few
-        shared calls as the errors allow (a call that raises is retried in halves)."""
+        shared calls as the errors allow: a call that raises is retried in halves."""
+        outcome = self._call(check, peers, device, settings)
+        if not isinstance(outcome, Exception):
+            return list(zip(peers, outcome))
+        if len(peers) == 1:
+            return [(peers[0], outcome)]
+        return self._halves(check, peers, device, settings, outcome)
+
+    def _halves(self, check: str, peers: list, device: Any, settings: dict[str, Any],
+                error: Exception) -> list:  # fmt: skip
+        """The outcomes of ``peers``, whose shared call raised ``error``: each half again.
+        When both halves raise that very error (a model that fails for every method, not one
+        method's refusal), one call per method settles each item."""
+        half = len(peers) // 2
+        parts = [peers[:half], peers[half:]]
+        found = [self._call(check, part, device, settings) for part in parts]
+        same = all(
+            isinstance(f, Exception) and (type(f), str(f)) == (type(error), str(error))
+            for f in found
+        )
+        if same and len(peers) > 2:
+            return [pair for other in peers for pair in self._split(check, [other], device,
+                                                                      settings)]  # fmt: skip
+        out = []
+        for part, outcome in zip(parts, found):
+            if not isinstance(outcome, Exception):
+                out += list(zip(part, outcome))
+            elif len(part) == 1:
+                out.append((part[0], outcome))
+            else:
+                out += self._halves(check, part, device, settings, outcome)
+        return out
+
+    def _call(self, check: str, peers: list, device: Any, settings: dict[str, Any]) -> Any:
+        """The results of one shared call for ``peers``, or the exception it raised."""
         models, inputs, targets = self.placed(device, check)
         methods = [o.method_spec() for o in peers]
         try:
-            results = run_check(check, models, inputs, methods, target=targets, **settings)
+            return run_check(check, models, inputs, methods, target=targets, **settings)
         except Exception as exc:
-            if len(peers) == 1:
-                return [(peers[0], exc)]
-            half = len(peers) // 2
-            return self._split(check, peers[:half], device, settings) + self._split(
-                check, peers[half:], device, settings
-            )
-        return list(zip(peers, results))
+            return exc
 
 
 class SuiteFile(_Holder, pytest.File):
@@ -1249,7 +1272,7 @@ class SuiteFile(_Holder, pytest.File):
         if settings.device_from_cli or wanted is None:
             return settings.torch_device()
         try:
-            return resolve_device(wanted)
+            return resolve_device(wanted, worker=settings.worker)
         except SaliencyError as exc:
             raise SuiteError(
                 f"{self.suite.where(('device',))}: device {exc}; or run with --saliency-device cpu"
@@ -1348,7 +1371,7 @@ class SuiteItem(pytest.Item):
         return merged
 
     def runtest(self) -> None:
-        from .plugin import get_session
+        from .plugin import get_session, item_nodeid
 
         session = get_session(self.config)
         settings = self.settings(session.settings)
@@ -1366,7 +1389,7 @@ class SuiteItem(pytest.Item):
             raise  # not reached: raised() always raises
         try:
             record = session.record(
-                self.nodeid,
+                item_nodeid(self),
                 result,
                 threshold=threshold,
                 confidence=confidence,
@@ -1394,10 +1417,10 @@ class SuiteItem(pytest.Item):
         """Record the audit that raised ``exc`` as a row, then end the item: xfailed when the
         suite expects this refusal, else failed with the error (located when it is ours)."""
         from .errors import REFUSALS, first_line, refusal_kind
-        from .plugin import junit_properties
+        from .plugin import item_nodeid, junit_properties
 
         record = session.record_error(
-            self.nodeid, exc, check=self.check, method=self.entry.name,
+            item_nodeid(self), exc, check=self.check, method=self.entry.name,
             method_id=self.entry.id, options=self.entry.options, threshold=threshold,
             confidence=confidence, expected=self.expected, source="suite", device=str(device),
             seed=settings.get("seed"), settings={k: v for k, v in settings.items() if k != "seed"},

@@ -192,3 +192,55 @@ def test_a_suite_draws_its_inputs_from_a_dataset(pytester: pytest.Pytester):
             "'samples'*"
         ]  # fmt: skip
     )
+
+
+def test_sampling_seeds_no_cuda_generator(monkeypatch):
+    """Only the CPU generator is seeded for an item's transform: torch.manual_seed would also
+    queue a lazy CUDA seed that outlives the call (the user's CUDA stream would change)."""
+
+    def refuse(seed):
+        raise AssertionError("torch.manual_seed seeds CUDA too")
+
+    monkeypatch.setattr(torch, "manual_seed", refuse)
+    monkeypatch.setattr(torch.random, "manual_seed", refuse)
+    first, _ = ps.sample(Jittered(), 4, seed=1)
+    torch.testing.assert_close(ps.sample(Jittered(), 4, seed=1)[0], first)
+
+
+def test_a_dataset_that_raises_is_a_located_error_once(pytester: pytest.Pytester):
+    pytester.makepyfile(
+        broken=textwrap.dedent(
+            """\
+            import torch
+            from torch.utils.data import Dataset
+
+            CALLS = []
+
+            class Missing(Dataset):
+                def __len__(self):
+                    return 10
+
+                def __getitem__(self, i):
+                    CALLS.append(i)
+                    raise FileNotFoundError(f"images/{i}.png")
+
+            def model():
+                return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)).eval()
+
+            def data():
+                return Missing()
+            """
+        )
+    )
+    pytester.makefile(".yaml", saliency_broken="model: broken:model\ninputs: broken:data\n"
+                                               "methods: [gradient]\n")  # fmt: skip
+    result = pytester.runpytest()
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "saliency_broken.yaml:2: inputs: broken:data: reading its items raised "
+            "FileNotFoundError: images/*.png (at *broken.py:*)"
+        ]  # fmt: skip
+    )
+    assert "Traceback" not in result.stdout.str()
+    assert result.stdout.str().count(", above)") == 1  # loaded once, pointed at after

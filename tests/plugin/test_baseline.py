@@ -66,8 +66,8 @@ def test_save_then_compare_unchanged(project):
         "saliency_base.yaml::efficient_randomization[gradient]",
         "saliency_base.yaml::output_sensitivity[input_x_gradient]",
         "saliency_base.yaml::efficient_randomization[input_x_gradient]",
-        "test_fix.py::test_two_calls::output_sensitivity",
-        "test_fix.py::test_two_calls::output_sensitivity#2",
+        "test_fix.py::test_two_calls::output_sensitivity[gradient]",
+        "test_fix.py::test_two_calls::output_sensitivity[gradient]#2",
     ]
     entry = doc["audits"]["saliency_base.yaml::efficient_randomization[gradient]"]
     assert entry["threshold_key"] == "min_rise" and entry["verdict"] == "pass"
@@ -88,7 +88,7 @@ def test_worse_than_the_tolerance_fails_in_the_checks_own_direction(project):
     shift(project, {"output_sensitivity[gradient]": -0.2,
                     "efficient_randomization[input_x_gradient]": 0.2,
                     "output_sensitivity[input_x_gradient]": -0.01,
-                    "test_two_calls::output_sensitivity": -0.2})  # fmt: skip
+                    "test_two_calls::output_sensitivity[gradient]": -0.2})  # fmt: skip
     result = project.runpytest(
         "--saliency-baseline=base.json", "--saliency-report=r.json", "--saliency-report=s.md"
     )
@@ -98,7 +98,7 @@ def test_worse_than_the_tolerance_fails_in_the_checks_own_direction(project):
     assert "gradient got worse under output_sensitivity: worse than the baseline by 0.200" in out
     # the test's second call never ran (its assert_ failed first): gone from this run
     assert "5 compared, 4 worse (3 by more than 0.05), 0 new, 1 gone" in out
-    assert "  gone: test_fix.py::test_two_calls::output_sensitivity#2" in out
+    assert "  gone: test_fix.py::test_two_calls::output_sensitivity[gradient]#2" in out
     rows = {r["nodeid"]: r for r in json.loads((project.path / "r.json").read_text())["records"]}
     fine = rows["saliency_base.yaml::output_sensitivity[input_x_gradient]"]
     assert fine["verdict"] == "pass" and fine["baseline"]["worse_by"] == pytest.approx(0.01)
@@ -180,7 +180,27 @@ def test_the_baseline_and_tolerance_can_live_in_the_ini(project):
 
 
 def test_keys_number_a_tests_repeated_check():
-    rows = [{"nodeid": "t.py::a", "check": "c"}, {"nodeid": "t.py::a", "check": "c"},
-            {"nodeid": "t.py::a", "check": "d"}, {"nodeid": "s.yaml::c[g]", "check": "c",
-                                                  "source": "suite"}]  # fmt: skip
-    assert keys(rows) == ["t.py::a::c", "t.py::a::c#2", "t.py::a::d", "s.yaml::c[g]"]
+    rows = [
+        {"nodeid": "t.py::a", "check": "c", "method_id": "g"},
+        {"nodeid": "t.py::a", "check": "c", "method_id": "g"},
+        {"nodeid": "t.py::a", "check": "c", "method_id": "ig"},
+        {"nodeid": "t.py::a", "check": "d", "method_id": "g"},
+        {"nodeid": "s.yaml::c[g]", "check": "c", "method_id": "g", "source": "suite"},
+    ]
+    # fmt: skip
+    assert keys(rows) == ["t.py::a::c[g]", "t.py::a::c[g]#2", "t.py::a::c[ig]", "t.py::a::d[g]",
+                          "s.yaml::c[g]"]  # fmt: skip
+
+
+def test_two_methods_in_one_test_keep_their_own_baselines(project):
+    """Keys name the method: swapping two calls compares each with its own score."""
+    call = '    saliency.output_sensitivity(model, x, "{}", max_similarity=1.0, against="second")'
+    head = "import tinynet\n\ndef test_two(saliency):\n    model, x = tinynet.make_model(), " \
+           "tinynet.make_inputs()\n"  # fmt: skip
+    order = ["gradient", "input_x_gradient"]
+    project.makepyfile(test_fix=head + "\n".join(call.format(m) for m in order) + "\n")
+    project.runpytest("--saliency-baseline-save=base.json").assert_outcomes(passed=5)
+    project.makepyfile(test_fix=head + "\n".join(call.format(m) for m in order[::-1]) + "\n")
+    result = project.runpytest("--saliency-baseline=base.json", "-k", "test_two")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*: 2 compared, 0 worse (0 by more than 0.05), 0 new, 4 gone"])

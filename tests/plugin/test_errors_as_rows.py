@@ -70,6 +70,23 @@ class InRange(nn.Module):
 
 def in_range():
     return InRange().eval()
+
+
+class NoGrad(nn.Module):
+    # runs under torch.no_grad only: every method's pass fails, with the same error
+
+    def __init__(self):
+        super().__init__()
+        self.net = tinynet.make_model()
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            raise RuntimeError("this model runs under torch.no_grad only")
+        return self.net(x)
+
+
+def no_grad():
+    return NoGrad().eval()
 """
 
 REFUSING = """\
@@ -282,4 +299,68 @@ def test_a_method_id_given_in_python_must_be_one_line_too():
         parse_method({"name": "gradient", "id": "a\nb"})
     with pytest.raises(SaliencyError, match="not one printable line"):
         parse_method({"name": "gradient", "id": "  "})
+    with pytest.raises(SaliencyError, match="without '::'"):
+        parse_method({"name": "gradient", "id": "a::b"})
     assert parse_method({"name": "gradient", "id": "grad ü"}).id == "grad ü"
+
+
+def test_an_error_the_test_catches_is_no_row_and_xfail_is_read_as_pytest_reads_it(project):
+    project.makepyfile(
+        test_caught=textwrap.dedent(
+            """\
+            import sys
+            import pytest
+            import models
+            import tinynet
+            from pytest_saliency import SaliencyError, UnsupportedActivationError
+
+            def test_caught(saliency):
+                with pytest.raises(SaliencyError):
+                    saliency.output_sensitivity(models.refused(), tinynet.make_inputs(),
+                                                "deconvnet")
+
+            @pytest.mark.xfail("sys.platform != 'no-such-platform'", strict=True,
+                               raises=UnsupportedActivationError)
+            def test_string_condition(saliency):
+                saliency.output_sensitivity(models.refused(), tinynet.make_inputs(), "rectgrad")
+            """
+        )
+    )
+    result = project.runpytest("--saliency-report=run.json")
+    result.assert_outcomes(passed=1, xfailed=1)
+    rows = records(project)
+    assert list(rows) == ["rectgrad"] and rows["rectgrad"]["verdict"] == "refused"
+    # under --runxfail the test fails: the row says error, as pytest does
+    result = project.runpytest("--saliency-report=run.json", "--runxfail")
+    result.assert_outcomes(passed=1, failed=1)
+    assert records(project)["rectgrad"]["verdict"] == "error"
+
+
+def test_a_model_that_fails_for_every_method_costs_one_call_each_not_twice_that(
+    project, monkeypatch
+):
+    import pytest_saliency.checks.base as base
+
+    calls: list[int] = []
+    original = base.execute
+
+    def spy(check, models, inputs, method, kwargs):
+        calls.append(len(method))
+        return original(check, models, inputs, method, kwargs)
+
+    monkeypatch.setattr(base, "execute", spy)
+    methods = "[gradient, input_x_gradient, guided_backprop, deconvnet, rectgrad, lrp_epsilon, " \
+              "fullgrad, {name: gradcam, layer: 'net.2'}]"  # fmt: skip
+    project.makefile(
+        ".yaml",
+        saliency_all=(
+            "model: models:no_grad\ninputs: tinynet:make_inputs\nmax_similarity: 1.0\n"
+            f"methods: {methods}\nchecks: {{output_sensitivity: {{}}}}\n"
+        ),
+    )
+    result = project.runpytest()
+    result.assert_outcomes(failed=8)
+    assert result.stdout.str().count("this model runs under torch.no_grad only") >= 8
+    # the whole, its two halves (both the whole's error), then one call each: 11, not the
+    # 2n - 1 = 15 calls of halving down to each method
+    assert calls == [8, 4, 4] + [1] * 8

@@ -250,3 +250,17 @@ def test_models_mistakes_are_located_collection_errors(project):
     for _, line in BAD.values():
         result.stdout.fnmatch_lines([line])
     assert "Traceback" not in result.stdout.str() and calls(project) == []
+
+
+def test_a_models_null_inputs_are_the_suites(project):
+    project.makefile(
+        ".yaml",
+        saliency_null=(
+            "inputs: helpers:batch\nmax_similarity: 1.0\nmethods: [gradient]\n"
+            "checks: {output_sensitivity: {}}\n"
+            "models:\n  a: {model: helpers:model_a, inputs: null, targets: null}\n"
+        ),
+    )
+    result = project.runpytest("-v")
+    result.assert_outcomes(passed=1)
+    assert "Traceback" not in result.stdout.str()

@@ -133,17 +133,22 @@ def test_each_item_reports_its_share_of_the_shared_audit(project):
     assert max(times) - min(times) < 0.25 * sum(times)
 
 
-def test_a_long_audit_prints_its_progress(project, monkeypatch):
-    import pytest_saliency.plugin as plugin
-
-    monkeypatch.setattr(plugin, "PROGRESS_AFTER", 0.0)
-    monkeypatch.setattr(plugin, "PROGRESS_EVERY", 0.0)
-    result = project.runpytest("-k", "parameter_randomization")
+def test_a_long_audit_prints_its_progress(project):
+    """To the terminal, past pytest's capture of the test's output (a real run: the lines
+    must not land in "Captured stdout")."""
+    project.makeconftest(
+        "import pytest_saliency.plugin as plugin\n"
+        "plugin.PROGRESS_AFTER = plugin.PROGRESS_EVERY = 0.0\n"
+    )
+    result = project.runpytest_subprocess("-p", "no:cacheprovider", "-k", "parameter_random")
+    result.assert_outcomes(passed=7)
     result.stdout.fnmatch_lines(
         ["saliency: saliency_shared.yaml :: parameter_randomization: step 1/3 (*), * s",
          "saliency: saliency_shared.yaml :: parameter_randomization: step 3/3 (*), * s"]
     )  # fmt: skip
-    quiet = project.runpytest("-q", "-k", "parameter_randomization")
+    assert "Captured stdout" not in result.stdout.str()
+    quiet = project.runpytest_subprocess("-q", "-p", "no:cacheprovider", "-k", "parameter_random")
     assert "saliency: saliency_shared.yaml" not in quiet.stdout.str()
-    monkeypatch.setattr(plugin, "PROGRESS_AFTER", 3600.0)  # a short audit prints nothing
-    assert "step 1/3" not in project.runpytest("-k", "parameter_randomization").stdout.str()
+    project.makeconftest("import pytest_saliency.plugin as plugin\nplugin.PROGRESS_AFTER = 3600\n")
+    short = project.runpytest_subprocess("-p", "no:cacheprovider", "-k", "parameter_random")
+    assert "step 1/3" not in short.stdout.str()  # an audit shorter than that prints nothing

@@ -73,7 +73,8 @@ def test_markdown_summary_puts_what_needs_attention_first(project):
     attention = text.index("### Needs attention (2)")
     assert attention < text.index("<details><summary>All 6 audits</summary>")
     needs = text[attention : text.index("<details>")]
-    assert needs.count("**FAIL**") == 2 and "score " in needs and "> max_similarity -1.000" in needs
+    assert needs.count("**FAIL**") == 2 and "score " in needs
+    assert "\\> max\\_similarity -1.000" in needs  # escaped: renders as > max_similarity
     assert "parameter_randomization" in needs and "output_sensitivity" not in needs
     # every audit in the collapsed part, grouped by suite and check, in the suite's order
     assert text.index("#### `saliency_md.yaml :: output_sensitivity`") < text.index(
@@ -150,3 +151,20 @@ def test_a_writer_that_raises_is_named_not_an_internal_error(project):
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["ERROR: the .boom writer failed on *r.boom: ValueError('no disk*"])
     assert "INTERNALERROR" not in result.stdout.str()
+
+
+def test_markdown_escapes_what_it_does_not_mean():
+    from pytest_saliency.markdown import _code, _md
+
+    assert _code("t.py::test[a`b]") == "``t.py::test[a`b]``"
+    assert _code("a|b") == "`a\\|b`"
+    assert _md("<lambda> *x* [y](z) a|b") == "\\<lambda\\> \\*x\\* \\[y\\](z) a\\|b"
+    row = {
+        "nodeid": "t.py::t[`x`]", "check": "output_sensitivity", "method": "gradient",
+        "method_id": "gradient", "similarity": "ssim", "score": None, "ci": None,
+        "threshold": 0.5, "threshold_key": "max_similarity", "verdict": "error",
+        "error": {"type": "ModelError", "message": "<lambda> failed"},
+    }  # fmt: skip
+    text = format_markdown([row])
+    assert "| ``t.py::t[`x`]`` output\\_sensitivity | - | <= 0.500 | **ERROR** |" in text
+    assert "ModelError: \\<lambda\\> failed" in text

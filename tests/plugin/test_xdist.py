@@ -175,10 +175,22 @@ def test_auto_spreads_workers_over_the_gpus(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_the_group_suffix_is_not_part_of_a_records_id() -> None:
-    from pytest_saliency.plugin import plain_nodeid
+    """Only loadgroup's suffix of the item's own groups goes; an '@' in a real id stays."""
+    from types import SimpleNamespace
 
-    assert plain_nodeid("s.yaml::output_sensitivity[gradient]@s.yaml::x") == (
-        "s.yaml::output_sensitivity[gradient]"
-    )
-    assert plain_nodeid("t.py::test_a@grp") == "t.py::test_a"
-    assert plain_nodeid("t.py::test_a[x@y]") == "t.py::test_a[x@y]"
+    from pytest_saliency.plugin import item_nodeid, plain_nodeid
+
+    def item(nodeid, *groups):
+        marks = [SimpleNamespace(args=(g,), kwargs={}) for g in groups]
+        return SimpleNamespace(nodeid=nodeid, iter_markers=lambda name: iter(marks))
+
+    assert item_nodeid(item("s.yaml::c[g]@s_yaml", "s_yaml")) == "s.yaml::c[g]"
+    assert item_nodeid(item("t.py::test_a@a_b", "b", "a")) == "t.py::test_a"  # sorted, as xdist
+    assert item_nodeid(item("ci@2/t.py::test_x")) == "ci@2/t.py::test_x"
+    assert item_nodeid(item("t.py::TestUser@Home", "other")) == "t.py::TestUser@Home"
+    grouped = SimpleNamespace(option=SimpleNamespace(dist="loadgroup"))
+    plain = SimpleNamespace(option=SimpleNamespace(dist="load"))
+    assert plain_nodeid("s.yaml::c[g]@s_yaml", grouped) == "s.yaml::c[g]"
+    assert plain_nodeid("ci@2/t.py::test_x", grouped) == "ci@2/t.py::test_x"
+    assert plain_nodeid("t.py::test_a[x@y]", grouped) == "t.py::test_a[x@y]"
+    assert plain_nodeid("t.py::TestUser@Home", plain) == "t.py::TestUser@Home"
