@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from . import report
-from .errors import SaliencyError, closest
+from .errors import SaliencyError
 from .specs import method_id, parse_method
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,21 +109,23 @@ class Settings:
 
         if not valid(device):
             raise pytest.UsageError(f"saliency_device = {device!r}: expected {CHOICES}")
+        from .validate import problem
+
         seed_value = value("saliency_seed")[0]
         try:
             seed = int(seed_value)
         except ValueError:
-            seed = -1
-        if seed < 0:
-            raise pytest.UsageError(f"saliency_seed = {seed_value!r}: expected an integer >= 0")
+            seed = seed_value
+        if problem("seed", seed):
+            raise pytest.UsageError(f"saliency_seed = {seed_value!r}: {problem('seed', seed)}")
         limit_value = value("saliency_max_similarity")[0]
         try:
             limit = float(limit_value)
         except ValueError:
-            limit = float("nan")
-        if not -1.0 <= limit <= 1.0:
+            limit = limit_value
+        if problem("max_similarity", limit):
             raise pytest.UsageError(
-                f"saliency_max_similarity = {limit_value!r}: expected a number in [-1, 1]"
+                f"saliency_max_similarity = {limit_value!r}: {problem('max_similarity', limit)}"
             )
         cli_reports = config.getoption("saliency_report")
         if cli_reports:  # relative to the invocation directory, as --junitxml
@@ -228,16 +230,11 @@ def _threads(given: tuple[Any, bool], worker_input: Any) -> int | None:
 
 def check_similarity(name: str) -> None:
     """A UsageError naming the valid metrics when ``name`` is not one (imports torch)."""
-    from .similarities import metrics
+    from .validate import problem
 
-    valid = list(metrics())
-    if name not in valid:
-        near = closest(name, valid)
-        hint = f"; did you mean {', '.join(near)}?" if near else ""
-        raise pytest.UsageError(
-            f"--saliency-similarity {name!r} is not a similarity metric{hint} "
-            f"Valid metrics: {', '.join(valid)}"
-        )
+    found = problem("similarity", name)
+    if found is not None:
+        raise pytest.UsageError(f"--saliency-similarity / saliency_similarity {name!r}: {found}")
 
 
 class SaliencySession:
@@ -555,13 +552,13 @@ class Auditor:
         self.similarity: str | None = marker.get("similarity", settings.similarity)
         self.max_similarity: float = marker.get("max_similarity", settings.max_similarity)
         self.min_rise: float | None = marker.get("min_rise")
-        self.confidence: bool = bool(marker.get("confidence", False))
+        self.confidence: bool = marker.get("confidence", False)
         self.batch_size: int | None = marker.get("batch_size")
-        _check_threshold(self.max_similarity, "@pytest.mark.saliency(max_similarity=...)")
-        if self.min_rise is not None:
-            from .checks.base import MIN_RISE
+        from .validate import SHARED, setting
 
-            MIN_RISE.check(self.min_rise, "@pytest.mark.saliency(min_rise=...)")
+        for key in SHARED:  # the marker's values, checked where they were written
+            if key in marker and (key != "min_rise" or marker[key] is not None):
+                setting(key, marker[key], f"@pytest.mark.saliency({key}=...)")
 
     @property
     def device(self) -> torch.device:
@@ -760,12 +757,6 @@ def _expected_refusal(node: pytest.Item, exc: BaseException) -> str:
         return "pass"
     raises = getattr(expected, "raises", None)
     return "error" if raises is None or isinstance(exc, raises) else "pass"
-
-
-def _check_threshold(value: object, what: str) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not -1.0 <= value <= 1.0:
-        raise SaliencyError(f"{what} must be a number in [-1, 1], got {value!r}")
 
 
 @pytest.fixture

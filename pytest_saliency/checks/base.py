@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import SaliencyError, unknown
+from ..validate import MIN_RISE, SIMILARITY_THRESHOLD, Threshold  # noqa: F401  (re-exported)
 from .common import (
     cam_layer,
     check_choice,
@@ -50,54 +51,6 @@ class Option:
     default: Any
     validate: Callable[[Any], Any]
     help: str
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """How a check's score becomes a verdict: ``at_most`` (similarities: lower is better) or
-    ``at_least`` (a rise: higher is better), within ``bounds``."""
-
-    key: str
-    passes: str
-    default: float
-    bounds: tuple[float, float]
-    help: str
-
-    def check(self, value: object, where: str | None = None, *, bounded: bool = True) -> float:
-        """``value`` as a float; an error unless it is a finite number (within ``bounds``
-        unless ``bounded`` is False)."""
-        low, high = self.bounds if bounded else (-math.inf, math.inf)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or not math.isfinite(value) or not low <= value <= high:
-            if not bounded:
-                raise SaliencyError(f"{where or self.key} must be a finite number, got {value!r}")
-            raise SaliencyError(
-                f"{where or self.key} must be a number in [{low:g}, {high:g}] ({self.help}), "
-                f"got {value!r}"
-            )
-        return float(value)
-
-    def passed(self, score: float, low: float, high: float, limit: float, confidence: bool
-               ) -> bool:  # fmt: skip
-        if math.isnan(score):
-            return False
-        if self.passes == "at_most":
-            return score <= limit and (not confidence or high <= limit)
-        return score >= limit and (not confidence or low >= limit)
-
-    def symbol(self) -> str:
-        return "<=" if self.passes == "at_most" else ">="
-
-
-SIMILARITY_THRESHOLD = Threshold(
-    "max_similarity", "at_most", 0.5, (-1.0, 1.0),
-    "the highest mean similarity that passes; similarities lie in [-1, 1]",
-)  # fmt: skip
-
-MIN_RISE = Threshold(
-    "min_rise", "at_least", 0.1, (-1.0, 1e6),
-    "the lowest mean relative rise in map entropy that passes; 0 means no change",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -388,19 +388,19 @@ def test_marker_min_rise_reaches_efficient_randomization(project: pytest.Pyteste
         if r["threshold"] in (-1.0, 1.0):
             assert r["verdict"] == "pass"
     bounds = (
-        "must be a number in [[]-1, 1e+06] (the lowest mean relative rise in map entropy that "
-        "passes; 0 means no change), got"
+        ": expected a number in [[]-1, 1e+06] (the lowest mean relative rise in map entropy "
+        "that passes; 0 means no change), got"
     )
     result.stdout.fnmatch_lines(
         [
             "*ERROR at setup of test_bad_min_rise*",
-            f"E*SaliencyError: @pytest.mark.saliency(min_rise=...) {bounds} 'x'",
+            f"E*SaliencyError: @pytest.mark.saliency(min_rise=...){bounds} 'x'",
         ]
     )
     result.stdout.fnmatch_lines(
         [
             "*ERROR at setup of test_min_rise_below_bounds*",
-            f"E*SaliencyError: @pytest.mark.saliency(min_rise=...) {bounds} -2.0",
+            f"E*SaliencyError: @pytest.mark.saliency(min_rise=...){bounds} -2.0",
         ]
     )
 
@@ -433,19 +433,24 @@ class Sections(HTMLParser):
         self.sections: list[str] = []
         self.headings: list[str] = []
         self._in_h2 = False
+        self._in_span = False
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
-        if tag == "section" and "audit" in (attrs.get("class") or ""):
+        if tag == "details" and "audit" in (attrs.get("class") or ""):
             self.sections.append(attrs["id"])
-        self._in_h2 = tag == "h2"
+        if tag == "summary":
+            self._in_h2 = True  # "<span>VERDICT</span> nodeid · check"
+        self._in_span = tag == "span"
 
     def handle_data(self, data):
-        if self._in_h2:
-            self.headings.append(data)
+        if self._in_h2 and not self._in_span and data.strip():
+            self.headings.append(data.strip().split(" · ")[0])
 
     def handle_endtag(self, tag):
-        self._in_h2 = False
+        if tag == "summary":
+            self._in_h2 = False
+        self._in_span = False
 
 
 def test_suite_runs_all_five_checks_into_every_report(project: pytest.Pytester) -> None:
@@ -492,8 +497,12 @@ def test_suite_runs_all_five_checks_into_every_report(project: pytest.Pytester) 
     assert len(page.sections) == 10
     assert sorted(page.headings) == sorted(ids)
     assert text.count("null controls (the same check on maps that cannot be faithful") == 10
-    assert text.count("&gt;= -1.00") == 2  # the efficient rows of the summary
-    assert text.count("&lt;= 1.00") == 8
+    summary = text[text.index('<table class="summary">') :]
+    summary = summary[: summary.index("</table>")]
+    assert summary.count("&gt;= -1.00") == 2  # the efficient rows of the summary
+    assert summary.count("&lt;= 1.00") == 8
+    overview = text[text.index('<table class="overview">') : text.index("<h2>All audits")]
+    assert overview.count('<td class="cell pass">') == 10  # one matrix: 2 methods x 5 checks
     assert text.count("min_rise -1.00") == 2  # the efficient sections' verdict lines
 
     props = junit_properties(project.path / "j.xml")

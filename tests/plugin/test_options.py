@@ -124,8 +124,11 @@ def test_mps_without_mps_is_one_usage_error(pytester: pytest.Pytester) -> None:
             "*--saliency-report*run.xml*must be one of .json, .html, .md*",
         ),
         (["--saliency-max-similarity=1.5"], "*saliency_max_similarity = 1.5*[[]-1, 1]*"),
-        (["--saliency-seed=-2"], "*saliency_seed = -2*integer >= 0*"),
-        (["--saliency-similarity=ssmi"], "*'ssmi' is not a similarity metric; did you mean ssim*"),
+        (["--saliency-seed=-2"], "*saliency_seed = -2: expected an int in [[]0, 2**63 - 1]*"),
+        (
+            ["--saliency-similarity=ssmi"],
+            "*'ssmi': unknown similarity 'ssmi'; did you mean 'ssim'*",
+        ),
         (
             ["--saliency-device=tpu"],
             "*--saliency-device*'tpu': expected auto, cpu, cuda, cuda:N or mps*",
@@ -189,3 +192,27 @@ def test_no_torch_import_without_audits(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["PLUGIN True", "TORCH_LOADED False"])
+
+
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        ("seed=-1", "@pytest.mark.saliency(seed=...): expected an int in [[]0, 2**63 - 1]*"),
+        ("similarity='ssmi'", "@pytest.mark.saliency(similarity=...): unknown similarity "
+                              "'ssmi'; did you mean 'ssim'*"),
+        ("batch_size=0", "@pytest.mark.saliency(batch_size=...): expected a positive int*"),
+        ("confidence='yes'", "@pytest.mark.saliency(confidence=...): expected true or false*"),
+        ("max_similarity=2", "@pytest.mark.saliency(max_similarity=...): expected a number in "
+                             "[[]-1, 1]*got 2"),
+    ],
+)  # fmt: skip
+def test_marker_values_are_checked_where_they_were_written(
+    tiny_project: pytest.Pytester, marker: str, message: str
+) -> None:
+    """The same check of a shared setting as the API's and a suite's (validate.py), located."""
+    tiny_project.makepyfile(
+        f"import pytest\n\n@pytest.mark.saliency({marker})\ndef test_x(saliency):\n    pass\n"
+    )
+    result = tiny_project.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"E*SaliencyError: {message}"])
