@@ -36,6 +36,37 @@ def make_inputs(n=4):
 '''
 
 
+# An inner project's model the propagation rules refuse: a custom autograd function on the
+# signal path, whose backward they cannot vouch for (refused() in a models.py).
+REFUSED_MODEL = """
+import torch
+from torch import nn
+
+import tinynet
+
+
+class Doubler(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+class Custom(nn.Module):
+    def forward(self, x):
+        return Doubler.apply(x).relu()
+
+
+def refused():
+    model = tinynet.make_model()
+    model[1] = Custom()
+    return model
+"""
+
+
 def write_tinynet(pytester: pytest.Pytester) -> None:
     """Write ``tinynet.py`` (``make_model()``, ``make_inputs(n)``) into the inner project."""
     pytester.makepyfile(tinynet=TINYNET)

@@ -12,39 +12,15 @@ import pytest_saliency.html  # noqa: F401  (loaded once, before pytester's inner
 import pytest_saliency.suite  # noqa: F401
 from pytest_saliency import report
 
-from .conftest import write_tinynet
+from .conftest import REFUSED_MODEL, write_tinynet
 
 # A model the propagation rules refuse (a custom autograd function on the signal path: the
 # rules cannot vouch for its backward), and one whose backward breaks on inputs over 50 (an
 # integrated-gradients baseline of 100 sends them): a crash inside torch, no refusal, for
 # one method only.
-MODELS = """
-import torch
-from torch import nn
-
-import tinynet
-
-
-class Doubler(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 2
-
-
-class Custom(nn.Module):
-    def forward(self, x):
-        return Doubler.apply(x).relu()
-
-
-def refused():
-    model = tinynet.make_model()
-    model[1] = Custom()
-    return model
-
+MODELS = (
+    REFUSED_MODEL
+    + """
 
 class Guard(torch.autograd.Function):
     @staticmethod
@@ -88,6 +64,7 @@ class NoGrad(nn.Module):
 def no_grad():
     return NoGrad().eval()
 """
+)
 
 REFUSING = """\
 model: models:refused

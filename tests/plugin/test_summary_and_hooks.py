@@ -11,35 +11,9 @@ import pytest_saliency.markdown  # noqa: F401  (loaded once, before pytester's i
 import pytest_saliency.suite  # noqa: F401
 from pytest_saliency.markdown import format_markdown
 
-from .conftest import write_tinynet
+from .conftest import REFUSED_MODEL, write_tinynet
 
-MODELS = """
-import torch
-from torch import nn
-
-import tinynet
-
-
-class Doubler(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 2
-
-
-class Custom(nn.Module):
-    def forward(self, x):
-        return Doubler.apply(x).relu()
-
-
-def refused():
-    model = tinynet.make_model()
-    model[1] = Custom()
-    return model
-"""
+MODELS = REFUSED_MODEL
 
 SUITE = """\
 model: models:refused
