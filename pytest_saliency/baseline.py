@@ -32,10 +32,11 @@ def key_of(record: dict, seen: dict[str, int]) -> str:
     return base if seen[base] == 1 else f"{base}#{seen[base]}"
 
 
-def keys(records: list[dict]) -> list[str]:
-    """Each record's baseline key (stable from run to run, unique in a run)."""
+def keys(records: list[dict]) -> list[str | None]:
+    """Each record's baseline key (stable from run to run, unique in a run); None for an
+    audit that raised (it has no score, and takes no number from the ones that follow)."""
     seen: dict[str, int] = {}
-    return [key_of(r, seen) for r in records]
+    return [None if r.get("error") else key_of(r, seen) for r in records]
 
 
 def save(records: list[dict], path: Path, meta: dict) -> Path:
@@ -50,6 +51,7 @@ def save(records: list[dict], path: Path, meta: dict) -> Path:
             "verdict": r["verdict"],
         }
         for key, r in zip(keys(records), records)
+        if key is not None
     }
     doc = {"schema": SCHEMA, "meta": meta, "audits": audits}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,8 +113,14 @@ class Baseline:
     def gone(self, records: list[dict]) -> list[str]:
         """Baseline entries no audit of ``records`` (the whole run's) matched: deselected,
         renamed or removed."""
-        ran = set(keys(records))
+        ran = {key for key in keys(records) if key is not None}
+        ran |= {k for r in records if r.get("error") for k in self._error_keys(r)}
         return [key for key in self.audits if key not in ran]
+
+    @staticmethod
+    def _error_keys(record: dict) -> list[str]:
+        """An audit that raised this run ran: it is not gone (its entry, unnumbered)."""
+        return [key_of(record, {})]
 
 
 def tolerance_value(value: Any, where: str) -> float:

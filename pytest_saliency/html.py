@@ -132,10 +132,23 @@ def _levels(values: np.ndarray, signed: bool) -> np.ndarray:
 _PALETTES: dict[bool, bytes] = {}
 
 
-def _webp() -> bool:
-    from PIL import features
+_WEBP: list[bool] = []
 
-    return bool(features.check("webp"))
+
+def _webp() -> bool:
+    """Whether this Pillow writes WebP (asked once, quietly: an odd build warns)."""
+    if not _WEBP:
+        import warnings
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from PIL import features
+
+                _WEBP.append(bool(features.check("webp")))
+        except Exception:  # an unusual Pillow build: the PNG fallback
+            _WEBP.append(False)
+    return _WEBP[0]
 
 
 def map_uri(values: np.ndarray, signed: bool) -> str:

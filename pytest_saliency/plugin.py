@@ -254,6 +254,9 @@ class SaliencySession:
         self.written: list[Path] = []
         self.written_baseline: Path | None = None
         self.crashed: list[str] = []  # tests whose xdist worker crashed while running them
+        self.calling: str | None = None  # the test whose call phase runs now
+        # error rows its call made, with their junit properties: dropped if the test passes
+        self.call_errors: list[tuple[dict, list]] = []
         self.errors: list[str] = []
 
     def record(
@@ -290,9 +293,8 @@ class SaliencySession:
     def _keep(self, rec: dict) -> dict:
         from .baseline import key_of
 
-        key = key_of(rec, self._keyed)
-        if self.baseline is not None:
-            self.baseline.compare(key, rec)
+        if self.baseline is not None and not rec.get("error"):  # an error has no score
+            self.baseline.compare(key_of(rec, self._keyed), rec)
         if self.config is not None:
             self.config.hook.pytest_saliency_record(record=rec, config=self.config)
         self.records.append(rec)
@@ -391,10 +393,15 @@ def item_nodeid(item: pytest.Item) -> str:
     """``item``'s id as a serial run names it: without the ``@group`` suffix xdist's
     loadgroup gives an item with ``xdist_group`` marks (their names, sorted, joined by _)."""
     nodeid = item.nodeid
-    names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
-                    for m in item.iter_markers("xdist_group")})  # fmt: skip
-    suffix = "@" + "_".join(names)
-    return nodeid[: -len(suffix)] if names and nodeid.endswith(suffix) else nodeid
+    marks = [str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+             for m in item.iter_markers("xdist_group")]  # fmt: skip
+    if not marks:
+        return nodeid
+    # pytest-xdist >= 3.7 joins every group's name; older ones take the closest mark's
+    for suffix in ("@" + "_".join(sorted(set(marks))), "@" + marks[0]):
+        if nodeid.endswith(suffix):
+            return nodeid[: -len(suffix)]
+    return nodeid
 
 
 def plain_nodeid(nodeid: str, config: pytest.Config) -> str:
@@ -557,7 +564,7 @@ class Auditor:
         from .validate import SHARED, setting
 
         for key in SHARED:  # the marker's values, checked where they were written
-            if key in marker and (key != "min_rise" or marker[key] is not None):
+            if key in marker and not (key in ("min_rise", "similarity") and marker[key] is None):
                 setting(key, marker[key], f"@pytest.mark.saliency({key}=...)")
 
     @property
@@ -620,6 +627,10 @@ class Auditor:
         if threshold is None:
             threshold = check.threshold.default
         threshold = check.threshold.check(threshold, key)
+        if confidence is not None:
+            from .validate import setting
+
+            setting("confidence", confidence, f"saliency.{check.name}(confidence=...)")
         confidence = self.confidence if confidence is None else confidence
         models, (inputs, method) = list(args[:-2]), args[-2:]
         name_, options, given_id = split_method(method)
@@ -650,7 +661,10 @@ class Auditor:
                 expected=_expected_refusal(self._node, exc), seed=kw.get("seed"),
                 settings={k: v for k, v in kw.items() if k != "seed"},
             )  # fmt: skip
-            self._node.user_properties.extend(junit_properties(rec))
+            props = junit_properties(rec)
+            self._node.user_properties.extend(props)
+            if self._session.calling == item_nodeid(self._node):
+                self._session.call_errors.append((rec, props))
             raise
         rec = self._session.record(
             item_nodeid(self._node),
@@ -729,7 +743,9 @@ def junit_properties(record: dict) -> list[tuple[str, Any]]:
 def _xfail(node: pytest.Item) -> Any:
     """pytest's own reading of the test's xfail marks (conditions evaluated, ``--runxfail``
     honoured): an object with ``raises``, or None when the test is not expected to fail."""
-    if node.config.option.runxfail:
+    if getattr(node.config.option, "runxfail", False):
+        return None
+    if not node.config.pluginmanager.hasplugin("skipping"):  # -p no:skipping: no xfail
         return None
     try:
         from _pytest.skipping import evaluate_xfail_marks, xfailed_key
@@ -741,9 +757,14 @@ def _xfail(node: pytest.Item) -> Any:
 
 
 def _expects_failure(node: pytest.Item) -> bool:
-    """Whether pytest expects the test to fail (an xfail mark whose condition holds), so a
+    """Whether pytest expects the test to fail with an ``assert_*`` helper's AssertionError
+    (an xfail mark whose condition holds and whose ``raises``, if any, takes it), so a
     failing audit shows as an expected failure in the table, as pytest reports the test."""
-    return bool(_xfail(node))
+    expected = _xfail(node)
+    raises = getattr(expected, "raises", None)
+    if not expected:
+        return False
+    return raises is None or issubclass(AssertionError, raises)
 
 
 def _expected_refusal(node: pytest.Item, exc: BaseException) -> str:
@@ -771,7 +792,10 @@ def saliency(request: pytest.FixtureRequest) -> Auditor:
             )
     session = get_session(request.config)
     session.settings.apply_threads()
-    return Auditor(session, request.node, **kwargs)
+    try:
+        return Auditor(session, request.node, **kwargs)
+    except SaliencyError as exc:  # a marker value: its message, not the fixture's traceback
+        pytest.fail(f"{request.node.nodeid}: {exc}", pytrace=False)
 
 
 @pytest.fixture
@@ -796,11 +820,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
     records of the test it crashed in."""
     outcome = yield
     state = item.config.stash.get(SESSION_KEY, None)
-    if call.when == "call" and state is not None and outcome.get_result().passed:
-        # the test passed: an error its audit raised was caught (pytest.raises), not a row
-        mine = item_nodeid(item)
-        state.records = [r for r in state.records if not (
-            r.get("error") and r.get("source") == "python" and r["nodeid"] == mine)]  # fmt: skip
+    if call.when == "call" and state is not None:
+        report = outcome.get_result()
+        if report.passed:  # the test caught what its audits raised (pytest.raises): no rows
+            for rec, props in state.call_errors:
+                state.records = [r for r in state.records if r is not rec]
+                for prop in props:
+                    for where in (item.user_properties, report.user_properties):
+                        if prop in where:
+                            where.remove(prop)
+        state.call_errors = []
     if call.when == "call" and hasattr(item, "shared_seconds"):
         # a shared audit's time, split over the items that share it (the sum stays)
         report = outcome.get_result()
@@ -841,6 +870,18 @@ class Progress:
         quiet = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
         with quiet:  # past pytest's capture of the test's output, to the terminal
             self.writer.write_line(line)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    state = item.config.stash.get(SESSION_KEY, None)
+    if state is not None:
+        state.calling = item_nodeid(item)
+    try:
+        yield
+    finally:
+        if state is not None:
+            state.calling = None
 
 
 class _Controller:

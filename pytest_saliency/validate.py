@@ -80,7 +80,10 @@ def problem(key: str, value: Any) -> str | None:
         if value is not None and (not _int(value) or value < 1):
             return f"expected a positive int, or null / None for no limit, got {value!r}"
     elif key == "confidence":
-        if not isinstance(value, bool):
+        kind = type(value)
+        numpy_bool = kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
+        truth = isinstance(value, bool) or numpy_bool
+        if not truth and not (_int(value) and value in (0, 1)):
             return f"expected true or false, got {value!r}"
     elif key in ("max_similarity", "min_rise"):
         rule = SIMILARITY_THRESHOLD if key == "max_similarity" else MIN_RISE

@@ -204,3 +204,36 @@ def test_two_methods_in_one_test_keep_their_own_baselines(project):
     result = project.runpytest("--saliency-baseline=base.json", "-k", "test_two")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*: 2 compared, 0 worse (0 by more than 0.05), 0 new, 4 gone"])
+
+
+def test_a_caught_error_takes_no_baseline_key_and_no_junit_property(project):
+    """A test that catches an audit's error, then audits the same method and check: the
+    baseline entry is the audit's own, compared every run; the caught error leaves no trace."""
+    import xml.etree.ElementTree as ET
+
+    project.makepyfile(
+        test_fix=textwrap.dedent(
+            """\
+            import pytest
+            import tinynet
+            from pytest_saliency import SaliencyError
+
+            def test_caught(saliency):
+                model, x = tinynet.make_model(), tinynet.make_inputs()
+                with pytest.raises(SaliencyError):
+                    saliency.output_sensitivity(model, x, "gradient", bins=3)
+                saliency.output_sensitivity(model, x, "gradient", max_similarity=1.0)
+            """
+        )
+    )
+    args = ["-k", "test_caught", "--junitxml=j.xml"]
+    project.runpytest("--saliency-baseline-save=base.json", *args).assert_outcomes(passed=1)
+    assert list(saved(project)["audits"]) == [
+        "test_fix.py::test_caught::output_sensitivity[gradient]"
+    ]
+    result = project.runpytest("--saliency-baseline=base.json", *args)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*: 1 compared, 0 worse (0 by more than 0.05), 0 new, 0 gone"])
+    verdicts = [p.get("value") for p in ET.parse(project.path / "j.xml").iter("property")
+                if p.get("name") == "saliency_verdict"]  # fmt: skip
+    assert verdicts == ["pass"]

@@ -215,4 +215,18 @@ def test_marker_values_are_checked_where_they_were_written(
     )
     result = tiny_project.runpytest()
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines([f"E*SaliencyError: {message}"])
+    result.stdout.fnmatch_lines([f"test_*.py::test_x: {message}"])
+    assert "validate.py" not in result.stdout.str()  # the message, not the fixture's traceback
+
+
+def test_marker_values_that_mean_the_default_or_a_boolean_are_taken(
+    tiny_project: pytest.Pytester,
+) -> None:
+    tiny_project.makepyfile(
+        "import numpy as np\nimport pytest\nimport tinynet\n\n"
+        "@pytest.mark.saliency(similarity=None, confidence=np.False_, min_rise=None)\n"
+        "def test_x(saliency):\n"
+        "    saliency.output_sensitivity(tinynet.make_model(), tinynet.make_inputs(), 'gradient',"
+        " max_similarity=1.0)\n"
+    )
+    tiny_project.runpytest("-p", "no:skipping").assert_outcomes(passed=1)  # no xfail plugin
