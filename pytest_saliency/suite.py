@@ -960,7 +960,13 @@ def check_forward(suite: Suite, spec: ModelSpec, loaded: Loaded) -> None:
             f"{list(inputs.shape)}): {_user_error(exc)}"
         ) from None
     targets = loaded.targets
-    if isinstance(out, torch.Tensor) and out.dim() == 2 and targets is not None:
+    from .engine.targets import select_logits
+
+    try:
+        out = select_logits(out, type(model).__name__)
+    except SaliencyError:
+        return  # what the model returns is the audit's to refuse, with its message
+    if out.dim() == 2 and targets is not None:
         classes = out.shape[1]
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
             raise SuiteError(

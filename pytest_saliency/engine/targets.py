@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..errors import ModelError, NonFiniteError, SaliencyError, non_finite_samples
@@ -22,13 +24,46 @@ def call_model(model: torch.nn.Module, inputs: torch.Tensor) -> object:
         ) from exc
 
 
+def _described(value: object, depth: int = 0) -> str:
+    """What a model returned, in a few words: ``Tensor[4, 10]``, ``a tuple of (Tensor[4, 10],
+    Tensor[4, 10])``, ``a dict with 'out': Tensor[4, 21, 8, 8]``."""
+    if isinstance(value, torch.Tensor):
+        return f"Tensor{list(value.shape)}"
+    if depth > 0:
+        return type(value).__name__
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{k!r}: {_described(v, 1)}" for k, v in list(value.items())[:6])
+        return f"a {type(value).__name__} with {items or 'no keys'}"
+    if isinstance(value, (tuple, list)):
+        items = ", ".join(_described(v, 1) for v in value[:6])
+        return f"a {type(value).__name__} of ({items})"
+    return f"a {type(value).__name__}"
+
+
+def select_logits(output: object, model_name: str) -> torch.Tensor:
+    """The class scores in what the model returned: the tensor itself, or the entry or
+    attribute named ``logits`` (a transformers ``ModelOutput``, torchvision's
+    ``InceptionOutputs``). Nothing is guessed by position: a plain tuple or another dict is
+    an error that says what the model returned."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits
+    raise SaliencyError(
+        f"model {model_name} returned {_described(output)}; saliency methods need the class "
+        "scores [N, classes]: a tensor, or an entry or attribute named 'logits' (as transformers' "
+        "ModelOutput and torchvision's InceptionOutputs have). Which element holds them is not "
+        "guessed: wrap the model so it returns them (e.g. a module whose forward returns "
+        "model(x)[0])"
+    )
+
+
 def check_logits(output: object, model_name: str, n: int) -> torch.Tensor:
-    """The model's output as class scores [N, classes], or a clear error."""
-    if not isinstance(output, torch.Tensor):
-        raise SaliencyError(
-            f"model {model_name} returned {type(output).__name__}, not a tensor; saliency methods "
-            "need class scores of shape [N, classes] (wrap the model so it returns the logits)"
-        )
+    """The model's output as class scores [N, classes] (see :func:`select_logits`), or a
+    clear error."""
+    output = select_logits(output, model_name)
     if output.dim() != 2 or output.shape[0] != n:
         raise SaliencyError(
             f"model {model_name} returned a tensor of shape {tuple(output.shape)}; saliency "
