@@ -114,13 +114,8 @@ class Baseline:
         """Baseline entries no audit of ``records`` (the whole run's) matched: deselected,
         renamed or removed."""
         ran = {key for key in keys(records) if key is not None}
-        ran |= {k for r in records if r.get("error") for k in self._error_keys(r)}
+        ran |= {key_of(r, {}) for r in records if r.get("error")}  # raised, but it ran
         return [key for key in self.audits if key not in ran]
-
-    @staticmethod
-    def _error_keys(record: dict) -> list[str]:
-        """An audit that raised this run ran: it is not gone (its entry, unnumbered)."""
-        return [key_of(record, {})]
 
 
 def tolerance_value(value: Any, where: str) -> float:
