@@ -815,20 +815,21 @@ def saliency_device(pytestconfig: pytest.Config) -> torch.device:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
-    """On an xdist worker, the records an item made travel home on its own reports (a
-    report's extra attributes reach the controller), so a crashed worker loses only the
-    records of the test it crashed in."""
+    """Three things of an item's reports: error rows of audits a passing test caught are
+    dropped (with their junit properties); a shared audit's time is split over its items;
+    on an xdist worker, the records travel home on the report (its extra attributes reach
+    the controller), so a crashed worker loses only the records of the test it crashed in."""
     outcome = yield
     state = item.config.stash.get(SESSION_KEY, None)
     if call.when == "call" and state is not None:
         report = outcome.get_result()
-        if report.passed:  # the test caught what its audits raised (pytest.raises): no rows
-            for rec, props in state.call_errors:
-                state.records = [r for r in state.records if r is not rec]
-                for prop in props:
-                    for where in (item.user_properties, report.user_properties):
-                        if prop in where:
-                            where.remove(prop)
+        if report.passed and state.call_errors:  # caught (pytest.raises): no rows
+            caught = {id(rec) for rec, _ in state.call_errors}
+            state.records = [r for r in state.records if id(r) not in caught]
+            for prop in (p for _, props in state.call_errors for p in props):
+                for where in (item.user_properties, report.user_properties):
+                    if prop in where:
+                        where.remove(prop)
         state.call_errors = []
     if call.when == "call" and hasattr(item, "shared_seconds"):
         # a shared audit's time, split over the items that share it (the sum stays)
