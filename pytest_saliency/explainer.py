@@ -279,13 +279,13 @@ def prepare(model, inputs, method, layer, batch_size, options):
     return model, inputs, batch_size, spec, opts, resolved
 
 
-def cam_layer_of(model: nn.Module, x: torch.Tensor, spec: Method, opts: dict, layer: object
-                 ) -> CamLayer | None:  # fmt: skip
+def cam_layer_of(model: nn.Module, x: torch.Tensor, spec: Method, opts: dict, layer: object,
+                 output=None) -> CamLayer | None:  # fmt: skip
     """A CAM method's layer (given, or the default) with its layout, on ``x`` (model in eval
-    mode); None for other methods."""
+    mode); None for other methods. ``output`` selects the scored tensor."""
     if not spec.needs_layer:
         return None
-    return resolve_cam_layer(model, x, spec.name, layer, opts.get("layout"))
+    return resolve_cam_layer(model, x, spec.name, layer, opts.get("layout"), output)
 
 
 def allow_grad(fn: Callable[P, R]) -> Callable[P, R]:
@@ -310,7 +310,8 @@ def explain(
     inputs: torch.Tensor,
     method: str,
     *,
-    target: int | torch.Tensor | None = None,
+    target: Any = None,
+    output: Any = None,
     layer: str | nn.Module | None = None,
     batch_size: int | None = None,
     **options: Any,
@@ -318,10 +319,16 @@ def explain(
     """Explain ``model``'s output for ``inputs`` with ``method``.
 
     Args:
-        model: a classifier returning class scores [N, classes].
+        model: the model; what it returns is read through ``output``.
         inputs: a float tensor [N, C, H, W] (or [N, C, L], [N, D]).
         method: a name from :func:`methods`.
-        target: None (each sample's predicted class), an int, or a LongTensor [N].
+        target: what is explained: None (each sample's predicted class), an int or a
+            LongTensor [N] (class logits); a target object (:class:`ClassLogit`,
+            :class:`MultiLabel`, :class:`Segmentation`, :class:`Regression`); or a
+            callable(output) -> [N] scores.
+        output: which tensor of the model's return value is scored: None (the tensor, or its
+            'logits' entry or attribute), an int (a tuple's element), a str (a dict's key or
+            an attribute) or a callable(returned) -> Tensor.
         layer: for CAM methods, a module of the model or its name (its output),
             ``"name:input"`` (its first input), ``"<global_pool>"`` (the tensor the model's
             global pooling reads) or None (the default: see the README).
@@ -331,9 +338,13 @@ def explain(
     Returns:
         A float tensor [N, H, W] ([N, L] or [N, D]) on the inputs' device.
     """
+    from .engine.targets import objective
     from .multi import Plan, Request  # the one executor: explain, every check, shared passes
 
     if not isinstance(method, str):
         get_method(method)  # a clear error naming the valid methods
-    plan = Plan(model, inputs, [Request(method, options, layer)], batch_size=batch_size)
-    return plan(check_inputs(inputs), target)[0]
+    inputs = check_inputs(inputs)
+    goal = objective(output, target, inputs.shape[0])
+    plan = Plan(model, inputs, [Request(method, options, layer)], batch_size=batch_size,
+                objective=goal)  # fmt: skip
+    return plan(inputs, goal.target.per_sample())[0]

@@ -210,17 +210,19 @@ def figures(result: Any) -> dict[str, Any]:
         else 0.0, i))[:n]  # fmt: skip
     scores = result.scores.detach().cpu().double()
     if result.check == "output_sensitivity":
-        keys, headers = ["target", "other"], ["target class", "other class"]
+        noun = {"multilabel": "label", "regression": "unit"}.get(
+            getattr(result, "target_kind", "class"), "class")  # fmt: skip
+        keys, headers = ["target", "other"], [f"target {noun}", f"other {noun}"]
         others = getattr(result, "others", None)
 
         def cell_score(col: int, i: int) -> float | None:
             return None if col == 0 else _score(scores[i])
 
         def caption(col: int, i: int) -> str:
-            cls = (
-                int(result.targets[i]) if col == 0 else int(others[i]) if others is not None else -1
-            )
-            return f"class {cls}" if cls >= 0 else "all others"
+            if col == 0:
+                return f"{noun} {result.target_of(i)}"
+            cls = int(others[i]) if others is not None else -1
+            return f"{noun} {cls}" if cls >= 0 else "all others"
     elif not hasattr(result, "layers"):  # two maps per sample: reference, compared
         keys = list(result.maps)
         headers = [k.replace("_", " ") for k in keys]

@@ -18,6 +18,7 @@ from torch import nn
 from .bundled.registry import Context, Method
 from .engine.passes import Record, Tap, chunked, forward_backward
 from .engine.rules import RuleSet
+from .engine.targets import DEFAULT, ClassLogit, Objective
 from .engine.state import eval_mode, model_device_dtype
 from .errors import SaliencyError
 from .explainer import allow_grad, cam_layer_of, check_maps, check_target, prepare
@@ -52,8 +53,8 @@ class _SharedPass:
     """Methods sharing one rule set: the union of what their readouts need, worked out once;
     each call is one forward+backward per chunk and one map per method."""
 
-    def __init__(self, rules: RuleSet, bound: Sequence[_Bound]) -> None:
-        self.rules, self.bound = rules, list(bound)
+    def __init__(self, rules: RuleSet, bound: Sequence[_Bound], objective: Objective) -> None:
+        self.rules, self.bound, self.objective = rules, list(bound), objective
         self.union: dict[str, Tap] = {}
         self.renames: list[dict[str, str]] = []
         by_point: dict[tuple, str] = {}
@@ -81,6 +82,7 @@ class _SharedPass:
                 taps=self.union,
                 method=self.bound[0].spec.name,
                 input_grad=self.input_grad,
+                objective=self.objective,
             )
             seen.append(record.targets)
             with torch.no_grad():  # readouts are functions of the record: no graph for them
@@ -88,7 +90,7 @@ class _SharedPass:
 
         targets = target if isinstance(target, torch.Tensor) else None
         found = chunked(one, inputs, targets, batch_size)
-        self.last_targets = torch.cat(seen)  # the classes explained (predicted for None)
+        self.last_targets = torch.cat(seen)  # the selections explained (predicted for None)
         return found
 
     def _readouts(self, record: Record) -> list[torch.Tensor]:
@@ -121,8 +123,10 @@ class Plan:
         methods: Sequence[str | Mapping[str, Any] | Request],
         *,
         batch_size: int | None = None,
+        objective: Objective = DEFAULT,
     ) -> None:
         requests = [as_request(m) for m in methods]
+        self.objective = objective
         bound_specs = []
         for req in requests:
             model, _, batch_size, spec, opts, resolved = prepare(
@@ -145,9 +149,11 @@ class Plan:
                     key = (id(resolved) if isinstance(resolved, nn.Module) else resolved,
                            opts.get("layout"))  # fmt: skip
                     if key not in defaults:
-                        defaults[key] = cam_layer_of(model, x, spec, opts, resolved)
+                        defaults[key] = cam_layer_of(model, x, spec, opts, resolved,
+                                                     objective.output)  # fmt: skip
                     resolved = defaults[key]
-                ctx = Context(model, spec.name, resolved, batch_size, tuple(x.shape), x[:1])
+                ctx = Context(model, spec.name, resolved, batch_size, tuple(x.shape), x[:1],
+                              objective=objective)  # fmt: skip
                 b = _Bound(spec, opts, ctx)
                 if spec.compute is not None:
                     self.computed.append((i, b))
@@ -156,23 +162,27 @@ class Plan:
                 key = rules.name if rules.is_plain else id(rules)
                 groups.setdefault(key, (rules, []))[1].append((i, b))
             self.passes = [
-                ([i for i, _ in members], _SharedPass(rules, [b for _, b in members]))
+                ([i for i, _ in members], _SharedPass(rules, [b for _, b in members], objective))
                 for rules, members in groups.values()
             ]
         self.count = len(requests)
         self.names = [spec.name for spec, _, _ in bound_specs]
-        self.last_targets: torch.Tensor | None = None  # the last call's classes (shared pass)
+        self.last_targets: torch.Tensor | None = None  # the last call's selections
 
     @allow_grad
     def __call__(
         self, inputs: torch.Tensor, target: int | torch.Tensor | None = None
     ) -> list[torch.Tensor]:
-        """One map per method, in the order given, on the inputs' device and dtype."""
+        """One map per method, in the order given, on the inputs' device and dtype.
+
+        ``target``: a selection of the plan's target kind, one row per sample (for class
+        logits: None = predicted, an int, a LongTensor [N]); None = the kind's own choice."""
         if tuple(inputs.shape) != self.shape:
             raise SaliencyError(
                 f"this plan was made for inputs of shape {self.shape}, got {tuple(inputs.shape)}"
             )
-        target = check_target(target, inputs.shape[0])
+        if isinstance(self.objective.target, ClassLogit):
+            target = check_target(target, inputs.shape[0])
         model, batch_size = self.model, self.batch_size
         results: list[torch.Tensor | None] = [None] * self.count
         with eval_mode(model):
@@ -199,11 +209,17 @@ def explain_many(
     inputs: torch.Tensor,
     methods: Sequence[str | Mapping[str, Any] | Request],
     *,
-    target: int | torch.Tensor | None = None,
+    target: Any = None,
+    output: Any = None,
     batch_size: int | None = None,
 ) -> list[torch.Tensor]:
     """Maps for several methods on the same model and inputs, sharing passes where rules agree.
 
-    Each map equals ``explain(model, inputs, method, target=..., layer=..., **options)``.
+    Each map equals ``explain(model, inputs, method, target=..., output=..., layer=...,
+    **options)``.
     """
-    return Plan(model, inputs, methods, batch_size=batch_size)(inputs, target)
+    from .engine.targets import objective
+
+    goal = objective(output, target, inputs.shape[0] if isinstance(inputs, torch.Tensor) else 1)
+    plan = Plan(model, inputs, methods, batch_size=batch_size, objective=goal)
+    return plan(inputs, goal.target.per_sample())

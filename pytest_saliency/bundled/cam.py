@@ -211,10 +211,11 @@ class BiasTerms:
         return text
 
 
-def bias_terms(model: nn.Module, sample: torch.Tensor) -> BiasTerms:
+def bias_terms(model: nn.Module, sample: torch.Tensor, output=None) -> BiasTerms:
     """Every biased Conv/Linear/norm layer whose output lies on the inputs' grid, read through
-    its layout (channels-first, channels-last or tokens); the others, with the reason."""
-    outputs, used = output_layouts(model, sample)
+    its layout (channels-first, channels-last or tokens); the others, with the reason
+    (``output``: the call's output selector)."""
+    outputs, used = output_layouts(model, sample, output)
     spatial = sample.dim() - 2
     read, no_grid, not_read = {}, [], {}
     layer_biases: set[int] = set()
@@ -274,7 +275,7 @@ def bias_terms(model: nn.Module, sample: torch.Tensor) -> BiasTerms:
 def _terms(ctx: Context) -> BiasTerms:
     terms = ctx.cache.get("fullgrad")
     if terms is None:
-        terms = ctx.cache["fullgrad"] = bias_terms(ctx.model, ctx.sample)
+        terms = ctx.cache["fullgrad"] = bias_terms(ctx.model, ctx.sample, ctx.objective.output)
         if terms.not_read:
             warnings.warn(
                 f"fullgrad on {type(ctx.model).__name__} reads {terms.describe()}; the map "
@@ -375,6 +376,6 @@ register(Method(
     reference="Srinivas & Fleuret 2019",
     readout=_fullgrad,
     taps=_bias_taps,
-    describe=lambda model, x: bias_terms(model, x[:1]).describe(),
+    describe=lambda model, x, output=None: bias_terms(model, x[:1], output).describe(),
     validate=_check_positive,
 ))  # fmt: skip

@@ -36,7 +36,7 @@ def _integrated_gradients(ctx, inputs, target, opts):
             f"option 'baseline' has shape {tuple(baseline.shape)}, which does not broadcast to "
             f"the inputs' shape {tuple(inputs.shape)}; pass a number or a tensor that does"
         ) from exc
-    targets = ctx.predict(inputs) if target is None else target
+    targets = ctx.predict(inputs, target)
     alphas = torch.linspace(0, 1, steps, dtype=inputs.dtype, device=inputs.device)
     weights = torch.ones(steps, dtype=inputs.dtype, device=inputs.device)
     weights[0] = weights[-1] = 0.5  # trapezoid rule on [0, 1]
@@ -82,7 +82,7 @@ register(Method(
 
 def _smoothgrad(ctx, inputs, target, opts):
     samples = opts["samples"]
-    targets = ctx.predict(inputs) if target is None else target
+    targets = ctx.predict(inputs, target)
     flat = inputs.reshape(inputs.shape[0], -1)
     spread = (flat.max(dim=1).values - flat.min(dim=1).values) * opts["noise"]
     spread = spread.reshape((-1,) + (1,) * (inputs.dim() - 1))

@@ -13,7 +13,7 @@ from torch import nn
 from ..engine.layers import CamLayer
 from ..engine.passes import Record, chunked, forward_backward
 from ..engine.rules import RuleSet
-from ..engine.targets import call_model, check_logits
+from ..engine.targets import DEFAULT, Objective, call_model
 from ..errors import SaliencyError, unknown
 
 PLAIN = RuleSet("autograd")
@@ -29,6 +29,7 @@ class Context:
     batch_size: int | None
     input_shape: tuple[int, ...]
     sample: torch.Tensor | None = None  # one input sample, for what a method plans per model
+    objective: Objective = DEFAULT  # the scored output and the target kind
     cache: dict = field(default_factory=dict, repr=False, compare=False)
     _modules: dict[str, nn.Module] | None = field(
         default=None, init=False, repr=False, compare=False
@@ -53,6 +54,7 @@ class Context:
                 taps=taps,
                 method=self.method,
                 input_grad=input_grad,
+                objective=self.objective,
             )
             with torch.no_grad():
                 return readout(record)
@@ -60,15 +62,18 @@ class Context:
         targets = target if isinstance(target, torch.Tensor) else None
         return chunked(one, inputs, targets, self.batch_size)
 
-    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The predicted class per sample (a no-grad forward, chunked)."""
+    def predict(self, inputs: torch.Tensor, target=None) -> torch.Tensor:
+        """Each sample's selection on ``inputs`` (a no-grad forward, chunked): the predicted
+        class for class logits and None, once, so that a method's many passes share it."""
 
-        def one(x, _):
+        def one(x, t):
             with torch.no_grad():
                 output = call_model(self.model, x)
-            return check_logits(output, type(self.model).__name__, x.shape[0]).argmax(dim=1)
+            scores = self.objective.scores(output, type(self.model).__name__, x.shape[0])
+            return self.objective.target.resolve(scores, target if t is None else t)
 
-        return chunked(one, inputs, None, self.batch_size)
+        targets = target if isinstance(target, torch.Tensor) else None
+        return chunked(one, inputs, targets, self.batch_size)
 
 
 Readout = Callable[[Record, Context, dict], torch.Tensor]

@@ -31,7 +31,7 @@ from .common import (
     check_choice,
     check_metric,
     check_seed,
-    logits_of,
+    outputs_of,
     method_requests,
     model_inputs,
     setup,
@@ -185,7 +185,7 @@ class Explainer:
     def __init__(self, audit: Audit, model: nn.Module, labels: Sequence | None = None) -> None:
         self.audit, self.model = audit, model
         labels = audit.labels if labels is None else labels
-        self.layers = [cam_layer(model, audit.x, spec, label, r.options)
+        self.layers = [cam_layer(model, audit.x, spec, label, r.options, audit.objective.output)
                        for spec, label, r in zip(audit.specs, labels, audit.requests)]  # fmt: skip
         from ..multi import Request
 
@@ -204,8 +204,11 @@ class Explainer:
         FullGrad's terms), and why some maps were constant; ``extra`` adds the check's own."""
         from .common import constant_cause
 
+        kind = self.audit.objective.target
+        targets = targets.cpu()
+        extra = {"target_labels": kind.label(targets), "target_kind": kind.kind, **extra}
         if i >= len(self.audit.specs):
-            return dict(scores=scores, maps={}, targets=targets.cpu(), constant=constant, **extra)
+            return dict(scores=scores, maps={}, targets=targets, constant=constant, **extra)
         cam = self.layers[i]
         settings = {
             "layer": cam.name if cam else None,
@@ -214,7 +217,7 @@ class Explainer:
         }
         # The layer's grid does not depend on the weights, so any model state's layer serves.
         cause = constant_cause(self.audit.specs[i], cam, self.audit.x) if constant else ""
-        return dict(scores=scores, maps=maps, targets=targets.cpu(), settings=settings,
+        return dict(scores=scores, maps=maps, targets=targets, settings=settings,
                     cause=cause, constant=constant, **extra)  # fmt: skip
 
     def __call__(self, batch: torch.Tensor, targets: torch.Tensor,
@@ -232,7 +235,8 @@ class Explainer:
             key = (tuple(batch.shape), tuple(methods), size)
             if key not in self._plans:
                 chosen_requests = [self.requests[i] for i in methods]
-                self._plans[key] = Plan(self.model, batch, chosen_requests, batch_size=size)
+                self._plans[key] = Plan(self.model, batch, chosen_requests, batch_size=size,
+                                        objective=audit.objective)  # fmt: skip
             plan = self._plans[key]
             maps = plan(batch, targets)
             self.last_targets = plan.last_targets
@@ -251,8 +255,9 @@ class Audit:
 
     def __init__(self, check: Check, models: Sequence[nn.Module], inputs: torch.Tensor,
                  method: Any, *, layer: Any, target: Any, batch_size: Any, similarity: Any,
-                 seed: Any, method_options: Mapping[str, Any]) -> None:  # fmt: skip
-        from ..explainer import check_target
+                 seed: Any, method_options: Mapping[str, Any], output: Any = None
+                 ) -> None:  # fmt: skip
+        from ..engine.targets import ClassLogit, objective
 
         self.check = check
         self.single = not isinstance(method, (list, tuple))
@@ -267,21 +272,32 @@ class Audit:
         self.seed = check_seed(seed)
         self.specs = [a[3] for a in audited]
         self.labels = [a[6] for a in audited]
-        self.target = check_target(target, self.inputs.shape[0])
+        self.objective = objective(output, target, self.inputs.shape[0])
+        kind = self.objective.target
+        # The class target as given (None: predicted), or the target object of another kind.
+        self.target = kind.index if isinstance(kind, ClassLogit) else kind
         self.x = model_inputs(self.model, self.inputs)
         self.controls = Controls(self.seed, self.x)
 
-    def logits(self, model: nn.Module | None = None) -> torch.Tensor:
-        return logits_of(self.model if model is None else model, self.x, self.batch_size)
+    @property
+    def target_setting(self) -> Any:
+        """The target as the results' settings show it: the class as given, or the kind's
+        settings (with the output selector, when one was given)."""
+        from ..engine.targets import ClassLogit
 
-    def targets_from(self, logits: torch.Tensor) -> torch.Tensor:
-        """The explained classes [N] (on the logits' device): given, or predicted."""
-        from ..engine.targets import resolve_targets
+        if isinstance(self.objective.target, ClassLogit) and self.objective.output.spec is None:
+            return self.target
+        return self.objective.settings()
 
-        target = self.target
-        if torch.is_tensor(target):
-            target = target.to(logits.device)
-        return resolve_targets(target, logits)
+    def outputs(self, model: nn.Module | None = None) -> torch.Tensor:
+        """The scored tensor on ``model`` (default: the audited one), no-grad, eval mode."""
+        model = self.model if model is None else model
+        return outputs_of(model, self.x, self.batch_size, self.objective)
+
+    def targets_from(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Each sample's selection (on the outputs' device): given, or the kind's own choice
+        (for class logits: the predicted class)."""
+        return self.objective.target.resolve(outputs, None)
 
     def explainer(self, model: nn.Module | None = None, labels: Sequence | None = None
                   ) -> Explainer:  # fmt: skip
@@ -295,8 +311,8 @@ class Audit:
 
         model = self.model if model is None else model
         with eval_mode(model):
-            return [spec.describe(model, self.x) if spec.describe else None
-                    for spec in self.specs]  # fmt: skip
+            return [spec.describe(model, self.x, self.objective.output) if spec.describe
+                    else None for spec in self.specs]  # fmt: skip
 
     @property
     def count(self) -> int:
@@ -346,6 +362,7 @@ def execute(check: Check, models: Sequence[Any], inputs: Any, method: Any, kwarg
     shared = {
         "layer": kwargs.pop("layer", None),
         "target": kwargs.pop("target", None),
+        "output": kwargs.pop("output", None),
         "batch_size": kwargs.pop("batch_size", None),
         "seed": kwargs.pop("seed", 0),
         "similarity": kwargs.pop("similarity", check.similarity),
@@ -374,8 +391,8 @@ def _check_method_keywords(check: Check, method: Any, kwargs: dict) -> None:
     if not kwargs:
         return
     own = ", ".join(o.name for o in check.options) or "none"
-    shared = "similarity, seed, batch_size, layer, target" if check.similarity else (
-        "seed, batch_size, layer, target")  # fmt: skip
+    shared = "similarity, seed, batch_size, layer, target, output" if check.similarity else (
+        "seed, batch_size, layer, target, output")  # fmt: skip
     if isinstance(method, (list, tuple)):
         raise SaliencyError(
             f"{check.name} got keyword(s) {', '.join(map(repr, kwargs))}, which are not its "
@@ -434,6 +451,7 @@ def api(check: Check) -> Callable[..., Any]:
         P("batch_size", P.KEYWORD_ONLY, default=None),
         P("layer", P.KEYWORD_ONLY, default=None),
         P("target", P.KEYWORD_ONLY, default=None),
+        P("output", P.KEYWORD_ONLY, default=None),
         P("method_options", P.VAR_KEYWORD),
     ]
     signature = inspect.Signature(params)
@@ -446,7 +464,7 @@ def api(check: Check) -> Callable[..., Any]:
 
 def _doc(check: Check, n: int) -> str:
     lines = [check.summary, "", check.states, "", "Args:"]
-    lines.append("    model: a classifier returning class scores [N, classes]; never changed.")
+    lines.append("    model: the model (read through output= and target=); never changed.")
     for name in check.models[1:]:
         lines.append(f"    {name}: {check.model_help.get(name, '')}; never changed.")
     lines += [
@@ -466,7 +484,12 @@ def _doc(check: Check, n: int) -> str:
         "    seed: seeds every random choice of the audit and the bootstrap interval.",
         "    batch_size: samples per pass, to bound memory (results do not depend on it).",
         "    layer: the CAM layer (name or module) for CAM methods; None for the default.",
-        "    target: the explained class: None (predicted), an int or a LongTensor [N].",
+        "    target: what is explained: None (the predicted class), an int or a LongTensor [N]",
+        "        of classes, a target object (ClassLogit, MultiLabel, Segmentation, Regression)",
+        "        or a callable(output) -> [N] scores.",
+        "    output: the scored tensor of what the model returns: None (the tensor, or its",
+        "        'logits'), an int (a tuple's element), a str (a dict key or an attribute) or a",
+        "        callable(returned) -> Tensor.",
         "    **method_options: the method's own options.",
         "",
         f"Returns: a {check.result.__name__} (a list for a list of methods); it passes when its "

@@ -10,7 +10,7 @@ from torch import nn
 from ..engine.layers import CamLayer, parse_cam_layer, resolve_cam_layer
 from ..engine.passes import chunked
 from ..engine.state import eval_mode, model_device_dtype
-from ..engine.targets import call_model, check_logits
+from ..engine.targets import DEFAULT, Objective, call_model
 from ..errors import SaliencyError, unknown
 from ..explainer import prepare
 
@@ -72,23 +72,25 @@ def model_inputs(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return inputs.detach().to(device=device, dtype=dtype)
 
 
-def cam_layer(model: nn.Module, x: torch.Tensor, spec, layer_label: str | None, options
-              ) -> CamLayer | None:  # fmt: skip
+def cam_layer(model: nn.Module, x: torch.Tensor, spec, layer_label: str | None, options,
+              output=None) -> CamLayer | None:  # fmt: skip
     """The CAM layer on ``model`` (the default one when the caller gave none), with its
     layout; found once, on the trained model, and kept for every model state."""
     if not spec.needs_layer:
         return None
     with eval_mode(model):
-        return resolve_cam_layer(model, x, spec.name, layer_label, options.get("layout"))
+        return resolve_cam_layer(model, x, spec.name, layer_label, options.get("layout"), output)
 
 
-def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
-    """Class scores [N, classes] from a no-grad forward in eval mode (chunked)."""
+def outputs_of(model: nn.Module, x: torch.Tensor, batch_size: int | None,
+               objective: Objective = DEFAULT) -> torch.Tensor:  # fmt: skip
+    """The scored tensor (class scores [N, classes] by default) from a no-grad forward in eval
+    mode (chunked), checked for the objective's target kind."""
 
     def one(chunk, _):
         with torch.no_grad():
             output = call_model(model, chunk)
-            return check_logits(output, type(model).__name__, chunk.shape[0])
+            return objective.scores(output, type(model).__name__, chunk.shape[0])
 
     with eval_mode(model):
         return chunked(one, x, None, batch_size)

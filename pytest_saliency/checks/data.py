@@ -9,6 +9,7 @@ trained model's prediction unless a target is given) with the same method, layer
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..errors import SaliencyError
@@ -71,12 +72,19 @@ def check_twin(model: nn.Module, twin: object, label: str = "randomized_model") 
 def _run(audit: Audit, twin: nn.Module) -> list:
     twin = check_twin(audit.model, twin)
     x = model_inputs(audit.model, audit.inputs)
-    targets = audit.targets_from(audit.logits())
+    targets = audit.targets_from(audit.outputs())
     terms = audit.terms()
     trained = audit.explainer()
     # The CAM layer found on the trained model is read on the twin by its name.
     permuted = audit.explainer(twin, labels=[cam.name if cam else None for cam in trained.layers])
-    predicted = audit.logits(twin).argmax(dim=1).cpu()
+    from ..engine.targets import ClassLogit
+
+    # What the twin predicts, to spot a collapsed twin: for class targets only.
+    predicted = (
+        audit.outputs(twin).argmax(dim=1).cpu()
+        if isinstance(audit.objective.target, ClassLogit)
+        else torch.empty(0, dtype=torch.long)
+    )
     first = [to_cpu(m) for m in trained(x, targets)]
     second = [to_cpu(m) for m in permuted(x, targets)]
     fields = []
@@ -96,7 +104,7 @@ def _run(audit: Audit, twin: nn.Module) -> list:
                 twin_predictions=predicted,
             )
         )
-    return audit.results(fields, {"target": audit.target})
+    return audit.results(fields, {"target": audit.target_setting})
 
 
 CHECK = register(

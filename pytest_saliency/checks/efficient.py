@@ -70,7 +70,7 @@ def _run(audit: Audit, *, bins: int) -> list:
         original = [to_cpu(m) for m in explainer(x, None)]
         targets = explainer.last_targets
     if targets is None:
-        targets = audit.targets_from(audit.logits(work))
+        targets = audit.targets_from(audit.outputs(work))
         original = [to_cpu(m) for m in explainer(x, targets)]
     planned = plan_steps(work, x, None)
     # Bottom-up and cascading, as quantus: every step, in the order the forward uses them.
@@ -100,7 +100,7 @@ def _run(audit: Audit, *, bins: int) -> list:
                 fallback=[name for s in planned.steps for name in s.fallback],
             )
         )
-    return audit.results(fields, {"bins": bins, "target": audit.target})
+    return audit.results(fields, {"bins": bins, "target": audit.target_setting})
 
 
 CHECK = register(

@@ -134,14 +134,14 @@ def run_steps(audit: Audit, *, mode: str, order: str, layers: Any, aggregate: st
     steps = planned.steps
     if order == "top_down":
         steps.reverse()
-    targets = audit.targets_from(audit.logits(work))
+    targets = audit.targets_from(audit.outputs(work))
     terms = audit.terms(work)
     explainer = audit.explainer(work)  # checks and grouping done once
     n = x.shape[0]
     batch, batch_targets = x, targets
     if smooth is not None:
         batch = noisy_batch(x, smooth[0], smooth[1], seed)
-        batch_targets = targets.repeat(smooth[0])
+        batch_targets = targets.repeat(smooth[0], *([1] * (targets.dim() - 1)))
 
     def maps_now() -> list[torch.Tensor]:
         found = explain_step(explainer, batch, batch_targets)
@@ -209,7 +209,7 @@ def run_steps(audit: Audit, *, mode: str, order: str, layers: Any, aggregate: st
             )
         )
     settings = {"mode": mode, "order": order, "layers": layers_arg, "aggregate": aggregate,
-                "target": audit.target}  # fmt: skip
+                "target": audit.target_setting}  # fmt: skip
     if smooth is not None:
         settings.update(noise_samples=smooth[0], noise_magnitude=smooth[1])
     return audit.results(fields, settings)

@@ -104,6 +104,9 @@ class AuditResult:
     blank: dict[int, list[str]] = field(default_factory=dict)
     # the null controls' scores under the same check, metric and samples (name -> score)
     controls: dict[str, float] = field(default_factory=dict)
+    # what each sample explains, as JSON (a class, or a list of labels), and the target kind
+    target_labels: list = field(default_factory=list)
+    target_kind: str = "class"
 
     # How the score becomes a verdict (a class attribute, shared by every result of a check).
     threshold = SIMILARITY_THRESHOLD
@@ -236,7 +239,8 @@ class AuditResult:
                 "degenerate": self.degenerate,
                 "cause": self.cause,
                 "blank": {str(k): v for k, v in self.blank.items()},
-                "targets": self.targets,
+                "targets": self.target_labels or self.targets,
+                "target_kind": self.target_kind,
                 "seed": self.seed,
                 "settings": self.settings,
                 "controls": self.controls,
@@ -247,6 +251,13 @@ class AuditResult:
 
     def _extra(self) -> dict:
         return {}
+
+    def target_of(self, i: int) -> str:
+        """What sample ``i`` explains, in a few characters (``3``, ``1+4``)."""
+        label = self.target_labels[i] if i < len(self.target_labels) else int(self.targets[i])
+        if isinstance(label, list):
+            return "+".join(str(v) for v in label)
+        return str(label)
 
     def _notes(self) -> list[str]:
         return []
@@ -273,7 +284,7 @@ class SensitivityResult(AuditResult):
             rows.append(
                 (
                     str(i),
-                    str(int(self.targets[i])),
+                    self.target_of(i),
                     "all" if other < 0 else str(other),
                     _fmt(float(self.scores[i])),
                 )
@@ -390,7 +401,7 @@ class DataRandomizationResult(AuditResult):
         rows = [("sample", "target", "twin predicts", "similarity")]
         for i in range(self.n):
             twin = str(int(self.twin_predictions[i])) if self.twin_predictions.numel() else "?"
-            rows.append((str(i), str(int(self.targets[i])), twin, _fmt(float(self.scores[i]))))
+            rows.append((str(i), self.target_of(i), twin, _fmt(float(self.scores[i]))))
         return rows
 
     @property
@@ -443,7 +454,7 @@ class ComplexityResult(AuditResult):
         rows = [("sample", "target", "H trained", "H randomized", "rise")]
         h0, h1 = self.entropies.get("original"), self.entropies.get("randomized")
         for i in range(self.n):
-            rows.append((str(i), str(int(self.targets[i])), _fmt(float(h0[i])),
+            rows.append((str(i), self.target_of(i), _fmt(float(h0[i])),
                          _fmt(float(h1[i])), _fmt(float(self.scores[i]))))  # fmt: skip
         return rows
 

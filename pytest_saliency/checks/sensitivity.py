@@ -17,38 +17,33 @@ AGAINST = ("random", "least_likely", "second", "all")
 def other_classes(
     logits: torch.Tensor, targets: torch.Tensor, against: str, seed: int
 ) -> torch.Tensor:
-    """The class compared with each sample's target, a LongTensor [N] on the CPU."""
-    scores = logits.detach().double().cpu()
-    targets = targets.cpu()
-    n, classes = scores.shape
-    rows = torch.arange(n)
-    if against == "random":
-        # Uniform over the other classes: draw from classes - 1 slots and skip the target's.
-        generator = torch.Generator().manual_seed(seed)
-        draw = torch.randint(0, classes - 1, (n,), generator=generator)
-        return draw + (draw >= targets).long()
-    if against == "second":
-        scores[rows, targets] = -torch.inf
-        return scores.argmax(dim=1)
-    if against == "least_likely":
-        scores[rows, targets] = torch.inf
-        return scores.argmin(dim=1)
-    return torch.full((n,), -1, dtype=torch.long)
+    """The class compared with each sample's target class, a LongTensor [N] on the CPU (-1 for
+    ``against="all"``)."""
+    from ..engine.targets import ClassLogit, other_units
+
+    if against == "all":
+        return torch.full((logits.shape[0],), -1, dtype=torch.long)
+    return other_units(ClassLogit(), logits, targets.to(logits.device), against, seed)
 
 
 def run(audit: Audit, *, against: str) -> list:
     """Maps for each sample's class and for another class, compared per sample."""
+    from ..engine.targets import other_units
+
     x, metric, seed, batch_size = audit.x, audit.metric, audit.seed, audit.batch_size
-    logits = audit.logits()
-    n, classes = logits.shape
-    if classes < 2:
-        raise SaliencyError(
-            f"output sensitivity compares maps of two classes, but the model has {classes} "
-            f"output; against={against!r} needs at least 2 classes (valid against: "
-            f"{', '.join(repr(a) for a in AGAINST)}, all need 2+ outputs)"
-        )
-    targets = audit.targets_from(logits).cpu()
-    others = other_classes(logits, targets, against, seed)
+    kind = audit.objective.target
+    outputs = audit.outputs()
+    selection = audit.targets_from(outputs)
+    # Every other target a sample can be compared with (this raises where there is none).
+    _, allowed = kind.alternatives(outputs, selection)
+    targets = selection.cpu()
+    if against == "all":
+        others = torch.full((x.shape[0],), -1, dtype=torch.long)
+        other_sel = None
+    else:
+        others = other_units(kind, outputs, selection, against, seed)
+        other_sel = kind.alternative(others, outputs).cpu()
+    alternative = lambda units: kind.alternative(units, outputs).cpu()  # noqa: E731
     terms = audit.terms()
     explainer = audit.explainer()
     # A stochastic method draws its noise per call: separate calls of N samples give both
@@ -69,10 +64,11 @@ def run(audit: Audit, *, against: str) -> list:
         if not group:
             continue
         if against == "all":
-            found = _against_all(maps_for, x, targets, classes, metric, batch_size, group,
-                                 stochastic[group[0]])  # fmt: skip
+            found = _against_all(maps_for, x, targets, allowed, alternative, kind, metric,
+                                 batch_size, group, stochastic[group[0]])  # fmt: skip
         else:
-            found = _pair(maps_for, x, targets, others, batch_size, group, stochastic[group[0]])
+            found = _pair(maps_for, x, targets, other_sel, batch_size, group,
+                          stochastic[group[0]])  # fmt: skip
         for i, item in zip(group, found):
             paired[i] = item
     fields = []
@@ -98,7 +94,7 @@ def run(audit: Audit, *, against: str) -> list:
                 others=others,
             )
         )
-    return audit.results(fields, {"against": against, "target": audit.target})
+    return audit.results(fields, {"against": against, "target": audit.target_setting})
 
 
 CHECK = register(
@@ -154,37 +150,48 @@ def _pair(maps_for, x, targets, others, batch_size, group, stochastic):
     return [(m[:n], m[n:]) for m in both]
 
 
-def _against_all(maps_for, x, targets, classes, metric, batch_size, group, stochastic):
-    """Per method: mean similarity to every other class; ``other`` keeps the most similar map."""
-    n = x.shape[0]
-    if stochastic:  # same noise for every class, as in _pair
+def _against_all(maps_for, x, targets, allowed, alternative, kind, metric, batch_size, group,
+                 stochastic):  # fmt: skip
+    """Per method: mean similarity to every other target the sample has (``allowed`` [N, K]);
+    ``other`` keeps the most similar map."""
+    n, count = allowed.shape
+    units = kind.units_of(targets)
+    if stochastic:  # same noise for every unit, as in _pair
         per_method = [
             torch.stack(
-                [maps_for(x, torch.full_like(targets, c), batch_size, [i])[0]
-                 for c in range(classes)]
+                [maps_for(x, alternative(torch.full((n,), c, dtype=torch.long)), batch_size, [i])[0]
+                 for c in range(count)]
             )
             for i in group
         ]  # fmt: skip
     else:
-        # Every class for every sample in one call, in chunks no larger than the 2N pair batch.
-        every = torch.arange(classes).repeat_interleave(n)
-        repeated = x.repeat(classes, *([1] * (x.dim() - 1)))
+        # Every unit for every sample in one call, in chunks no larger than the 2N pair batch.
+        every = alternative(torch.arange(count).repeat_interleave(n))
+        repeated = x.repeat(count, *([1] * (x.dim() - 1)))
         with _numbered_in(n):
             found = maps_for(repeated, every, batch_size or 2 * n, group)
-        per_method = [m.reshape(classes, n, *m.shape[1:]) for m in found]
-    return [_all_scores(maps, targets, classes, metric) for maps in per_method]
+        per_method = [m.reshape(count, n, *m.shape[1:]) for m in found]
+    if units is None:  # the target is no single unit (several labels): its own maps
+        own_maps = [maps_for(x, targets, batch_size, [i])[0] for i in group]
+    else:
+        own_maps = [maps[units, torch.arange(n)] for maps in per_method]
+    return [
+        _all_scores(maps, own, allowed, kind.noun, metric)
+        for maps, own in zip(per_method, own_maps)
+    ]
 
 
-def _all_scores(maps, targets, classes, metric):
+def _all_scores(maps, target_maps, allowed, noun, metric):
     n = maps.shape[1]
     rows = torch.arange(n)
-    target_maps = maps[targets, rows]
-    compared = [compare(target_maps, maps[c], metric) for c in range(classes)]
+    count = allowed.shape[1]
+    compared = [compare(target_maps, maps[c], metric) for c in range(count)]
     sims = torch.stack([score for score, _ in compared])
-    own = torch.zeros(classes, n, dtype=torch.bool)
-    own[targets, rows] = True
-    blank = describe_blank({f"class {c}": mask & ~own[c] for c, (_, mask) in enumerate(compared)})
-    others_only = sims.masked_fill(own, 0.0)
-    scores = others_only.sum(dim=0) / (classes - 1)  # NaN stays NaN through the sum
-    best = sims.masked_fill(own, -torch.inf).nan_to_num(nan=torch.inf).argmax(dim=0)
+    excluded = ~allowed.T  # [K, N]: the sample's own target, and units it cannot be compared to
+    blank = describe_blank(
+        {f"{noun} {c}": mask & ~excluded[c] for c, (_, mask) in enumerate(compared)}
+    )
+    others_only = sims.masked_fill(excluded, 0.0)
+    scores = others_only.sum(dim=0) / allowed.sum(dim=1)  # NaN stays NaN through the sum
+    best = sims.masked_fill(excluded, -torch.inf).nan_to_num(nan=torch.inf).argmax(dim=0)
     return target_maps, maps[best, rows], scores, blank

@@ -146,16 +146,17 @@ class _Probe:
         return self.grads.get(id(t))
 
 
-def _probe(model: nn.Module, x: torch.Tensor, *, gradients: bool = True) -> _Probe:
+def _probe(model: nn.Module, x: torch.Tensor, *, gradients: bool = True, output=None) -> _Probe:
     """One dry forward and backward on ``x[:1]`` recording every module's input and output.
 
     The gradients come from the readout: the outputs of the last grid collapse (the global
     pooling, or the selected class tokens) under fixed random weights, so that whether a
     tensor reaches the readout does not hang on the head's weights (torchvision's ViT
-    initialises its head to zeros). Without a collapse, from the class scores the same way.
+    initialises its head to zeros). Without a collapse, from the scored tensor the same way
+    (``output``: the call's :class:`~.targets.Output`, default the tensor or its 'logits').
     """
     from .state import removable_hooks
-    from .targets import call_model, check_logits
+    from .targets import DEFAULT, call_model
 
     x1 = x[:1].detach().clone().requires_grad_(gradients)
     tagger = _SpatialWatch(x1, {id(p) for p in model.parameters()})
@@ -191,8 +192,13 @@ def _probe(model: nn.Module, x: torch.Tensor, *, gradients: bool = True) -> _Pro
             handles.append(module.register_forward_pre_hook(pre))
             handles.append(module.register_forward_hook(post))
         with tagger:
-            output = call_model(model, x1)
-        logits = check_logits(output, type(model).__name__, 1)
+            returned = call_model(model, x1)
+        logits = (output or DEFAULT.output)(returned, type(model).__name__)
+        if logits.dim() == 0 or logits.shape[0] != 1:
+            raise SaliencyError(
+                f"model {type(model).__name__} returned a tensor of shape "
+                f"{tuple(logits.shape)} for one sample; expected one row per sample [1, ...]"
+            )
         if not gradients:
             return _Probe(points, [], {}, None, tagger.derived, x1, False, tagger.used)
         # Collapses that reach the scores, with nothing spatial made after them.
@@ -312,21 +318,24 @@ def _name_of(probe: _Probe, t: torch.Tensor, version: int) -> _Point | None:
 
 
 def resolve_cam_layer(
-    model: nn.Module, x: torch.Tensor, method: str, layer: object, layout: object
+    model: nn.Module, x: torch.Tensor, method: str, layer: object, layout: object, output=None
 ) -> CamLayer:
     """The CAM layer for ``method`` on ``model``: ``layer`` as the user wrote it (None: the
-    default), with its layout (``layout``: None to infer, or a kind)."""
+    default), with its layout (``layout``: None to infer, or a kind); ``output`` selects the
+    scored tensor of what the model returns."""
     if isinstance(layer, CamLayer):
         return layer  # resolved already, on this model (an audit's plan)
     given = parse_layout(layout, method)
     spatial = x.dim() - 2
     if layer is None:
-        return _default(model, x, method, _probe(model, x), given, spatial)
+        return _default(model, x, method, _probe(model, x, output=output), given, spatial)
     name, point, module = parse_cam_layer(model, layer)
     if point == "pool":
-        return _pool_layer(model, x, method, _probe(model, x), given, spatial, default=False)
+        probe = _probe(model, x, output=output)
+        return _pool_layer(model, x, method, probe, given, spatial, default=False)
     # A named module needs only its tensors and their layouts: no backward.
-    entry = _probe(model, x, gradients=False).points.get((name.removesuffix(":input"), point))
+    probe = _probe(model, x, gradients=False, output=output)
+    entry = probe.points.get((name.removesuffix(":input"), point))
     return _checked(model, x, method, name, point, module, entry, given, spatial, False)
 
 
@@ -455,12 +464,12 @@ def _default(model, x, method, probe, given, spatial) -> CamLayer:
 
 
 def output_layouts(
-    model: nn.Module, x: torch.Tensor
+    model: nn.Module, x: torch.Tensor, output=None
 ) -> tuple[dict[str, list[tuple[Layout | None, tuple[int, ...]]]], set[int]]:
     """Each module's output (layout, shape) per call, from one dry forward (no backward) on
     ``x[:1]`` (eval mode), and the ids of the parameters the forward used; modules never
     called with a tensor output are absent."""
-    probe = _probe(model, x, gradients=False)
+    probe = _probe(model, x, gradients=False, output=output)
     layouts = {
         entry.name: [(lay, tuple(t.shape)) for lay, t in zip(entry.layouts, entry.tensors)]
         for entry in probe.points.values()

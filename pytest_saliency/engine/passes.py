@@ -16,7 +16,7 @@ from ..errors import NonFiniteError, SaliencyError
 from .layouts import function_name
 from .rules import RuleSet
 from .state import removable_hooks
-from .targets import call_model, check_logits, resolve_targets
+from .targets import DEFAULT, Objective, call_model
 
 
 @dataclass
@@ -130,12 +130,15 @@ def forward_backward(
     taps: Mapping[str, Tap] | None = None,
     method: str = "",
     input_grad: bool = True,
+    objective: Objective = DEFAULT,
 ) -> Record:
-    """Forward ``inputs`` with ``rules`` installed, backward from each sample's target logit.
+    """Forward ``inputs`` with ``rules`` installed, backward from each sample's target score.
 
-    ``taps`` maps a name to a :class:`Tap`. ``target`` is anything
-    :func:`resolve_targets` accepts (None = predicted class). With ``input_grad=False`` the
-    backward only runs down to the tapped outputs (all a CAM readout needs).
+    ``taps`` maps a name to a :class:`Tap`. ``objective`` says which tensor of the model's
+    output is scored and how (default: class logits); ``target`` is a selection its target kind
+    resolves (for class logits: None = predicted class, an int, a LongTensor [N]). With
+    ``input_grad=False`` the backward only runs down to the tapped outputs (all a CAM readout
+    needs).
     """
     x = inputs.detach().clone().requires_grad_(True)
     store: dict[str, list] = {}
@@ -163,16 +166,16 @@ def forward_backward(
                     "read; name a module's output instead (its output is copied before any "
                     "in-place op can change it)"
                 )
-        logits = check_logits(output, type(model).__name__, x.shape[0])
+        logits = objective.scores(output, type(model).__name__, x.shape[0])
         check_connected(logits, type(model).__name__)
         if trace is not None:
             trace.account(logits)
-        targets = resolve_targets(target, logits)
+        targets = objective.target.resolve(logits, target)
         tapped = [o for calls in store.values() for o, _ in calls if isinstance(o, torch.Tensor)]
         wrt = ([x] if input_grad else []) + tapped
         grads: Sequence[torch.Tensor | None] = []
         if wrt:
-            score = logits.gather(1, targets[:, None]).sum()
+            score = objective.target.score(logits, targets).sum()
             try:
                 grads = torch.autograd.grad(score, wrt, allow_unused=True)
             except torch.utils.checkpoint.CheckpointError as exc:
