@@ -31,6 +31,11 @@ _EXPORTS = {
     "ComplexityResult": ".checks",
     "DataRandomizationResult": ".checks",
     "sample": ".data",
+    "ClassLogit": ".engine.targets",
+    "MultiLabel": ".engine.targets",
+    "Segmentation": ".engine.targets",
+    "Regression": ".engine.targets",
+    "Target": ".engine.targets",
     "SaliencyError": ".errors",
     "UnsupportedActivationError": ".errors",
     "NonFiniteError": ".errors",
@@ -55,6 +60,13 @@ if TYPE_CHECKING:  # pragma: no cover
         smooth_randomization,
     )
     from .data import sample  # noqa: F401
+    from .engine.targets import (  # noqa: F401
+        ClassLogit,
+        MultiLabel,
+        Regression,
+        Segmentation,
+        Target,
+    )
     from .errors import (  # noqa: F401
         ModelError,
         NonFiniteError,

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ModelError, NonFiniteError, SaliencyError, non_finite_samples, unknown
+from ..errors import ModelError, NonFiniteError, SaliencyError, closest, non_finite_samples, unknown
 
 
 def call_model(model: torch.nn.Module, inputs: torch.Tensor) -> object:
@@ -145,12 +145,13 @@ class Output:
         elif isinstance(spec, str):
             if isinstance(returned, Mapping):
                 if spec not in returned:
-                    keys = ", ".join(repr(k) for k in returned) or "none"
-                    raise unknown(f"output key (model {model_name} returned {seen})", spec,
-                                  [str(k) for k in returned]) if returned else SaliencyError(
-                        f"output={spec!r}: model {model_name} returned an empty "
-                        f"{type(returned).__name__} (keys: {keys})"
-                    )  # fmt: skip
+                    keys = [str(k) for k in returned]
+                    near = closest(spec, keys)
+                    hint = f"; did you mean {', '.join(map(repr, near))}?" if near else "."
+                    raise SaliencyError(
+                        f"output={spec!r}: model {model_name} returned {seen}, which has no key "
+                        f"{spec!r}{hint} Its keys: {', '.join(map(repr, keys)) or 'none'}"
+                    )
                 found = returned[spec]
             elif hasattr(returned, spec) and not spec.startswith("_"):
                 found = getattr(returned, spec)
