@@ -26,11 +26,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .checks import AuditResult
 
 MARKER_KEYS = ("methods", "max_similarity", "min_rise", "similarity", "seed", "confidence",
-               "batch_size")  # fmt: skip
+               "batch_size", "target", "output")  # fmt: skip
 MARKER_HELP = (
     "saliency(methods=[...], max_similarity=X, min_rise=X, similarity=NAME, seed=N, "
-    "confidence=False, batch_size=None): audit settings for the `saliency` fixture; `methods` "
-    "parametrizes `saliency_method` (a name or {'name': ..., **options})."
+    "confidence=False, batch_size=None, target=None, output=None): audit settings for the "
+    "`saliency` fixture; `methods` parametrizes `saliency_method` (a name or {'name': ..., "
+    "**options}); `target` and `output` say what is explained (see pytest_saliency.explain)."
 )
 
 
@@ -561,6 +562,13 @@ class Auditor:
         self.min_rise: float | None = marker.get("min_rise")
         self.confidence: bool = marker.get("confidence", False)
         self.batch_size: int | None = marker.get("batch_size")
+        # What the fixture's calls explain unless a call says otherwise (None: class logits).
+        self.target: Any = marker.get("target")
+        self.output: Any = marker.get("output")
+        if self.output is not None:
+            from .engine.targets import Output
+
+            Output(self.output)  # a bad selector fails the test here, located
         from .validate import SHARED, setting
 
         for key in SHARED:  # the marker's values, checked where they were written
@@ -592,6 +600,8 @@ class Auditor:
         name, options, _ = split_method(method)
         model, inputs = self._place(model, inputs)
         kw.setdefault("batch_size", self.batch_size)
+        kw.setdefault("target", self.target)
+        kw.setdefault("output", self.output)
         return explain(model, inputs, name, **{**options, **kw})
 
     def audit(self, check: str, *args: Any, confidence: bool | None = None, **kw: Any) -> Any:
@@ -635,12 +645,14 @@ class Auditor:
         models, (inputs, method) = list(args[:-2]), args[-2:]
         name_, options, given_id = split_method(method)
         ident = given_id if given_id is not None else method_id(method)
-        defaults = {"seed": self.seed, "batch_size": self.batch_size}
+        defaults = {"seed": self.seed, "batch_size": self.batch_size, "target": self.target,
+                    "output": self.output}  # fmt: skip
         if check.similarity:
             defaults["similarity"] = self.similarity or check.similarity
         # The method goes as a one-item list of its mapping, so that its own options (a
         # smoothgrad's seed) never mix with the check's keywords of the same name.
-        own = {*(o.name for o in check.options), "similarity", "seed", "batch_size", "target"}
+        own = {*(o.name for o in check.options), "similarity", "seed", "batch_size", "target",
+               "output"}  # fmt: skip
         given = {k: v for k, v in kw.items() if k not in own and k != "layer"}
         _check_method_keywords(check, name_, given)  # a typo of a check option says so
         spec = {"name": name_, **options, **{k: v for k, v in kw.items() if k not in own}}

@@ -6,6 +6,10 @@ Schema (keys other than these are errors)::
     inputs: pkg.data:batch         # a tensor [N, ...] (or a callable), or a .pt file (relative
                                    # to this file, loaded with weights_only=True)
     targets: null                  # same forms, or a list of ints; default: predicted classes
+                                   # or a kind: {kind: segmentation, index: 3, pixels: all}
+                                   # (class, multilabel, segmentation, regression, callable)
+    output: null                   # the scored tensor of what the model returns: an index
+                                   # (0), a key or attribute ('out'), or {call: pkg.mod:fn}
     device: auto                   # auto|cpu|cuda|cuda:N|mps; --saliency-device wins
     seed: 0                        # similarity, seed, max_similarity, min_rise, batch_size,
     similarity: ssim               # confidence: here for every check that has it, or per check
@@ -77,11 +81,20 @@ from .specs import method_id
 # The checks a suite runs when it has no ``checks:`` key.
 DEFAULT_CHECKS = ("output_sensitivity", "parameter_randomization")
 TOP_KEYS = (
-    "model", "models", "inputs", "targets", "device", "seed", "similarity", "max_similarity",
-    "min_rise", "batch_size", "confidence", "methods", "checks", "expect",
+    "model", "models", "inputs", "targets", "output", "device", "seed", "similarity",
+    "max_similarity", "min_rise", "batch_size", "confidence", "methods", "checks", "expect",
 )  # fmt: skip
 # What one entry of ``models:`` may give (the short form is the model's import path alone).
-MODEL_KEYS = ("model", "inputs", "targets", "layer", "checks", "expect")
+MODEL_KEYS = ("model", "inputs", "targets", "output", "layer", "checks", "expect")
+# ``targets: {kind: ...}``: each kind's keys (the first listed is required where marked).
+TARGET_KEYS: dict[str, tuple[str, ...]] = {
+    "class": ("index",),
+    "multilabel": ("labels", "threshold"),
+    "segmentation": ("index", "pixels"),
+    "regression": ("unit",),
+    "callable": ("function",),
+}
+TARGET_REQUIRED = {"segmentation": "index", "callable": "function"}
 # A model id names a node of the item ids (``suite.yaml::<model>::<check>[<method>]``).
 _MODEL_ID = re.compile(r"^[\w.+-]+$")
 # Settings a check may override; the suite's top-level value applies otherwise (a threshold
@@ -302,12 +315,13 @@ class ModelSpec:
     id: str | None  # None: the one model of a ``model:`` suite (item ids have no model part)
     model: str
     inputs: str | dict  # a source, or {data: source, samples: N, per_class: K}
-    targets: str | list[int] | None
+    targets: str | list[int] | dict | None
     layer: str | None  # CAM layer of the methods that need one and name none
     checks: dict[str, dict[str, Any]]  # every check the suite runs: its settings for this model
     expect: dict[tuple[str, str], str]
     paths: dict[str, KeyPath]  # "model", "inputs", "targets", "layer" -> where it was written
     check_paths: dict[tuple[str, str], KeyPath] = field(default_factory=dict)  # model-level keys
+    output: Any = None  # int | str | {"call": source} | None: the scored tensor
 
     def path(self, key: str) -> KeyPath:
         return self.paths.get(key, (key,))
@@ -579,6 +593,66 @@ def _source(p: _Problems, key: str | KeyPath, value: Any, *, allow_list: bool = 
     p.add(path, f"expected {forms}, got {value!r}")
 
 
+def _targets(p: _Problems, path: KeyPath, value: Any) -> None:
+    """``targets:``: class indices (a source or a list, as before), or ``{kind: ..., ...}``."""
+    if not isinstance(value, dict):
+        _source(p, path, value, allow_list=True)
+        return
+    kinds = tuple(TARGET_KEYS)
+    kind = value.get("kind")
+    if kind is None:
+        p.add(path, f"a target mapping needs 'kind:' (one of: {', '.join(kinds)}), e.g. "
+                    "{kind: segmentation, index: 3}")  # fmt: skip
+        return
+    if kind not in TARGET_KEYS:
+        p.unknown((*path, "kind"), "target kind", kind, kinds)
+        return
+    allowed = TARGET_KEYS[kind]
+    for key in value:
+        if key != "kind" and key not in allowed:
+            p.unknown((*path, key), f"key of a {kind} target", key, ("kind", *allowed))
+    required = TARGET_REQUIRED.get(kind)
+    if required and value.get(required) is None:
+        p.add(path, f"a {kind} target needs '{required}:'")
+
+    def ints(key: str, *, allow_int: bool = True) -> None:
+        v = value.get(key)
+        if v is None:
+            return
+        if allow_int and type(v) is int and v >= 0:
+            return
+        if isinstance(v, list) and v and all(type(i) is int and i >= 0 for i in v):
+            return
+        forms = "a non-negative int or a list of them" if allow_int else "a list of label indices"
+        p.add((*path, key), f"expected {forms}, got {v!r}")
+
+    ints("index")
+    ints("unit")
+    ints("labels", allow_int=False)
+    threshold = value.get("threshold")
+    if threshold is not None and (type(threshold) not in (int, float)
+                                  or not math.isfinite(threshold)):  # fmt: skip
+        p.add((*path, "threshold"), f"expected a number (a logit), got {threshold!r}")
+    pixels = value.get("pixels")
+    if pixels is not None and pixels not in ("predicted", "all"):
+        p.unknown((*path, "pixels"), "pixels", pixels, ("predicted", "all"))
+    function = value.get("function")
+    if function is not None:
+        _source(p, (*path, "function"), function)
+
+
+def _output(p: _Problems, path: KeyPath, value: Any) -> None:
+    """``output:``: an index, a key or attribute name, or ``{call: package.module:function}``."""
+    if type(value) is int or (isinstance(value, str) and value):
+        return
+    if isinstance(value, dict) and list(value) == ["call"]:
+        _source(p, (*path, "call"), value["call"])
+        return
+    p.add(path, "expected an index of a returned tuple (0), a key of a returned dict or an "
+                "attribute ('out', 'logits'), or {call: 'package.module:function'}, got "
+                f"{value!r}")  # fmt: skip
+
+
 def parse_suite(data: Any, lines: dict[KeyPath, int], file: Path, label: str) -> Suite:
     """Validate a loaded suite; raise :class:`SuiteError` listing every mistake."""
     p = _Problems(label, lines)
@@ -602,7 +676,9 @@ def parse_suite(data: Any, lines: dict[KeyPath, int], file: Path, label: str) ->
     if data.get("inputs") is not None:
         _inputs(p, "inputs", data["inputs"])
     if data.get("targets") is not None:
-        _source(p, "targets", data["targets"], allow_list=True)
+        _targets(p, ("targets",), data["targets"])
+    if data.get("output") is not None:
+        _output(p, ("output",), data["output"])
     top = {k: data[k] for k in (*SHARED_KEYS, "device") if data.get(k) is not None}
     for key, value in top.items():
         _check_setting(p, (key,), key, value)
@@ -672,12 +748,13 @@ def _models(p: _Problems, data: dict, checks: dict[str, dict], entries: list[Met
             expect: dict) -> list[ModelSpec]:  # fmt: skip
     """The suite's models: its one ``model:``, or each entry of ``models:`` with the suite's
     inputs, targets, check settings and expectations under its own."""
-    top = {key: data.get(key) for key in ("inputs", "targets")}
+    top = {key: data.get(key) for key in ("inputs", "targets", "output")}
     if data.get("models") is None:
         if data.get("model") is None:
             return []
         spec = ModelSpec(None, data["model"], top["inputs"], top["targets"], None,
-                         {c: dict(st) for c, st in checks.items()}, dict(expect), {})  # fmt: skip
+                         {c: dict(st) for c, st in checks.items()}, dict(expect), {},
+                         output=top["output"])  # fmt: skip
         _needs_twins(p, spec, ("checks",))
         return [spec]
     raw = data["models"]
@@ -716,7 +793,9 @@ def _models(p: _Problems, data: dict, checks: dict[str, dict], entries: list[Met
         if value.get("inputs") is not None:
             _inputs(p, (*where, "inputs"), value["inputs"])
         if value.get("targets") is not None:
-            _source(p, (*where, "targets"), value["targets"], allow_list=True)
+            _targets(p, (*where, "targets"), value["targets"])
+        if value.get("output") is not None:
+            _output(p, (*where, "output"), value["output"])
         if value.get("inputs") is None and top["inputs"] is None:
             p.add(where, "missing 'inputs:' (give it here, or once at the top level for every "
                          "model)")  # fmt: skip
@@ -743,10 +822,12 @@ def _models(p: _Problems, data: dict, checks: dict[str, dict], entries: list[Met
                 check_paths.update({(name, k): (*path, k) for k in settings})
         own_expect = _expect(p, value.get("expect"), ids, checks, (*where, "expect"))
         own_inputs, own_targets = value.get("inputs"), value.get("targets")  # null: the suite's
+        own_output = value.get("output")
         spec = ModelSpec(
             ident, value["model"], top["inputs"] if own_inputs is None else own_inputs,
             top["targets"] if own_targets is None else own_targets, layer, merged,
             {**expect, **own_expect}, paths, check_paths,
+            output=top["output"] if own_output is None else own_output,
         )  # fmt: skip
         _needs_twins(p, spec, where)
         out.append(spec)
@@ -839,6 +920,7 @@ class Loaded:
     targets: Any
     # each check's extra model (data randomization's permuted-label twin), by check name
     others: dict[str, Any] = field(default_factory=dict)
+    output: Any = None  # what output= the audits get (an int, a str or a callable)
 
 
 def load_objects(suite: Suite, spec: ModelSpec, search: list[str],
@@ -927,13 +1009,66 @@ def load_objects(suite: Suite, spec: ModelSpec, search: list[str],
     except SaliencyError as exc:
         raise fail("inputs", f"{source}: {exc}") from None
     targets = spec.targets
-    if targets is not None:
+    if isinstance(targets, dict):
+        try:
+            targets = _target_object(targets, search, len(inputs))
+        except SaliencyError as exc:
+            raise fail("targets", str(exc)) from None
+    elif targets is not None:
         try:
             raw = targets if isinstance(targets, list) else tensor_from("targets", targets)
             targets = _as_targets(raw, len(inputs))
         except SaliencyError as exc:
             raise fail("targets", str(exc)) from None
-    return Loaded(model, inputs, targets, others)
+    output = spec.output
+    if isinstance(output, dict):
+        try:
+            output = _import_object(output["call"], search)
+            if not callable(output):
+                raise SaliencyError(
+                    f"{spec.output['call']} is a {type(output).__name__}, not a callable"
+                )
+        except SaliencyError as exc:
+            raise fail("output", str(exc)) from None
+    return Loaded(model, inputs, targets, others, output)
+
+
+def _target_object(raw: dict, search: list[str], n: int) -> Any:
+    """The target object a ``targets: {kind: ...}`` mapping describes (validated keys)."""
+    import torch
+
+    from .engine.targets import (
+        CallableTarget,
+        ClassLogit,
+        MultiLabel,
+        Regression,
+        Segmentation,
+    )
+
+    def index(key: str) -> Any:
+        v = raw.get(key)
+        if isinstance(v, list):
+            if len(v) != n:
+                raise SaliencyError(
+                    f"{key}: a list gives one index per input, so it needs {n} entries "
+                    f"(the inputs' batch), got {len(v)}; or give one int for every input"
+                )
+            return torch.tensor(v, dtype=torch.long)
+        return v
+
+    kind = raw["kind"]
+    if kind == "class":
+        return ClassLogit(index("index"))
+    if kind == "multilabel":
+        return MultiLabel(raw.get("labels"), float(raw.get("threshold", 0.0)))
+    if kind == "segmentation":
+        return Segmentation(index("index"), pixels=raw.get("pixels", "predicted"))
+    if kind == "regression":
+        return Regression(index("unit"))
+    fn = _import_object(raw["function"], search)
+    if not callable(fn):
+        raise SaliencyError(f"{raw['function']} is a {type(fn).__name__}, not a callable")
+    return CallableTarget(fn)
 
 
 def _named(inputs: str | dict) -> str:
@@ -960,14 +1095,33 @@ def check_forward(suite: Suite, spec: ModelSpec, loaded: Loaded) -> None:
             f"{list(inputs.shape)}): {_user_error(exc)}"
         ) from None
     targets = loaded.targets
-    from .engine.targets import select_logits
+    from .engine.targets import ClassLogit, Output, Target
 
     try:
-        out = select_logits(out, type(model).__name__)
-    except SaliencyError:
-        return  # what the model returns is the audit's to refuse, with its message
-    if out.dim() == 2 and targets is not None:
-        classes = out.shape[1]
+        selected = Output(loaded.output)(out, type(model).__name__)
+    except SaliencyError as exc:
+        if loaded.output is None:
+            return  # what the model returns is the audit's to refuse, with its message
+        raise SuiteError(f"{suite.where(spec.path('output'))}: {exc}") from None
+    if isinstance(targets, Target) and not isinstance(targets, ClassLogit):
+        try:
+            targets.check(selected, 1, type(model).__name__)
+        except SaliencyError as exc:
+            raise SuiteError(f"{suite.where(spec.path('targets'))}: {exc}") from None
+        index = getattr(targets, "index", getattr(targets, "unit", None))
+        count = selected.shape[1] if selected.dim() > 1 else 1
+        found = torch.as_tensor(index).reshape(-1) if index is not None else None
+        if found is not None and found.numel() and (int(found.min()) < 0
+                                                    or int(found.max()) >= count):  # fmt: skip
+            raise SuiteError(
+                f"{suite.where(spec.path('targets'))}: {targets.noun} indices must be in "
+                f"[0, {count - 1}] (the model has {count} outputs), got {found.tolist()}"
+            )
+        return
+    if isinstance(targets, ClassLogit):
+        targets = None if targets.index is None else torch.as_tensor(targets.index).reshape(-1)
+    if selected.dim() == 2 and targets is not None:
+        classes = selected.shape[1]
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
             raise SuiteError(
                 f"{suite.where(spec.path('targets'))}: class indices must be in [0, {classes - 1}] "
@@ -1125,6 +1279,8 @@ class _Holder:
     def placed(self, device: Any, check: str | None = None) -> tuple[Any, Any, Any]:
         """Models, inputs and targets on ``device`` (moved once; the user's models are not
         moved): the models are this model, then ``check``'s extra model if it has one."""
+        import torch
+
         key = str(device)
         if key not in self._placed:
             loaded = self._loaded
@@ -1142,7 +1298,7 @@ class _Holder:
                 moved(loaded.model),
                 {name: moved(m) for name, m in loaded.others.items()},
                 loaded.inputs.to(device),
-                None if targets is None else targets.to(device),
+                targets.to(device) if isinstance(targets, torch.Tensor) else targets,
             )
         model, others, inputs, targets = self._placed[key]
         models = [model] + ([others[check]] if check in others else [])
@@ -1231,7 +1387,8 @@ class _Holder:
         models, inputs, targets = self.placed(device, check)
         methods = [o.method_spec() for o in peers]
         try:
-            return run_check(check, models, inputs, methods, target=targets, **settings)
+            return run_check(check, models, inputs, methods, target=targets,
+                             output=self._loaded.output, **settings)  # fmt: skip
         except Exception as exc:
             return exc
 
@@ -1454,7 +1611,8 @@ class SuiteItem(pytest.Item):
         models, inputs, targets = self.holder.placed(device, self.check)
         # a one-item list: the method's own options (a smoothgrad seed) stay the method's
         return run_check(
-            self.check, models, inputs, [self.method_spec()], target=targets, **settings
+            self.check, models, inputs, [self.method_spec()], target=targets,
+            output=self.holder._loaded.output, **settings,
         )[0]
 
     def location_text(self) -> str:
