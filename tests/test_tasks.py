@@ -97,6 +97,29 @@ def test_a_regression_cnn_is_audited_by_randomization_not_by_output_sensitivity(
         ps.output_sensitivity(model, x, "gradient", target=ps.Regression())
 
 
+def tiny_vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32,
+                       num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       num_labels=5)  # fmt: skip
+    return seeded(lambda: ViTForImageClassification(config))
+
+
+def test_a_transformers_vit_is_read_through_its_model_output():
+    pytest.importorskip("transformers")
+    model = tiny_vit()
+    x = randn(2, 3, 16, 16, seed=6)
+    got = ps.explain(model, x, "gradient", target=ps.ClassLogit(torch.tensor([1, 3])))
+    want = reference(model, x, lambda out: out.logits[:, [1, 3]].diagonal())
+    torch.testing.assert_close(got, want)
+    assert torch.equal(ps.explain(model, x, "gradient", target=[1, 3], output="logits"), got)
+    multi = ps.explain(model, x, "gradient", target=ps.MultiLabel([0, 2]))
+    torch.testing.assert_close(multi, reference(model, x, lambda o: o.logits[:, 0] + o.logits[:, 2]))
+    result = ps.output_sensitivity(model, x, ["gradient", "integrated_gradients"])
+    assert [r.target_kind for r in result] == ["class", "class"]
+
+
 HELPERS = '''
 import torch, torchvision
 from torch import nn
@@ -128,6 +151,14 @@ def images():
 
 def margin(out):
     return out[:, 0] - out[:, 1]
+
+def vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=64, patch_size=16, num_channels=3, hidden_size=32,
+                       num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       num_labels=5)
+    return seeded(lambda: ViTForImageClassification(config))
 '''
 
 SUITE = """
@@ -147,6 +178,10 @@ models:
     targets: {kind: callable, function: "helpers:margin"}
     checks: {parameter_randomization: {layers: [net.fc, net.layer4]}}
     expect: {gradient: {output_sensitivity: error}}
+  vit:
+    model: helpers:vit
+    targets: {kind: class, index: 3}
+    checks: {parameter_randomization: {layers: [classifier, vit.embeddings]}}
 inputs: helpers:images
 methods: [gradient]
 max_similarity: 1.0
@@ -154,16 +189,18 @@ max_similarity: 1.0
 
 
 def test_a_suite_audits_each_task_and_reports_its_target(pytester: pytest.Pytester):
+    pytest.importorskip("transformers")
     pytester.makepyfile(helpers=HELPERS)
     pytester.makefile(".yaml", saliency_tasks=SUITE)
     result = pytester.runpytest("--saliency-report=r.json", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=5, xfailed=1)
+    result.assert_outcomes(passed=7, xfailed=1)
     records = json.loads((pytester.path / "r.json").read_text())["records"]
     kinds = {(r["model"], r["check"]): (r.get("target_kind"), r["targets"]) for r in records
              if r.get("verdict") != "refused"}  # fmt: skip
     assert kinds[("segmenter", "output_sensitivity")] == ("segmentation", [2, 2])
     assert kinds[("tagger", "parameter_randomization")] == ("multilabel", [[1, 4], [1, 4]])
     assert kinds[("pair", "parameter_randomization")][0] == "callable"
+    assert kinds[("vit", "output_sensitivity")] == ("class", [3, 3])
     result.stdout.no_fnmatch_line("*Traceback*")
 
 
