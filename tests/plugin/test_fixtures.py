@@ -314,3 +314,47 @@ def test_a_users_own_saliency_method_fixture_is_theirs(pytester: pytest.Pytester
     result = pytester.runpytest("-v")
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["*test_plain?mine-a?*PASSED*", "*test_marked?mine-b?*PASSED*"])
+
+
+def test_the_marker_says_what_the_fixture_explains(tiny_project: pytest.Pytester) -> None:
+    """target= and output= on the marker apply to every call of the test; a call's own wins."""
+    tiny_project.makepyfile(
+        """
+        import pytest
+        import torch
+        import pytest_saliency as ps
+        import tinynet
+
+        class Pair(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = tinynet.make_model()
+            def forward(self, x):
+                s = self.net(x)
+                return s, s.detach()
+
+        @pytest.mark.saliency(target=ps.MultiLabel([0, 2]), output=0, max_similarity=1.0)
+        def test_tags(saliency):
+            model, x = Pair(), tinynet.make_inputs()
+            result = saliency.output_sensitivity(model, x, "gradient")
+            assert result.target_kind == "multilabel" and result.others.tolist() == [1] * 4
+            own = saliency.parameter_randomization(model, x, "gradient", target=1)
+            assert own.target_kind == "class" and own.targets.tolist() == [1] * 4
+            leaf = x.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(model(leaf)[0][:, [0, 2]].sum(), leaf)
+            torch.testing.assert_close(saliency.explain(model, x, "gradient"), g.sum(dim=1))
+
+        @pytest.mark.saliency(output="nope")
+        def test_bad(saliency):
+            saliency.explain(tinynet.make_model(), tinynet.make_inputs(), "gradient")
+        """
+    )
+    result = tiny_project.runpytest("--saliency-report=run.json")
+    result.assert_outcomes(passed=1, failed=1)
+    records = json.loads((tiny_project.path / "run.json").read_text())["records"]
+    assert [r["target_kind"] for r in records] == ["multilabel", "class"]
+    assert records[0]["targets"] == [[0, 2]] * 4
+    assert records[0]["settings"]["target"] == {"kind": "multilabel", "labels": [0, 2],
+                                                "output": "output[0]"}  # fmt: skip
+    result.stdout.fnmatch_lines(["*output='nope': model Sequential returned Tensor[[]4, 3[]], "
+                                 "which has no key or attribute 'nope'*"])  # fmt: skip
