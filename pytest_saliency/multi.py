@@ -18,8 +18,8 @@ from torch import nn
 from .bundled.registry import Context, Method
 from .engine.passes import Record, Tap, chunked, forward_backward
 from .engine.rules import RuleSet
-from .engine.targets import DEFAULT, ClassLogit, Objective
 from .engine.state import eval_mode, model_device_dtype
+from .engine.targets import DEFAULT, ClassLogit, Objective
 from .errors import SaliencyError
 from .explainer import allow_grad, cam_layer_of, check_maps, check_target, prepare
 from .specs import parse_method

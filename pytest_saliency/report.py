@@ -30,7 +30,11 @@ A *record* is one audit as plain JSON types, built by :func:`make_record`. The J
                         (not a refusal: a bug or a crash), "message": the whole message};
                         such a record has null scores and controls,
           "degenerate": sample indices with a constant map, "cause": why,
-          "targets":    explained class per sample, "seed", "settings": audit settings,
+          "targets":    what each sample explains (a class, unit or index; a list of labels
+                        for a multi-label target), "target_kind": "class" | "multilabel" |
+                        "segmentation" | "regression" | "callable", "seed",
+          "settings":   audit settings ("target": the class as given, or the kind's settings
+                        with the output selector),
           "device", "torch", "source": "python" | "suite",
           "model":      the suite's model id (``models:``), null for one ``model:`` and tests,
           sensitivity: "against", "others";
@@ -436,6 +440,12 @@ def format_failure(record: dict) -> str:
     if record.get("controls"):
         shown = ", ".join(f"{k} {_num(v)}" for k, v in record["controls"].items())
         head.insert(4, ["controls", f"{shown} (null controls, scored the same way)"])
+    kind = record.get("target_kind") or "class"
+    if kind != "class" or isinstance((record.get("settings") or {}).get("target"), dict):
+        described = (record.get("settings") or {}).get("target")
+        shown = ", ".join(f"{k}={v}" for k, v in described.items()) if isinstance(
+            described, dict) else kind  # fmt: skip
+        head.insert(2, ["target", shown])
     parts = [f"saliency audit failed: {record['nodeid']}", _table(head, "  ", header=False)]
     if record.get("step_scores") and record.get("layers"):
         rows = [["step", "randomized layer", "mean similarity"]]
@@ -447,7 +457,8 @@ def format_failure(record: dict) -> str:
     column = "similarity" if _key(record) == "max_similarity" else "score"
     rows = [["sample", "target"] + (["other"] if others else []) + [column]]
     for i, value in most_similar(record):
-        row = [str(i), str(targets[i]) if i < len(targets) else "?"]
+        target = targets[i] if i < len(targets) else "?"
+        row = [str(i), "+".join(map(str, target)) if isinstance(target, list) else str(target)]
         if others:
             row.append("all" if others[i] == -1 else str(others[i]))
         rows.append(row + [_num(value)])

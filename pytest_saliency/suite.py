@@ -1611,8 +1611,13 @@ class SuiteItem(pytest.Item):
         models, inputs, targets = self.holder.placed(device, self.check)
         # a one-item list: the method's own options (a smoothgrad seed) stay the method's
         return run_check(
-            self.check, models, inputs, [self.method_spec()], target=targets,
-            output=self.holder._loaded.output, **settings,
+            self.check,
+            models,
+            inputs,
+            [self.method_spec()],
+            target=targets,
+            output=self.holder._loaded.output,
+            **settings,
         )[0]
 
     def location_text(self) -> str:

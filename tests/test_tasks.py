@@ -47,8 +47,11 @@ def test_torchvision_segmentation_through_its_dict_output():
     cam = ps.explain(model, X, "gradcam", layer="classifier.cbr", target=target, output="out")
     assert cam.shape == (2, 64, 64) and bool(torch.isfinite(cam).all())
     # The dict is not guessed at; the error says how to select.
-    with pytest.raises(SaliencyError, match=r"returned a OrderedDict with 'out': Tensor\[2, 3, 64, "
-                                            r"64\].*output='out'"):
+    with pytest.raises(
+        SaliencyError,
+        match=r"returned a OrderedDict with 'out': Tensor\[2, 3, 64, "
+        r"64\].*output='out'",
+    ):
         ps.explain(model, X, "gradient", target=target)
     # Untrained, it assigns every pixel to one class: another class has no predicted pixels.
     with torch.no_grad():
@@ -115,12 +118,14 @@ def test_a_transformers_vit_is_read_through_its_model_output():
     torch.testing.assert_close(got, want)
     assert torch.equal(ps.explain(model, x, "gradient", target=[1, 3], output="logits"), got)
     multi = ps.explain(model, x, "gradient", target=ps.MultiLabel([0, 2]))
-    torch.testing.assert_close(multi, reference(model, x, lambda o: o.logits[:, 0] + o.logits[:, 2]))
+    torch.testing.assert_close(
+        multi, reference(model, x, lambda o: o.logits[:, 0] + o.logits[:, 2])
+    )
     result = ps.output_sensitivity(model, x, ["gradient", "integrated_gradients"])
     assert [r.target_kind for r in result] == ["class", "class"]
 
 
-HELPERS = '''
+HELPERS = """
 import torch, torchvision
 from torch import nn
 
@@ -159,7 +164,7 @@ def vit():
                        num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                        num_labels=5)
     return seeded(lambda: ViTForImageClassification(config))
-'''
+"""
 
 SUITE = """
 models:
@@ -207,21 +212,39 @@ def test_a_suite_audits_each_task_and_reports_its_target(pytester: pytest.Pytest
 @pytest.mark.parametrize(
     "targets, output, message",
     [
-        ("{kind: segmentaton, index: 2}", "out",
-         "targets.kind: unknown target kind 'segmentaton'; did you mean 'segmentation'?"),
+        (
+            "{kind: segmentaton, index: 2}",
+            "out",
+            "targets.kind: unknown target kind 'segmentaton'; did you mean 'segmentation'?",
+        ),
         ("{kind: segmentation}", "out", "targets: a segmentation target needs 'index:'"),
-        ("{kind: segmentation, index: 2, pixel: all}", "out",
-         "targets.pixel: unknown key of a segmentation target 'pixel'; did you mean 'pixels'?"),
-        ("{kind: segmentation, index: 5, pixels: all}", "out",
-         "targets: class indices must be in [[]0, 2[]] (the model has 3 outputs), got [[]5[]]"),
-        ("{kind: multilabel, labels: [1]}", "out",
-         "targets: model LRASPP returned a tensor of shape (1, 3, 64, 64); a multi-label target "
-         "needs label scores of shape [[]N=1, labels[]]"),
-        ("{kind: segmentation, index: 1, pixels: all}", "ot",
-         "output: output='ot': model LRASPP returned a OrderedDict with 'out': * no key 'ot'; "
-         "did you mean 'out'? Its keys: 'out'"),
-        ("{kind: segmentation, index: 1, pixels: all}", "1.5",
-         "output: expected an index of a returned tuple (0), a key *, got 1.5"),
+        (
+            "{kind: segmentation, index: 2, pixel: all}",
+            "out",
+            "targets.pixel: unknown key of a segmentation target 'pixel'; did you mean 'pixels'?",
+        ),
+        (
+            "{kind: segmentation, index: 5, pixels: all}",
+            "out",
+            "targets: class indices must be in [[]0, 2[]] (the model has 3 outputs), got [[]5[]]",
+        ),
+        (
+            "{kind: multilabel, labels: [1]}",
+            "out",
+            "targets: model LRASPP returned a tensor of shape (1, 3, 64, 64); a multi-label target "
+            "needs label scores of shape [[]N=1, labels[]]",
+        ),
+        (
+            "{kind: segmentation, index: 1, pixels: all}",
+            "ot",
+            "output: output='ot': model LRASPP returned a OrderedDict with 'out': * no key 'ot'; "
+            "did you mean 'out'? Its keys: 'out'",
+        ),
+        (
+            "{kind: segmentation, index: 1, pixels: all}",
+            "1.5",
+            "output: expected an index of a returned tuple (0), a key *, got 1.5",
+        ),
     ],
     ids=["kind", "required", "key", "range", "shape", "output-key", "output-type"],
 )

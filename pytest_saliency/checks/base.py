@@ -31,9 +31,9 @@ from .common import (
     check_choice,
     check_metric,
     check_seed,
-    outputs_of,
     method_requests,
     model_inputs,
+    outputs_of,
     setup,
 )
 from .controls import CONTROLS, Controls

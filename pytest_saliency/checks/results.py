@@ -183,6 +183,8 @@ class AuditResult:
         text = f"method={self.method!r}, similarity={self.similarity!r}"
         if self.settings.get("layer"):
             text += f", layer={self.settings['layer']!r} ({self.settings.get('layout')})"
+        if self.target_kind != "class":
+            text += f", target={self.target_kind!r}"
         return text
 
     def __repr__(self) -> str:
@@ -204,7 +206,8 @@ class AuditResult:
         """A small text table of the scores, with the verdict inputs and any degenerate samples."""
         rows = self._rows()
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [f"{self.check} of {self.method!r} ({self.similarity}, n={self.n})"]
+        kind = f", {self.target_kind} target" if self.target_kind != "class" else ""
+        lines = [f"{self.check} of {self.method!r} ({self.similarity}, n={self.n}{kind})"]
         for k, row in enumerate(rows):
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
             if k == 0:

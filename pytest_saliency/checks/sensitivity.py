@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from ..errors import NonFiniteError, SaliencyError
+from ..errors import NonFiniteError
 from .base import SIMILARITY_THRESHOLD, Audit, Check, Option, api, choice, register
 from .common import compare, describe_blank, describe_constant, to_cpu
 from .results import SensitivityResult

@@ -345,7 +345,10 @@ class ClassLogit(Target):
         return out.detach().double().cpu(), allowed
 
     def settings(self):
-        return {"kind": self.kind, **({} if self.index is None else {"index": _jsonable(self.index)})}
+        return {
+            "kind": self.kind,
+            **({} if self.index is None else {"index": _jsonable(self.index)}),
+        }
 
 
 @dataclass(repr=False)
@@ -454,8 +457,10 @@ class MultiLabel(Target):
                     "needs at least one label"
                 )
             return chosen.to(out.device)
-        if isinstance(chosen, (list, tuple)) and chosen and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in chosen
+        if (
+            isinstance(chosen, (list, tuple))
+            and chosen
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in chosen)
         ):
             for v in chosen:
                 if not 0 <= v < count:
@@ -572,7 +577,7 @@ class Segmentation(Target):
             )
         classes = _indices(chosen, out.shape[0], out.shape[1], "class", out.device)
         if self.pixels == "predicted":
-            empty = (self._region(out, classes).flatten(1).sum(dim=1) == 0)
+            empty = self._region(out, classes).flatten(1).sum(dim=1) == 0
             if bool(empty.any()):
                 samples = empty.nonzero().flatten().tolist()
                 which = sorted({int(classes[i]) for i in samples})
@@ -623,7 +628,8 @@ class Segmentation(Target):
             found["index"] = _jsonable(self.index)
         found["pixels"] = (
             f"mask {list(self.pixels.shape)} ({int(self.pixels.sum())} px)"
-            if isinstance(self.pixels, torch.Tensor) else self.pixels
+            if isinstance(self.pixels, torch.Tensor)
+            else self.pixels
         )
         return found
 

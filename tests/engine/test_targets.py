@@ -181,21 +181,30 @@ def test_an_output_selector_gives_the_plain_models_maps(wrap, output, method):
 
 def test_bad_selectors_name_what_the_model_returned():
     as_tuple = Returns(lambda s, a: (s, a))
-    with pytest.raises(SaliencyError, match=r"output=2 is out of range.*a tuple of \(Tensor"
-                                            r"\[3, 4\], Tensor\[3, 4\]\), 2 element.*0 to 1"):
+    with pytest.raises(
+        SaliencyError,
+        match=r"output=2 is out of range.*a tuple of \(Tensor"
+        r"\[3, 4\], Tensor\[3, 4\]\), 2 element.*0 to 1",
+    ):
         ps.explain(as_tuple, X, "gradient", output=2)
     with pytest.raises(SaliencyError, match=r"select it with output= \(an int"):
         ps.explain(as_tuple, X, "gradient")
     as_dict = Returns(lambda s, a: {"out": s, "aux": a})
-    with pytest.raises(SaliencyError, match=r"output='ot': model Returns returned a dict with "
-                                            r"'out': .* no key 'ot'; did you mean 'out'\? Its "
-                                            r"keys: 'out', 'aux'"):
+    with pytest.raises(
+        SaliencyError,
+        match=r"output='ot': model Returns returned a dict with "
+        r"'out': .* no key 'ot'; did you mean 'out'\? Its "
+        r"keys: 'out', 'aux'",
+    ):
         ps.explain(as_dict, X, "gradient", output="ot")
     with pytest.raises(SaliencyError, match=r"selects an element of a returned tuple.*a dict"):
         ps.explain(as_dict, X, "gradient", output=0)
     as_pair = Returns(lambda s, a: Pair(s, a))
-    with pytest.raises(SaliencyError, match=r"no key or attribute 'logit'.*attributes: "
-                                            r"scores, aux"):
+    with pytest.raises(
+        SaliencyError,
+        match=r"no key or attribute 'logit'.*attributes: "
+        r"scores, aux",
+    ):
         ps.explain(as_pair, X, "gradient", output="logit")
     with pytest.raises(SaliencyError, match=r"output\['aux'\] is Tensor|is a str, not a tensor"):
         ps.explain(Returns(lambda s, a: {"out": s, "aux": "text"}), X, "gradient", output="aux")
@@ -206,23 +215,42 @@ def test_bad_selectors_name_what_the_model_returned():
 
 
 def test_a_kind_that_does_not_fit_the_output_says_what_it_expected():
-    with pytest.raises(SaliencyError, match=r"shape \(3, 4, 8, 8\); a class target needs class "
-                                            r"scores of shape \[N=3, classes\].*Segmentation"):
+    with pytest.raises(
+        SaliencyError,
+        match=r"shape \(3, 4, 8, 8\); a class target needs class "
+        r"scores of shape \[N=3, classes\].*Segmentation",
+    ):
         ps.explain(segnet(), X, "gradient")
-    with pytest.raises(SaliencyError, match=r"shape \(3, 4\); a segmentation target needs class "
-                                            r"scores per pixel, \[N=3, classes, H, W\]"):
+    with pytest.raises(
+        SaliencyError,
+        match=r"shape \(3, 4\); a segmentation target needs class "
+        r"scores per pixel, \[N=3, classes, H, W\]",
+    ):
         ps.explain(classifier(), X, "gradient", target=ps.Segmentation(1))
-    with pytest.raises(SaliencyError, match=r"target 4 is out of range: the model has 4 classes, "
-                                            r"so targets must be in \[0, 3\]"):
+    with pytest.raises(
+        SaliencyError,
+        match=r"target 4 is out of range: the model has 4 classes, "
+        r"so targets must be in \[0, 3\]",
+    ):
         ps.explain(segnet(), X, "gradient", target=ps.Segmentation(4, pixels="all"))
     with pytest.raises(SaliencyError, match=r"needs its class: Segmentation\(index=k\).*\[0, 3\]"):
         ps.explain(segnet(), X, "gradient", target=ps.Segmentation())
-    with pytest.raises(SaliencyError, match=r"mask has shape \(4, 4\), but the output's pixels "
-                                            r"are \(8, 8\)"):
-        ps.explain(segnet(), X, "gradient",
-                   target=ps.Segmentation(0, pixels=torch.ones(4, 4, dtype=torch.bool)))
-    with pytest.raises(SaliencyError, match=r"unknown Segmentation pixels 'predictd'; did you "
-                                            r"mean 'predicted'"):
+    with pytest.raises(
+        SaliencyError,
+        match=r"mask has shape \(4, 4\), but the output's pixels "
+        r"are \(8, 8\)",
+    ):
+        ps.explain(
+            segnet(),
+            X,
+            "gradient",
+            target=ps.Segmentation(0, pixels=torch.ones(4, 4, dtype=torch.bool)),
+        )
+    with pytest.raises(
+        SaliencyError,
+        match=r"unknown Segmentation pixels 'predictd'; did you "
+        r"mean 'predicted'",
+    ):
         ps.Segmentation(0, pixels="predictd")
     with pytest.raises(SaliencyError, match=r"label 7 is out of range: the model has 4 labels"):
         ps.explain(classifier(), X, "gradient", target=ps.MultiLabel([1, 7]))
@@ -234,8 +262,11 @@ def test_a_class_the_model_never_predicts_is_refused_not_a_blank_map():
         present = model(X).argmax(dim=1)
     absent = next(c for c in range(4) if not bool((present == c).flatten(1).any(dim=1).all()))
     samples = [i for i in range(3) if not bool((present[i] == absent).any())]
-    with pytest.raises(SaliencyError, match=rf"assigns no pixel to class {absent} in sample\(s\) "
-                                            rf"{re.escape(str(samples))}.*pixels='all'"):
+    with pytest.raises(
+        SaliencyError,
+        match=rf"assigns no pixel to class {absent} in sample\(s\) "
+        rf"{re.escape(str(samples))}.*pixels='all'",
+    ):
         ps.explain(model, X, "gradient", target=ps.Segmentation(absent))
 
 
@@ -279,7 +310,7 @@ def test_output_sensitivity_compares_a_target_with_another_of_its_kind():
         other = int(result.others[i])
         assert other != c and bool((predicted[i] == other).any())
         region = (predicted[i : i + 1] == other).float()
-        want = gradient_of(seg, X[i : i + 1], lambda out: (out[:, other] * region).sum())
+        want = gradient_of(seg, X[i : i + 1], lambda out, o=other, r=region: (out[:, o] * r).sum())
         torch.testing.assert_close(result.maps["other"][i], want[0])
     assert result.settings["target"] == {"kind": "segmentation", "index": c,
                                          "pixels": "predicted"}  # fmt: skip
@@ -322,4 +353,6 @@ def test_parameter_randomization_audits_every_kind(target):
         "callable": lambda out: out[:, 0] - out[:, 1],
     }[target]
     torch.testing.assert_close(result.maps["original"], gradient_of(model, X, score))
-    assert result.scores.shape[0] == len(result.layers) and bool(torch.isfinite(result.scores).all())
+    assert result.scores.shape[0] == len(result.layers) and bool(
+        torch.isfinite(result.scores).all()
+    )
