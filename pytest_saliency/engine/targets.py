@@ -556,43 +556,75 @@ class Segmentation(Target):
         return out
 
     def _region(self, out: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """Per sample, the pixels summed for class ``classes[i]``, as a 0/1 tensor [N, *spatial]
-        in ``out``'s dtype."""
-        shape = (out.shape[0], *out.shape[2:])
+        """The pixels summed for class ``classes[i]``, a bool tensor [M, *spatial]; row ``i``
+        reads sample ``i % N`` of ``out`` (M may be several rounds of the N samples)."""
+        shape = (classes.shape[0], *out.shape[2:])
         if isinstance(self.pixels, torch.Tensor):
-            region = self.pixels.to(out.device).expand(shape)
-        elif self.pixels == "all":
-            region = torch.ones(shape, dtype=torch.bool, device=out.device)
-        else:
-            view = classes.reshape(-1, *([1] * (out.dim() - 2)))
-            region = out.detach().argmax(dim=1) == view
-        return region.to(out.dtype)
+            return self.pixels.to(out.device).expand(shape)
+        if self.pixels == "all":
+            return torch.ones(shape, dtype=torch.bool, device=out.device)
+        assigned = out.detach().argmax(dim=1)
+        rows = torch.arange(classes.shape[0], device=out.device) % out.shape[0]
+        view = classes.to(out.device).reshape(-1, *([1] * (out.dim() - 2)))
+        return assigned[rows] == view
+
+    def _selection(self, classes: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        """A selection row per sample: its class, then its pixels (0/1, flattened). The
+        pixels are fixed when the target is resolved, on the explained model and inputs:
+        the same pixels are then scored on a randomized model or a perturbed input."""
+        return torch.cat([classes[:, None].long(), region.flatten(1).long()], dim=1)
 
     def resolve(self, out, given=None):
         chosen = _given(self.index, given)
+        pixels = math.prod(out.shape[2:])
+        if isinstance(chosen, torch.Tensor) and chosen.dim() == 2:  # a selection made before
+            if chosen.shape != (out.shape[0], 1 + pixels):
+                raise SaliencyError(
+                    f"a segmentation selection has shape {tuple(chosen.shape)}; expected "
+                    f"[N={out.shape[0]}, 1 + {pixels} pixels] (a class index per sample, or "
+                    "one class for every sample, is the usual target)"
+                )
+            return chosen.to(out.device)
         if chosen is None:
             raise SaliencyError(
                 "a segmentation target needs its class: Segmentation(index=k) (in a suite, "
                 f"targets: {{kind: segmentation, index: k}}), k in [0, {out.shape[1] - 1}]"
             )
         classes = _indices(chosen, out.shape[0], out.shape[1], "class", out.device)
+        region = self._region(out, classes)
         if self.pixels == "predicted":
-            empty = self._region(out, classes).flatten(1).sum(dim=1) == 0
+            empty = region.flatten(1).sum(dim=1) == 0
             if bool(empty.any()):
                 samples = empty.nonzero().flatten().tolist()
                 which = sorted({int(classes[i]) for i in samples})
+                shown = ", ".join(map(str, which[:10])) + (", ..." if len(which) > 10 else "")
+                listed = str(samples[:20])[:-1] + (", ...]" if len(samples) > 20 else "]")
                 raise SaliencyError(
-                    f"the model assigns no pixel to class {', '.join(map(str, which))} in "
-                    f"sample(s) {samples}, so the class's score over its predicted pixels is an "
-                    "empty sum and its map would be blank; explain samples that show the class, "
-                    "or sum over every pixel (pixels='all') or a mask"
+                    f"the model assigns no pixel to class {shown} in sample(s) {listed}, so "
+                    "the class's score over its predicted pixels is an empty sum and its map "
+                    "would be blank; explain samples that show the class, or sum over every "
+                    "pixel (pixels='all') or a mask"
                 )
-        return classes
+        return self._selection(classes, region)
 
     def score(self, out, selection):
         rows = torch.arange(out.shape[0], device=out.device)
-        channel = out[rows, selection]
-        return (channel * self._region(out, selection)).flatten(1).sum(dim=1)
+        channel = out[rows, selection[:, 0]]
+        region = selection[:, 1:].reshape(channel.shape).to(out.dtype)
+        return (channel * region).flatten(1).sum(dim=1)
+
+    def alternative(self, units, out):
+        """Class ``units[i]`` over its own pixels of sample ``i % N`` (predicted on ``out``,
+        the explained model's output on the inputs), or over the same pixels as the target
+        (``pixels='all'`` or a mask)."""
+        units = units.to(out.device)
+        return self._selection(units, self._region(out, units))
+
+    def units_of(self, selection):
+        return selection[:, 0]
+
+    def label(self, selection):
+        return [int(v) for v in selection[:, 0].tolist()]
 
     def alternatives(self, out, selection):
         n, count = out.shape[:2]
@@ -602,8 +634,9 @@ class Segmentation(Target):
                 "output has one class channel"
             )
         with torch.no_grad():
+            detached = out.detach()
             scores = torch.stack(
-                [self.score(out.detach(), torch.full((n,), c, device=out.device))
+                [self.score(detached, self.alternative(torch.full((n,), c), detached))
                  for c in range(count)], dim=1,
             ).double().cpu()  # fmt: skip
             allowed = torch.ones(n, count, dtype=torch.bool)
@@ -612,7 +645,7 @@ class Segmentation(Target):
                 allowed = torch.zeros(n, count, dtype=torch.bool, device=out.device)
                 allowed = allowed.scatter_(1, assigned, True).cpu()
         allowed = allowed.clone()
-        allowed[torch.arange(n), selection.cpu()] = False
+        allowed[torch.arange(n), selection[:, 0].cpu()] = False
         alone = (~allowed.any(dim=1)).nonzero().flatten().tolist()
         if alone:
             raise SaliencyError(

@@ -356,3 +356,23 @@ def test_parameter_randomization_audits_every_kind(target):
     assert result.scores.shape[0] == len(result.layers) and bool(
         torch.isfinite(result.scores).all()
     )
+
+
+def test_the_predicted_pixels_are_fixed_on_the_explained_model_and_inputs():
+    """A path point, a noisy copy or a randomized model scores the pixels the trained model
+    assigned to the class on the inputs, not the pixels it would assign itself: the same as a
+    callable summing over that fixed region."""
+    model = segnet()
+    with torch.no_grad():
+        region = (model(X).argmax(dim=1) == 1).float()
+
+    def fixed(out):
+        return (out[:, 1] * region[: out.shape[0]]).flatten(1).sum(dim=1)
+
+    for method in ("integrated_gradients", "smoothgrad"):
+        got = ps.explain(model, X, method, target=ps.Segmentation(1))
+        torch.testing.assert_close(got, ps.explain(model, X, method, target=fixed))
+    ours = ps.parameter_randomization(model, X, "gradient", target=ps.Segmentation(1))
+    theirs = ps.parameter_randomization(model, X, "gradient", target=fixed)
+    assert torch.equal(ours.scores, theirs.scores)
+    assert torch.equal(ours.maps["original"], theirs.maps["original"])
