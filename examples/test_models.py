@@ -7,6 +7,7 @@ import torch
 from digits import model as digits_model
 from digits.training import checkpoint_path, load_or_train
 from resnet import model as resnet_model
+from segmentation import model as segmentation_model
 from torch import nn
 from vit import model as vit_model
 
@@ -30,6 +31,17 @@ def test_audit_batch_is_balanced_and_deterministic(module, threshold, shape) -> 
     assert x.shape == (20, *shape)
     assert torch.equal(torch.bincount(y, minlength=10), torch.full((10,), 2))
     assert torch.equal(x, module.audit_batch(20))
+
+
+def test_the_segmentation_model_labels_the_digits_pixels() -> None:
+    model = segmentation_model.trained_model()
+    overall, ink = segmentation_model.pixel_accuracy(model)
+    assert overall >= 0.85 and ink >= 0.85
+    x, target = segmentation_model.audit_pairs(8)
+    assert x.shape == (8, 1, 32, 32) and target.shape == (8, 32, 32)
+    left = segmentation_model.left_digit_class(8)
+    assert torch.equal(target[:, 8:24, :16].amax(dim=(1, 2)), left)  # the left digit's class
+    assert bool((target[:, 8:24, 16:].amax(dim=(1, 2)) != left).all())  # two different digits
 
 
 def test_training_is_seeded_and_leaves_global_rng_alone() -> None:

@@ -621,9 +621,13 @@ def _targets(p: _Problems, path: KeyPath, value: Any) -> None:
             return
         if allow_int and type(v) is int and v >= 0:
             return
+        if allow_int and isinstance(v, str) and _IMPORT_PATH.match(v):
+            return  # a LongTensor [N] (or a callable returning one), imported when it runs
         if isinstance(v, list) and v and all(type(i) is int and i >= 0 for i in v):
             return
-        forms = "a non-negative int or a list of them" if allow_int else "a list of label indices"
+        forms = ("a non-negative int, a list of them (one per input) or "
+                 "'package.module:attribute' (a LongTensor [N])") if allow_int \
+            else "a list of label indices"  # fmt: skip
         p.add((*path, key), f"expected {forms}, got {v!r}")
 
     ints("index")
@@ -1011,7 +1015,7 @@ def load_objects(suite: Suite, spec: ModelSpec, search: list[str],
     targets = spec.targets
     if isinstance(targets, dict):
         try:
-            targets = _target_object(targets, search, len(inputs))
+            targets = _target_object(targets, search, len(inputs), tensor_from)
         except SaliencyError as exc:
             raise fail("targets", str(exc)) from None
     elif targets is not None:
@@ -1033,7 +1037,7 @@ def load_objects(suite: Suite, spec: ModelSpec, search: list[str],
     return Loaded(model, inputs, targets, others, output)
 
 
-def _target_object(raw: dict, search: list[str], n: int) -> Any:
+def _target_object(raw: dict, search: list[str], n: int, tensor_from: Any) -> Any:
     """The target object a ``targets: {kind: ...}`` mapping describes (validated keys)."""
     import torch
 
@@ -1047,6 +1051,14 @@ def _target_object(raw: dict, search: list[str], n: int) -> Any:
 
     def index(key: str) -> Any:
         v = raw.get(key)
+        if isinstance(v, str):
+            found = tensor_from("targets", v)
+            if not isinstance(found, torch.Tensor):
+                raise SaliencyError(
+                    f"{key}: {v} is a {type(found).__name__}; expected a LongTensor [{n}] of "
+                    "class indices (or a callable returning one)"
+                )
+            return _as_targets(found, n)
         if isinstance(v, list):
             if len(v) != n:
                 raise SaliencyError(

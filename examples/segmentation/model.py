@@ -18,10 +18,9 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from digits.data import digits_data
 from digits.training import load_or_train
+from torch import nn
 
 NUM_CLASSES = 11  # background, then digit d as class d + 1
 INK = 0.35  # a pixel of a digit (in [0, 1] before normalising) at or above this is ink
@@ -145,11 +144,12 @@ def audit_pairs(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return normalise(canvas), target
 
 
-def audit_batch(n: int = 16) -> torch.Tensor:
+def audit_batch(n: int = 8) -> torch.Tensor:
+    """The first ``n`` held-out pairs, ``[n, 1, 32, 32]``."""
     return audit_pairs(n)[0]
 
 
-def left_digit_class(n: int = 16) -> torch.Tensor:
+def left_digit_class(n: int = 8) -> torch.Tensor:
     """The segmentation class of each canvas's left digit (its digit + 1), ``[n]``."""
     _, y = _raw_digits("test")
     return y[torch.arange(n) % len(y)] + 1
