@@ -207,6 +207,10 @@ class Explainer:
         kind = self.audit.objective.target
         targets = targets.cpu()
         extra = {"target_labels": kind.label(targets), "target_kind": kind.kind, **extra}
+        # What the results keep: the unit each sample explains (a class index), or the
+        # selection itself where it is not one unit (a multi-label mask).
+        units = kind.units_of(targets)
+        targets = targets if units is None else units
         if i >= len(self.audit.specs):
             return dict(scores=scores, maps={}, targets=targets, constant=constant, **extra)
         cam = self.layers[i]
