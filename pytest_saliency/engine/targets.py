@@ -516,8 +516,9 @@ class Segmentation(Target):
 
     ``index``: the class (an int or a LongTensor [N]). ``pixels``: ``"predicted"`` (the
     pixels the model assigns to the class, as pytorch-grad-cam's SemanticSegmentationTarget
-    with the predicted mask), ``"all"``, or a bool mask of the spatial shape shared by every
-    sample. Output sensitivity compares with another class over its own pixels.
+    with the predicted mask), ``"all"``, a bool mask [H, W] shared by every sample, or a bool
+    mask per sample [N, H, W] (e.g. the ground truth). Output sensitivity compares with another
+    class over its own predicted pixels (``"predicted"``) or over the same pixels.
     """
 
     index: object = None
@@ -534,6 +535,13 @@ class Segmentation(Target):
                 )
             if not bool(self.pixels.any()):
                 raise SaliencyError("Segmentation pixels= mask selects no pixel")
+            if self.pixels.dim() == 3:
+                empty = (~self.pixels.flatten(1).any(dim=1)).nonzero().flatten().tolist()
+                if empty:
+                    raise SaliencyError(
+                        f"the Segmentation mask selects no pixel of sample(s) {empty}; each "
+                        "sample's score would be an empty sum and its map blank"
+                    )
         elif not (isinstance(self.pixels, str) and self.pixels in PIXELS):
             raise unknown("Segmentation pixels", self.pixels, PIXELS)
 
@@ -544,21 +552,40 @@ class Segmentation(Target):
                 f"segmentation target needs class scores per pixel, [N={n}, classes, H, W] "
                 "(or [N, classes, L])"
             )
-        if isinstance(self.pixels, torch.Tensor) and tuple(self.pixels.shape) != tuple(
+        mask = self.pixels
+        if isinstance(mask, torch.Tensor) and tuple(mask.shape[self._per_row() :]) != tuple(
             out.shape[2:]
         ):
             raise SaliencyError(
-                f"the Segmentation mask has shape {tuple(self.pixels.shape)}, but the output's "
-                f"pixels are {tuple(out.shape[2:])} (output {tuple(out.shape)}); give a mask "
-                "of the output's spatial shape"
+                f"the Segmentation mask has shape {tuple(mask.shape)}, but the output's pixels "
+                f"are {tuple(out.shape[2:])} (output {tuple(out.shape)}); give a mask of the "
+                "output's spatial shape, [H, W] for every sample or [N, H, W] for each"
             )
         _check_finite(out, model_name, "scores")
         return out
+
+    def _per_row(self) -> int:
+        """1 for a mask per sample [N, H, W], else 0."""
+        return int(isinstance(self.pixels, torch.Tensor) and self.pixels.dim() == 3)
+
+    def per_sample(self) -> torch.Tensor | None:
+        if not self._per_row():
+            return super().per_sample()
+        n = self.pixels.shape[0]
+        if self.index is None:
+            raise SaliencyError(
+                "a segmentation target needs its class: Segmentation(index=k, pixels=mask)"
+            )
+        classes = torch.as_tensor(self.index).long().reshape(-1).expand(n)
+        return self._selection(classes, self.pixels)
 
     def _region(self, out: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """The pixels summed for class ``classes[i]``, a bool tensor [M, *spatial]; row ``i``
         reads sample ``i % N`` of ``out`` (M may be several rounds of the N samples)."""
         shape = (classes.shape[0], *out.shape[2:])
+        if self._per_row():
+            rows = torch.arange(classes.shape[0]) % self.pixels.shape[0]
+            return self.pixels[rows].to(out.device)
         if isinstance(self.pixels, torch.Tensor):
             return self.pixels.to(out.device).expand(shape)
         if self.pixels == "all":
@@ -585,6 +612,13 @@ class Segmentation(Target):
                     "one class for every sample, is the usual target)"
                 )
             return chosen.to(out.device)
+        if self._per_row():
+            if self.pixels.shape[0] != out.shape[0]:
+                raise SaliencyError(
+                    f"the Segmentation mask has one row per sample, {self.pixels.shape[0]}, "
+                    f"but the batch has {out.shape[0]} samples"
+                )
+            chosen = self.index  # the class (the mask is read below, per sample)
         if chosen is None:
             raise SaliencyError(
                 "a segmentation target needs its class: Segmentation(index=k) (in a suite, "
@@ -660,7 +694,8 @@ class Segmentation(Target):
         if self.index is not None:
             found["index"] = _jsonable(self.index)
         found["pixels"] = (
-            f"mask {list(self.pixels.shape)} ({int(self.pixels.sum())} px)"
+            f"mask {list(self.pixels.shape)}{' per sample' if self._per_row() else ''} "
+            f"({int(self.pixels.sum())} px)"
             if isinstance(self.pixels, torch.Tensor)
             else self.pixels
         )

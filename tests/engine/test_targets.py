@@ -91,7 +91,7 @@ def test_multilabel_sums_its_labels():
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("pixels", ["predicted", "all", "mask"])
+@pytest.mark.parametrize("pixels", ["predicted", "all", "mask", "per-sample"])
 def test_segmentation_sums_one_class_over_its_pixels(pixels):
     model = segnet()
     with torch.no_grad():
@@ -100,9 +100,15 @@ def test_segmentation_sums_one_class_over_its_pixels(pixels):
     assert bool((predicted == c).flatten(1).any(dim=1).all())
     mask = torch.zeros(8, 8, dtype=torch.bool)
     mask[2:6, 1:5] = True
-    region = {"predicted": (predicted == c).float(), "all": torch.ones(3, 8, 8),
-              "mask": mask.float().expand(3, 8, 8)}[pixels]  # fmt: skip
-    target = ps.Segmentation(c, pixels=mask if pixels == "mask" else pixels)
+    masks = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(2)) > 0.6
+    region = {
+        "predicted": (predicted == c).float(),
+        "all": torch.ones(3, 8, 8),
+        "mask": mask.float().expand(3, 8, 8),
+        "per-sample": masks.float(),
+    }[pixels]
+    given = {"mask": mask, "per-sample": masks}.get(pixels, pixels)
+    target = ps.Segmentation(c, pixels=given)
     got = ps.explain(model, X, "gradient", target=target)
     want = gradient_of(model, X, lambda out: (out[:, c] * region).flatten(1).sum(dim=1))
     torch.testing.assert_close(got, want)
@@ -317,6 +323,15 @@ def test_output_sensitivity_compares_a_target_with_another_of_its_kind():
     every = ps.output_sensitivity(seg, X, "gradient", target=ps.Segmentation(c, pixels="all"),
                                   against="all")  # fmt: skip
     assert every.n == 3 and bool(torch.isfinite(every.scores).all())
+    # A mask per sample: the other class over the same pixels of that sample.
+    masks = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(2)) > 0.6
+    own = ps.output_sensitivity(seg, X, "gradient", target=ps.Segmentation(c, pixels=masks),
+                                batch_size=2)  # fmt: skip
+    for i in range(3):
+        other = int(own.others[i])
+        want = gradient_of(seg, X[i : i + 1],
+                           lambda out, o=other, m=masks[i]: (out[:, o] * m).sum())  # fmt: skip
+        torch.testing.assert_close(own.maps["other"][i], want[0])
 
     model = classifier()
     multi = ps.output_sensitivity(model, X, "gradient", target=ps.MultiLabel([0, 2]),
