@@ -203,7 +203,9 @@ def check_target(target: object, n: int) -> Any:
             )
         return t.long()
     raise SaliencyError(
-        f"target must be None, an int or a LongTensor [N], got {type(target).__name__}"
+        f"target must be None, an int or a LongTensor [N] of classes, a target object "
+        f"(ClassLogit, MultiLabel, Segmentation, Regression) or a callable(output) -> [N]; "
+        f"got {type(target).__name__}"
     )
 
 

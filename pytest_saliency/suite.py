@@ -600,6 +600,10 @@ def _targets(p: _Problems, path: KeyPath, value: Any) -> None:
         return
     kinds = tuple(TARGET_KEYS)
     kind = value.get("kind")
+    if kind is not None and not isinstance(kind, str):
+        p.add((*path, "kind"), f"expected a target kind (one of: {', '.join(kinds)}), got "
+                               f"{kind!r}")  # fmt: skip
+        return
     if kind is None:
         p.add(path, f"a target mapping needs 'kind:' (one of: {', '.join(kinds)}), e.g. "
                     "{kind: segmentation, index: 3}")  # fmt: skip
@@ -641,8 +645,8 @@ def _targets(p: _Problems, path: KeyPath, value: Any) -> None:
     if pixels is not None and pixels not in ("predicted", "all"):
         p.unknown((*path, "pixels"), "pixels", pixels, ("predicted", "all"))
     function = value.get("function")
-    if function is not None:
-        _source(p, (*path, "function"), function)
+    if function is not None and not (isinstance(function, str) and _IMPORT_PATH.match(function)):
+        p.add((*path, "function"), f"expected 'package.module:function', got {function!r}")
 
 
 def _output(p: _Problems, path: KeyPath, value: Any) -> None:
@@ -650,7 +654,9 @@ def _output(p: _Problems, path: KeyPath, value: Any) -> None:
     if type(value) is int or (isinstance(value, str) and value):
         return
     if isinstance(value, dict) and list(value) == ["call"]:
-        _source(p, (*path, "call"), value["call"])
+        call = value["call"]
+        if not (isinstance(call, str) and _IMPORT_PATH.match(call)):
+            p.add((*path, "call"), f"expected 'package.module:function', got {call!r}")
         return
     p.add(path, "expected an index of a returned tuple (0), a key of a returned dict or an "
                 "attribute ('out', 'logits'), or {call: 'package.module:function'}, got "
@@ -1072,9 +1078,10 @@ def _target_object(raw: dict, search: list[str], n: int, tensor_from: Any) -> An
     if kind == "class":
         return ClassLogit(index("index"))
     if kind == "multilabel":
-        return MultiLabel(raw.get("labels"), float(raw.get("threshold", 0.0)))
+        threshold = raw.get("threshold")
+        return MultiLabel(raw.get("labels"), 0.0 if threshold is None else float(threshold))
     if kind == "segmentation":
-        return Segmentation(index("index"), pixels=raw.get("pixels", "predicted"))
+        return Segmentation(index("index"), pixels=raw.get("pixels") or "predicted")
     if kind == "regression":
         return Regression(index("unit"))
     fn = _import_object(raw["function"], search)
@@ -1117,7 +1124,12 @@ def check_forward(suite: Suite, spec: ModelSpec, loaded: Loaded) -> None:
         raise SuiteError(f"{suite.where(spec.path('output'))}: {exc}") from None
     if isinstance(targets, Target) and not isinstance(targets, ClassLogit):
         try:
-            targets.check(selected, 1, type(model).__name__)
+            checked = targets.check(selected, 1, type(model).__name__)
+            first = targets.per_sample()
+            if first is not None:
+                first = first[:1]
+            if targets.kind in ("multilabel", "regression") or first is not None:
+                targets.resolve(checked, first)  # labels and units in range, a unit named
         except SaliencyError as exc:
             raise SuiteError(f"{suite.where(spec.path('targets'))}: {exc}") from None
         index = getattr(targets, "index", getattr(targets, "unit", None))

@@ -157,6 +157,9 @@ def images():
 def margin(out):
     return out[:, 0] - out[:, 1]
 
+def flat(returned):  # [N, 3]: each class's mean score over the pixels
+    return returned["out"].mean(dim=(2, 3))
+
 def vit():
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -245,8 +248,46 @@ def test_a_suite_audits_each_task_and_reports_its_target(pytester: pytest.Pytest
             "1.5",
             "output: expected an index of a returned tuple (0), a key *, got 1.5",
         ),
+        (
+            "{kind: [segmentation], index: 1}",
+            "out",
+            "targets.kind: expected a target kind (one of: class, *), got [[]'segmentation'[]]",
+        ),
+        (
+            "{kind: callable, function: margin.pt}",
+            "out",
+            "targets.function: expected 'package.module:function', got 'margin.pt'",
+        ),
+        (
+            "{kind: multilabel, labels: [1, 9]}",
+            "{call: 'helpers:flat'}",
+            "targets: label 9 is out of range: the model has 3 labels*",
+        ),
+        (
+            "{kind: regression}",
+            "{call: 'helpers:flat'}",
+            "targets: the regression output has 3 units; say which one*",
+        ),
+        (
+            "{kind: multilabel, labels: [1], threshold: 0.5}",
+            "{call: 'helpers:flat'}",
+            "targets: MultiLabel threshold= picks the predicted labels*",
+        ),
     ],
-    ids=["kind", "required", "key", "range", "shape", "output-key", "output-type"],
+    ids=[
+        "kind",
+        "required",
+        "key",
+        "range",
+        "shape",
+        "output-key",
+        "output-type",
+        "kind-type",
+        "function",
+        "label-range",
+        "unit",
+        "threshold",
+    ],
 )
 def test_a_suite_target_mistake_is_located(pytester: pytest.Pytester, targets, output, message):
     pytester.makepyfile(helpers=HELPERS)

@@ -141,6 +141,7 @@ class _Probe:
     inputs: torch.Tensor  # the probe's own input: never a CAM layer
     informative: bool  # some recorded gradient is not zero (else blankness is unknown)
     used: set[int]  # ids of the parameters the forward took as arguments
+    scores: tuple[int, ...] = ()  # the shape of the scored tensor, for one sample
 
     def grad(self, t: torch.Tensor) -> torch.Tensor | None:
         return self.grads.get(id(t))
@@ -200,7 +201,8 @@ def _probe(model: nn.Module, x: torch.Tensor, *, gradients: bool = True, output=
                 f"{tuple(logits.shape)} for one sample; expected one row per sample [1, ...]"
             )
         if not gradients:
-            return _Probe(points, [], {}, None, tagger.derived, x1, False, tagger.used)
+            return _Probe(points, [], {}, None, tagger.derived, x1, False, tagger.used,
+                          tuple(logits.shape))  # fmt: skip
         # Collapses that reach the scores, with nothing spatial made after them.
         late = [e for e, after in zip(tagger.events, tagger.spatial_after()) if not after]
         outs = [e.output for e in late if e.output.requires_grad]
@@ -226,7 +228,8 @@ def _probe(model: nn.Module, x: torch.Tensor, *, gradients: bool = True, output=
     grads = {id(t): g for t, g in zip(tensors, found)}
     informative = any(g is not None and bool(g.ne(0).any()) for g in found)
     width = int(selects[-1].source.shape[-1]) if selects else None
-    return _Probe(points, events, grads, width, tagger.derived, x1, informative, tagger.used)
+    return _Probe(points, events, grads, width, tagger.derived, x1, informative, tagger.used,
+                  tuple(logits.shape))  # fmt: skip
 
 
 class _SpatialWatch(Tagger):
@@ -328,7 +331,10 @@ def resolve_cam_layer(
     given = parse_layout(layout, method)
     spatial = x.dim() - 2
     if layer is None:
-        return _default(model, x, method, _probe(model, x, output=output), given, spatial)
+        probe = _probe(model, x, output=output)
+        if len(probe.scores) > 2 and not _pool_events(probe):
+            _no_default_on_dense_scores(model, method, probe)
+        return _default(model, x, method, probe, given, spatial)
     name, point, module = parse_cam_layer(model, layer)
     if point == "pool":
         probe = _probe(model, x, output=output)
@@ -337,6 +343,24 @@ def resolve_cam_layer(
     probe = _probe(model, x, gradients=False, output=output)
     entry = probe.points.get((name.removesuffix(":input"), point))
     return _checked(model, x, method, name, point, module, entry, given, spatial, False)
+
+
+def _no_default_on_dense_scores(model: nn.Module, method: str, probe: _Probe) -> None:
+    """A model that scores every position (segmentation) with no global pooling has no
+    default CAM layer: the last spatial layer would be the score map itself, and a CAM of it
+    is the class's own logits, not an explanation. The error names the candidates."""
+    spatial = [
+        e.label for e in sorted(probe.points.values(), key=lambda e: e.order)
+        if e.point == "output" and e.layout is not None and len(e.tensors) == 1
+    ]  # fmt: skip
+    shown = ", ".join(repr(n) for n in spatial[-6:-1]) or "none found"
+    raise SaliencyError(
+        f"method {method!r} has no default layer on {type(model).__name__}: it scores every "
+        f"position (output {list(probe.scores)} for one sample) and pools nothing before the "
+        "scores, so the last spatial layer would be the score map itself and its CAM the "
+        "class's own logits. Name the layer to read with layer=..., e.g. the last feature "
+        f"layer before the classifier (the last spatial outputs, in forward order: {shown})"
+    )
 
 
 def _checked(model, x, method, name, point, module, entry, given, spatial, default) -> CamLayer:

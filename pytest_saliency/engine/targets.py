@@ -153,6 +153,12 @@ class Output:
                         f"{spec!r}{hint} Its keys: {', '.join(map(repr, keys)) or 'none'}"
                     )
                 found = returned[spec]
+            elif isinstance(returned, torch.Tensor):
+                raise SaliencyError(
+                    f"output={spec!r} selects a key of a returned dict or an attribute of a "
+                    f"returned object, but model {model_name} returned {seen}, a tensor: leave "
+                    "output unset to score it"
+                )
             elif hasattr(returned, spec) and not spec.startswith("_"):
                 found = getattr(returned, spec)
             else:
@@ -427,6 +433,12 @@ class MultiLabel(Target):
             raise SaliencyError(
                 f"MultiLabel threshold must be a finite number (a logit), got {self.threshold!r}"
             )
+        if self.labels is not None and self.threshold != 0.0:
+            raise SaliencyError(
+                "MultiLabel threshold= picks the predicted labels, so it applies only without "
+                f"labels=; got both labels={_jsonable(self.labels)!r} and "
+                f"threshold={self.threshold!r}"
+            )
 
     def check(self, out, n, model_name):
         if out.dim() != 2 or out.shape[0] != n:
@@ -485,7 +497,9 @@ class MultiLabel(Target):
         if full:
             raise SaliencyError(
                 f"sample(s) {full} hold every label, so no other label is left to compare "
-                "their maps with; explain fewer labels (labels=[...])"
+                "their maps with; explain fewer labels (labels=[...]), or raise threshold= "
+                "(a logit: 0 is probability 0.5; a head that outputs probabilities needs "
+                "another threshold, or its logits through output=)"
             )
         return out.detach().double().cpu(), allowed
 
@@ -543,7 +557,7 @@ class Segmentation(Target):
                         "sample's score would be an empty sum and its map blank"
                     )
         elif not (isinstance(self.pixels, str) and self.pixels in PIXELS):
-            raise unknown("Segmentation pixels", self.pixels, PIXELS)
+            raise unknown("Segmentation pixels choice", self.pixels, PIXELS)
 
     def check(self, out, n, model_name):
         if out.dim() < 3 or out.shape[0] != n:
@@ -599,18 +613,24 @@ class Segmentation(Target):
         """A selection row per sample: its class, then its pixels (0/1, flattened). The
         pixels are fixed when the target is resolved, on the explained model and inputs:
         the same pixels are then scored on a randomized model or a perturbed input."""
-        return torch.cat([classes[:, None].long(), region.flatten(1).long()], dim=1)
+        return torch.cat([classes[:, None].int(), region.flatten(1).int()], dim=1)
 
     def resolve(self, out, given=None):
         chosen = _given(self.index, given)
         pixels = math.prod(out.shape[2:])
         if isinstance(chosen, torch.Tensor) and chosen.dim() == 2:  # a selection made before
             if chosen.shape != (out.shape[0], 1 + pixels):
+                if self._per_row():
+                    raise SaliencyError(
+                        f"the Segmentation mask has {self.pixels.shape[0]} rows (one per "
+                        f"sample), but the batch has {out.shape[0]} samples"
+                    )
                 raise SaliencyError(
                     f"a segmentation selection has shape {tuple(chosen.shape)}; expected "
                     f"[N={out.shape[0]}, 1 + {pixels} pixels] (a class index per sample, or "
                     "one class for every sample, is the usual target)"
                 )
+            _indices(chosen[:, 0], out.shape[0], out.shape[1], "class", out.device)
             return chosen.to(out.device)
         if self._per_row():
             if self.pixels.shape[0] != out.shape[0]:
@@ -643,7 +663,7 @@ class Segmentation(Target):
 
     def score(self, out, selection):
         rows = torch.arange(out.shape[0], device=out.device)
-        channel = out[rows, selection[:, 0]]
+        channel = out[rows, selection[:, 0].long()]
         region = selection[:, 1:].reshape(channel.shape).to(out.dtype)
         return (channel * region).flatten(1).sum(dim=1)
 
@@ -655,7 +675,7 @@ class Segmentation(Target):
         return self._selection(units, self._region(out, units))
 
     def units_of(self, selection):
-        return selection[:, 0]
+        return selection[:, 0].long()
 
     def label(self, selection):
         return [int(v) for v in selection[:, 0].tolist()]
@@ -679,7 +699,7 @@ class Segmentation(Target):
                 allowed = torch.zeros(n, count, dtype=torch.bool, device=out.device)
                 allowed = allowed.scatter_(1, assigned, True).cpu()
         allowed = allowed.clone()
-        allowed[torch.arange(n), selection[:, 0].cpu()] = False
+        allowed[torch.arange(n), selection[:, 0].long().cpu()] = False
         alone = (~allowed.any(dim=1)).nonzero().flatten().tolist()
         if alone:
             raise SaliencyError(
@@ -750,6 +770,20 @@ class CallableTarget(Target):
                 "graph (it detaches the output or converts it through numpy); keep it "
                 "differentiable"
             )
+        if out.shape[0] > 1:  # each score from its own row: the engine splits batches
+            with torch.no_grad():
+                alone = torch.cat([self.fn(out[:1].detach()), self.fn(out[-1:].detach())])
+                together = found.detach()[[0, -1]]
+            if alone.shape != together.shape or not torch.allclose(
+                alone, together, rtol=1e-4, atol=1e-6 * float(together.abs().max()) + 1e-12
+            ):
+                raise SaliencyError(
+                    f"the target callable {_name_of(self.fn)} scores a sample differently "
+                    "when it is scored alone (samples 0 and N-1 of a batch): each sample's "
+                    "score must come from its own row of the output, since the engine splits "
+                    "and joins batches (batch_size, the 2N batches of output sensitivity). "
+                    "Compute it row by row (no means or other statistics over the batch)"
+                )
         return found
 
     def label(self, selection):
@@ -787,13 +821,27 @@ def as_target(target: object, n: int) -> Target:
     from ..explainer import check_target  # the class-index forms, as before
 
     if isinstance(target, Target):
-        if isinstance(target, (ClassLogit, Segmentation)) and target.index is not None:
-            checked = check_target(target.index, n)
-            if checked is not target.index:
-                target = type(target)(**{**vars(target), "index": checked})
+        name = {ClassLogit: "index", Segmentation: "index", Regression: "unit"}.get(type(target))
+        value = getattr(target, name) if name else None
+        if value is not None:
+            checked = check_target(value, n)
+            if checked is not value:
+                target = type(target)(**{**vars(target), name: checked})
         return target
     if callable(target) and not isinstance(target, torch.Tensor):
         return CallableTarget(target)
+    if isinstance(target, torch.Tensor) and target.dtype == torch.bool:
+        raise SaliencyError(
+            f"target is a bool tensor of shape {tuple(target.shape)}; for a multi-label mask "
+            "pass target=MultiLabel(mask), for a segmentation mask "
+            "target=Segmentation(index, pixels=mask)"
+        )
+    if isinstance(target, (str, Mapping)):
+        raise SaliencyError(
+            f"target must be None, an int or a LongTensor [N] of classes, a target object "
+            f"(ClassLogit, MultiLabel, Segmentation, Regression) or a callable(output) -> [N]; "
+            f"got {type(target).__name__} {target!r}"
+        )
     return ClassLogit(check_target(target, n))
 
 

@@ -147,6 +147,9 @@ def test_a_callable_target_is_differentiated_as_written():
         ps.explain(model, X, "gradient", target=lambda out: out.sum())
     with pytest.raises(SaliencyError, match="no autograd graph"):
         ps.explain(model, X, "gradient", target=lambda out: out[:, 0].detach())
+    # A score that reads other samples would change with batch_size: refused.
+    with pytest.raises(SaliencyError, match="scores a sample differently when it is scored alone"):
+        ps.explain(model, X, "gradient", target=lambda out: out[:, 0] - out[:, 1].mean())
 
 
 Pair = namedtuple("Pair", "scores aux")
@@ -254,7 +257,7 @@ def test_a_kind_that_does_not_fit_the_output_says_what_it_expected():
         )
     with pytest.raises(
         SaliencyError,
-        match=r"unknown Segmentation pixels 'predictd'; did you "
+        match=r"unknown Segmentation pixels choice 'predictd'; did you "
         r"mean 'predicted'",
     ):
         ps.Segmentation(0, pixels="predictd")
@@ -375,14 +378,12 @@ def test_parameter_randomization_audits_every_kind(target):
 
 def test_the_predicted_pixels_are_fixed_on_the_explained_model_and_inputs():
     """A path point, a noisy copy or a randomized model scores the pixels the trained model
-    assigned to the class on the inputs, not the pixels it would assign itself: the same as a
-    callable summing over that fixed region."""
+    assigned to the class on the inputs, not the pixels it would assign itself: the same as
+    that region given as a mask per sample."""
     model = segnet()
     with torch.no_grad():
-        region = (model(X).argmax(dim=1) == 1).float()
-
-    def fixed(out):
-        return (out[:, 1] * region[: out.shape[0]]).flatten(1).sum(dim=1)
+        region = model(X).argmax(dim=1) == 1
+    fixed = ps.Segmentation(1, pixels=region)
 
     for method in ("integrated_gradients", "smoothgrad"):
         got = ps.explain(model, X, method, target=ps.Segmentation(1))
@@ -391,3 +392,53 @@ def test_the_predicted_pixels_are_fixed_on_the_explained_model_and_inputs():
     theirs = ps.parameter_randomization(model, X, "gradient", target=fixed)
     assert torch.equal(ours.scores, theirs.scores)
     assert torch.equal(ours.maps["original"], theirs.maps["original"])
+
+
+def test_review_cases_of_each_kind():
+    """Per-sample units are split with the inputs; bad combinations are refused, clearly."""
+    three = classifier(3)
+    units = [0, 1, 2]
+    got = ps.explain(three, X, "gradient", target=ps.Regression(unit=units), batch_size=2)
+    want = gradient_of(three, X, lambda out: out[torch.arange(3), torch.tensor(units)])
+    torch.testing.assert_close(got, want)
+    masks = torch.ones(3, 8, 8, dtype=torch.bool)
+    with pytest.raises(SaliencyError, match=r"target 9 \(sample 0\) is out of range: the model "
+                                            r"has 4 classes"):  # fmt: skip
+        ps.explain(segnet(), X, "gradient", target=ps.Segmentation(9, pixels=masks))
+    with pytest.raises(SaliencyError, match=r"no default layer on SegNet: it scores every "
+                                            r"position .*layer=.*'body.2'"):  # fmt: skip
+        ps.explain(segnet(), X, "gradcam", target=ps.Segmentation(1, pixels="all"))
+    with pytest.raises(SaliencyError, match=r"threshold= picks the predicted labels, so it "
+                                            r"applies only without labels="):  # fmt: skip
+        ps.MultiLabel([1], threshold=0.5)
+    with pytest.raises(SaliencyError, match=r"output='T' selects a key .* a tensor"):
+        ps.explain(classifier(), X, "gradient", output="T")
+    with pytest.raises(SaliencyError, match=r"for a multi-label mask pass target=MultiLabel"):
+        ps.explain(classifier(), X, "gradient", target=torch.ones(3, 4, dtype=torch.bool))
+    # No label above the threshold: the top label alone.
+    low = classifier()
+    with torch.no_grad():
+        low[-1].bias.fill_(-100.0)
+        top = low(X).argmax(dim=1)
+    got = ps.explain(low, X, "gradient", target=ps.MultiLabel())
+    torch.testing.assert_close(got, gradient_of(low, X, lambda out: out[torch.arange(3), top]))
+
+
+def test_against_all_is_the_mean_over_the_other_classes_the_sample_shows():
+    from pytest_saliency.checks.common import compare
+
+    seg = segnet()
+    with torch.no_grad():
+        predicted = seg(X).argmax(dim=1)
+    result = ps.output_sensitivity(seg, X, "gradient", target=ps.Segmentation(1), against="all")
+    for i in range(3):
+        present = [c for c in range(4) if c != 1 and bool((predicted[i] == c).any())]
+        own = gradient_of(seg, X[i : i + 1],
+                          lambda out, i=i: (out[:, 1] * (predicted[i] == 1)).sum())  # fmt: skip
+        scores = []
+        for c in present:
+            other = gradient_of(
+                seg, X[i : i + 1], lambda out, c=c, i=i: (out[:, c] * (predicted[i] == c)).sum()
+            )
+            scores.append(float(compare(own, other, "ssim")[0][0]))
+        assert float(result.scores[i]) == pytest.approx(sum(scores) / len(scores), abs=1e-5)
