@@ -32,6 +32,7 @@ _EXPORTS = {
     "DataRandomizationResult": ".checks",
     "sample": ".data",
     "ClassLogit": ".engine.targets",
+    "Binary": ".engine.targets",
     "MultiLabel": ".engine.targets",
     "Segmentation": ".engine.targets",
     "Regression": ".engine.targets",
@@ -61,6 +62,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .data import sample  # noqa: F401
     from .engine.targets import (  # noqa: F401
+        Binary,
         ClassLogit,
         MultiLabel,
         Regression,

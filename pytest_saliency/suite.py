@@ -7,7 +7,8 @@ Schema (keys other than these are errors)::
                                    # to this file, loaded with weights_only=True)
     targets: null                  # same forms, or a list of ints; default: predicted classes
                                    # or a kind: {kind: segmentation, index: 3, pixels: all}
-                                   # (class, multilabel, segmentation, regression, callable)
+                                   # (class, binary, multilabel, segmentation, regression,
+                                   # callable)
     output: null                   # the scored tensor of what the model returns: an index
                                    # (0), a key or attribute ('out'), or {call: pkg.mod:fn}
     device: auto                   # auto|cpu|cuda|cuda:N|mps; --saliency-device wins
@@ -89,6 +90,7 @@ MODEL_KEYS = ("model", "inputs", "targets", "output", "layer", "checks", "expect
 # ``targets: {kind: ...}``: each kind's keys (the first listed is required where marked).
 TARGET_KEYS: dict[str, tuple[str, ...]] = {
     "class": ("index",),
+    "binary": ("index",),
     "multilabel": ("labels", "threshold"),
     "segmentation": ("index", "pixels"),
     "regression": ("unit",),
@@ -1048,6 +1050,7 @@ def _target_object(raw: dict, search: list[str], n: int, tensor_from: Any) -> An
     import torch
 
     from .engine.targets import (
+        Binary,
         CallableTarget,
         ClassLogit,
         MultiLabel,
@@ -1077,6 +1080,8 @@ def _target_object(raw: dict, search: list[str], n: int, tensor_from: Any) -> An
     kind = raw["kind"]
     if kind == "class":
         return ClassLogit(index("index"))
+    if kind == "binary":
+        return Binary(index("index"))
     if kind == "multilabel":
         threshold = raw.get("threshold")
         return MultiLabel(raw.get("labels"), 0.0 if threshold is None else float(threshold))
@@ -1133,7 +1138,7 @@ def check_forward(suite: Suite, spec: ModelSpec, loaded: Loaded) -> None:
         except SaliencyError as exc:
             raise SuiteError(f"{suite.where(spec.path('targets'))}: {exc}") from None
         index = getattr(targets, "index", getattr(targets, "unit", None))
-        count = selected.shape[1] if selected.dim() > 1 else 1
+        count = 2 if targets.kind == "binary" else selected.shape[1] if selected.dim() > 1 else 1
         found = torch.as_tensor(index).reshape(-1) if index is not None else None
         if found is not None and found.numel() and (int(found.min()) < 0
                                                     or int(found.max()) >= count):  # fmt: skip

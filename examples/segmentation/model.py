@@ -26,9 +26,9 @@ NUM_CLASSES = 11  # background, then digit d as class d + 1
 INK = 0.35  # a pixel of a digit (in [0, 1] before normalising) at or above this is ink
 CONFIG = {
     "arch": "PairSegNet-v1",
-    "pairs": 2400,
-    "epochs": 4,
-    "lr": 4e-3,
+    "pairs": 2000,
+    "epochs": 3,
+    "lr": 6e-3,
     "batch_size": 32,
     "background_weight": 0.1,  # the loss weight of background pixels (most of each canvas)
     "seed": 0,

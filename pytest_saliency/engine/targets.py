@@ -412,6 +412,55 @@ class Regression(Target):
 
 
 @dataclass(repr=False)
+class Binary(Target):
+    """One logit per sample, [N] or [N, 1], read as two classes: class 1 scores the logit,
+    class 0 its negation (pytorch-grad-cam's BinaryClassifierOutputTarget).
+
+    ``index``: None (each sample's predicted class: 1 where the logit is positive), 0 or 1, or
+    a LongTensor [N]. Output sensitivity compares with the other class.
+    """
+
+    index: object = None
+    kind: ClassVar[str] = "binary"
+    shape: ClassVar[str] = "[N] or [N, 1]"
+
+    def check(self, out, n, model_name):
+        if out.dim() == 1 and out.shape[0] == n:
+            out = out[:, None]
+        if out.dim() != 2 or out.shape[0] != n or out.shape[1] != 1:
+            raise SaliencyError(
+                f"model {model_name} returned a tensor of shape {tuple(out.shape)}; a binary "
+                f"target needs one logit per sample, [N={n}] or [N={n}, 1] (a head with a score "
+                "per class is a ClassLogit target)"
+            )
+        _check_finite(out, model_name, "logits")
+        return out
+
+    def resolve(self, out, given=None):
+        chosen = _given(self.index, given)
+        if chosen is None:
+            return (out.detach()[:, 0] > 0).long()
+        return _indices(chosen, out.shape[0], 2, "class", out.device)
+
+    def score(self, out, selection):
+        sign = selection.to(out.dtype) * 2 - 1  # class 1: +logit, class 0: -logit
+        return out[:, 0] * sign
+
+    def alternatives(self, out, selection):
+        logit = out.detach()[:, 0].double().cpu()
+        scores = torch.stack([-logit, logit], dim=1)
+        allowed = torch.ones(out.shape[0], 2, dtype=torch.bool)
+        allowed[torch.arange(out.shape[0]), selection.cpu()] = False
+        return scores, allowed
+
+    def settings(self):
+        return {
+            "kind": self.kind,
+            **({} if self.index is None else {"index": _jsonable(self.index)}),
+        }
+
+
+@dataclass(repr=False)
 class MultiLabel(Target):
     """The sum of several label logits of a multi-label head [N, labels].
 
@@ -809,6 +858,7 @@ def _jsonable(value: object) -> object:
 
 KINDS: dict[str, type[Target]] = {
     "class": ClassLogit,
+    "binary": Binary,
     "multilabel": MultiLabel,
     "segmentation": Segmentation,
     "regression": Regression,
@@ -821,7 +871,8 @@ def as_target(target: object, n: int) -> Target:
     from ..explainer import check_target  # the class-index forms, as before
 
     if isinstance(target, Target):
-        name = {ClassLogit: "index", Segmentation: "index", Regression: "unit"}.get(type(target))
+        name = {ClassLogit: "index", Binary: "index", Segmentation: "index",
+                Regression: "unit"}.get(type(target))  # fmt: skip
         value = getattr(target, name) if name else None
         if value is not None:
             checked = check_target(value, n)
@@ -915,6 +966,7 @@ def describe_output(value: object) -> str:
 
 
 __all__ = [
+    "Binary",
     "CallableTarget",
     "ClassLogit",
     "KINDS",

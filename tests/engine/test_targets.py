@@ -442,3 +442,33 @@ def test_against_all_is_the_mean_over_the_other_classes_the_sample_shows():
             )
             scores.append(float(compare(own, other, "ssim")[0][0]))
         assert float(result.scores[i]) == pytest.approx(sum(scores) / len(scores), abs=1e-5)
+
+
+def test_a_binary_head_explains_the_logit_or_its_negation():
+    """One logit per sample: class 1 is the logit, class 0 its negation, as pytorch-grad-cam's
+    BinaryClassifierOutputTarget; the predicted class is 1 where the logit is positive."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+
+    from tests.bundled.test_cam import minmax
+
+    model = classifier(1)
+    with torch.no_grad():
+        logit = model(X)[:, 0]
+    predicted = (logit > 0).long()
+    sign = predicted.float() * 2 - 1
+    got = ps.explain(model, X, "gradient", target=ps.Binary())
+    torch.testing.assert_close(got, gradient_of(model, X, lambda out: out[:, 0] * sign))
+    squeezed = nn.Sequential(model, nn.Flatten(0))  # returns [N]
+    torch.testing.assert_close(ps.explain(squeezed, X, "gradient", target=ps.Binary(0)),
+                               gradient_of(model, X, lambda out: -out[:, 0]))  # fmt: skip
+    with GradCAM(model, [model[2]]) as peer:
+        want = peer(X, [BinaryClassifierOutputTarget(c) for c in (1, 0, 1)])
+    cam = ps.explain(model, X, "gradcam", layer="2", target=ps.Binary(torch.tensor([1, 0, 1])))
+    np.testing.assert_allclose(minmax(cam.numpy()), minmax(want), atol=2e-5)
+    result = ps.output_sensitivity(model, X, "gradient", target=ps.Binary())
+    assert result.others.tolist() == (1 - predicted).tolist() and result.target_kind == "binary"
+    with pytest.raises(SaliencyError, match=r"a binary target needs one logit per sample"):
+        ps.explain(classifier(), X, "gradient", target=ps.Binary())
+    with pytest.raises(SaliencyError, match=r"target 2 is out of range: the model has 2 classes"):
+        ps.explain(model, X, "gradient", target=ps.Binary(2))
