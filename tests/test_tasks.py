@@ -273,6 +273,12 @@ def test_a_suite_audits_each_task_and_reports_its_target(pytester: pytest.Pytest
             "{call: 'helpers:flat'}",
             "targets: MultiLabel threshold= picks the predicted labels*",
         ),
+        (
+            "{kind: binary}",
+            "{call: 'helpers:flat'}",
+            "targets: model LRASPP returned a tensor of shape (1, 3); a binary target needs one "
+            "logit per sample*",
+        ),
     ],
     ids=[
         "kind",
@@ -287,6 +293,7 @@ def test_a_suite_audits_each_task_and_reports_its_target(pytester: pytest.Pytest
         "label-range",
         "unit",
         "threshold",
+        "binary",
     ],
 )
 def test_a_suite_target_mistake_is_located(pytester: pytest.Pytester, targets, output, message):
