@@ -309,6 +309,36 @@ class Target:
         return f"{type(self).__name__}({inner})"
 
 
+def _rows_of(
+    out: torch.Tensor,
+    n: int,
+    model_name: str,
+    needs: str,
+    *,
+    flat: bool = False,
+    width: int | None = None,
+    what: str = "scores",
+) -> torch.Tensor:
+    """``out`` as [N, K] (a flat [N] read as [N, 1] where ``flat``), finite, or an error saying
+    which shape the target kind ``needs``."""
+    if flat and out.dim() == 1 and out.shape[0] == n:
+        out = out[:, None]
+    if out.dim() != 2 or out.shape[0] != n or (width is not None and out.shape[1] != width):
+        raise SaliencyError(
+            f"model {model_name} returned a tensor of shape {tuple(out.shape)}; {needs}"
+        )
+    _check_finite(out, model_name, what)
+    return out
+
+
+def _all_but_own(out: torch.Tensor, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every unit but the sample's own, ranked by its score: ``alternatives`` of the kinds
+    whose selection is one unit of a [N, K] output."""
+    allowed = torch.ones(out.shape, dtype=torch.bool)
+    allowed[torch.arange(out.shape[0]), selection.cpu()] = False
+    return out.detach().double().cpu(), allowed
+
+
 def _given(own: object, given: object) -> object:
     return own if given is None else given
 
@@ -324,15 +354,10 @@ class ClassLogit(Target):
     kind: ClassVar[str] = "class"
 
     def check(self, out, n, model_name):
-        if out.dim() != 2 or out.shape[0] != n:
-            raise SaliencyError(
-                f"model {model_name} returned a tensor of shape {tuple(out.shape)}; a class "
-                f"target needs class scores of shape [N={n}, classes]. For another task pass "
-                "target= a Segmentation, MultiLabel or Regression target, or a "
-                "callable(output) -> [N]"
-            )
-        _check_finite(out, model_name, "scores")
-        return out
+        return _rows_of(out, n, model_name, (
+            f"a class target needs class scores of shape [N={n}, classes]. For another task "
+            "pass target= a Segmentation, MultiLabel, Binary or Regression target, or a "
+            "callable(output) -> [N]"))  # fmt: skip
 
     def resolve(self, out, given=None):
         return resolve_targets(_given(self.index, given), out)
@@ -346,9 +371,7 @@ class ClassLogit(Target):
                 f"output sensitivity compares the maps of two classes, but the model has "
                 f"{out.shape[1]} output; it needs at least 2 classes"
             )
-        allowed = torch.ones(out.shape, dtype=torch.bool)
-        allowed[torch.arange(out.shape[0]), selection.cpu()] = False
-        return out.detach().double().cpu(), allowed
+        return _all_but_own(out, selection)
 
     def settings(self):
         return {
@@ -370,15 +393,8 @@ class Regression(Target):
     shape: ClassVar[str] = "[N] or [N, units]"
 
     def check(self, out, n, model_name):
-        if out.dim() == 1 and out.shape[0] == n:
-            out = out[:, None]
-        if out.dim() != 2 or out.shape[0] != n:
-            raise SaliencyError(
-                f"model {model_name} returned a tensor of shape {tuple(out.shape)}; a "
-                f"regression target needs outputs of shape [N={n}] or [N={n}, units]"
-            )
-        _check_finite(out, model_name, "outputs")
-        return out
+        needs = f"a regression target needs outputs of shape [N={n}] or [N={n}, units]"
+        return _rows_of(out, n, model_name, needs, flat=True, what="outputs")
 
     def resolve(self, out, given=None):
         chosen = _given(self.unit, given)
@@ -402,9 +418,7 @@ class Regression(Target):
                 "model with the randomization checks (parameter_randomization, "
                 "data_randomization) instead"
             )
-        allowed = torch.ones(out.shape, dtype=torch.bool)
-        allowed[torch.arange(out.shape[0]), selection.cpu()] = False
-        return out.detach().double().cpu(), allowed
+        return _all_but_own(out, selection)
 
     def settings(self):
         unit = self.unit
@@ -425,16 +439,9 @@ class Binary(Target):
     shape: ClassVar[str] = "[N] or [N, 1]"
 
     def check(self, out, n, model_name):
-        if out.dim() == 1 and out.shape[0] == n:
-            out = out[:, None]
-        if out.dim() != 2 or out.shape[0] != n or out.shape[1] != 1:
-            raise SaliencyError(
-                f"model {model_name} returned a tensor of shape {tuple(out.shape)}; a binary "
-                f"target needs one logit per sample, [N={n}] or [N={n}, 1] (a head with a score "
-                "per class is a ClassLogit target)"
-            )
-        _check_finite(out, model_name, "logits")
-        return out
+        needs = (f"a binary target needs one logit per sample, [N={n}] or [N={n}, 1] (a head "
+                 "with a score per class is a ClassLogit target)")  # fmt: skip
+        return _rows_of(out, n, model_name, needs, flat=True, width=1, what="logits")
 
     def resolve(self, out, given=None):
         chosen = _given(self.index, given)
@@ -490,13 +497,8 @@ class MultiLabel(Target):
             )
 
     def check(self, out, n, model_name):
-        if out.dim() != 2 or out.shape[0] != n:
-            raise SaliencyError(
-                f"model {model_name} returned a tensor of shape {tuple(out.shape)}; a "
-                f"multi-label target needs label scores of shape [N={n}, labels]"
-            )
-        _check_finite(out, model_name, "scores")
-        return out
+        needs = f"a multi-label target needs label scores of shape [N={n}, labels]"
+        return _rows_of(out, n, model_name, needs)
 
     def resolve(self, out, given=None):
         n, count = out.shape
