@@ -204,7 +204,8 @@ def check_target(target: object, n: int) -> Any:
         return t.long()
     raise SaliencyError(
         f"target must be None, an int or a LongTensor [N] of classes, a target object "
-        f"(ClassLogit, MultiLabel, Segmentation, Regression) or a callable(output) -> [N]; "
+        f"(ClassLogit, Binary, MultiLabel, Segmentation, Regression) or a "
+        f"callable(output) -> [N]; "
         f"got {type(target).__name__}"
     )
 
@@ -326,7 +327,8 @@ def explain(
         method: a name from :func:`methods`.
         target: what is explained: None (each sample's predicted class), an int or a
             LongTensor [N] (class logits); a target object (:class:`ClassLogit`,
-            :class:`MultiLabel`, :class:`Segmentation`, :class:`Regression`); or a
+            :class:`Binary`, :class:`MultiLabel`, :class:`Segmentation`,
+            :class:`Regression`); or a
             callable(output) -> [N] scores.
         output: which tensor of the model's return value is scored: None (the tensor, or its
             'logits' entry or attribute), an int (a tuple's element), a str (a dict's key or

@@ -31,8 +31,8 @@ A *record* is one audit as plain JSON types, built by :func:`make_record`. The J
                         such a record has null scores and controls,
           "degenerate": sample indices with a constant map, "cause": why,
           "targets":    what each sample explains (a class, unit or index; a list of labels
-                        for a multi-label target), "target_kind": "class" | "multilabel" |
-                        "segmentation" | "regression" | "callable", "seed",
+                        for a multi-label target), "target_kind": "class" | "binary" |
+                        "multilabel" | "segmentation" | "regression" | "callable", "seed",
           "settings":   audit settings ("target": the class as given, or the kind's settings
                         with the output selector),
           "device", "torch", "source": "python" | "suite",

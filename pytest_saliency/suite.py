@@ -90,7 +90,7 @@ MODEL_KEYS = ("model", "inputs", "targets", "output", "layer", "checks", "expect
 # ``targets: {kind: ...}``: each kind's keys (the first listed is required where marked).
 TARGET_KEYS: dict[str, tuple[str, ...]] = {
     "class": ("index",),
-    "binary": ("index",),
+    "binary": ("index", "threshold"),
     "multilabel": ("labels", "threshold"),
     "segmentation": ("index", "pixels"),
     "regression": ("unit",),
@@ -1081,7 +1081,8 @@ def _target_object(raw: dict, search: list[str], n: int, tensor_from: Any) -> An
     if kind == "class":
         return ClassLogit(index("index"))
     if kind == "binary":
-        return Binary(index("index"))
+        threshold = raw.get("threshold")
+        return Binary(index("index"), 0.0 if threshold is None else float(threshold))
     if kind == "multilabel":
         threshold = raw.get("threshold")
         return MultiLabel(raw.get("labels"), 0.0 if threshold is None else float(threshold))
@@ -1133,7 +1134,7 @@ def check_forward(suite: Suite, spec: ModelSpec, loaded: Loaded) -> None:
             first = targets.per_sample()
             if first is not None:
                 first = first[:1]
-            if targets.kind in ("multilabel", "regression") or first is not None:
+            if targets.kind in ("multilabel", "regression", "binary"):
                 targets.resolve(checked, first)  # labels and units in range, a unit named
         except SaliencyError as exc:
             raise SuiteError(f"{suite.where(spec.path('targets'))}: {exc}") from None
@@ -1142,9 +1143,10 @@ def check_forward(suite: Suite, spec: ModelSpec, loaded: Loaded) -> None:
         found = torch.as_tensor(index).reshape(-1) if index is not None else None
         if found is not None and found.numel() and (int(found.min()) < 0
                                                     or int(found.max()) >= count):  # fmt: skip
+            has = "2 classes (one logit)" if targets.kind == "binary" else f"{count} outputs"
             raise SuiteError(
                 f"{suite.where(spec.path('targets'))}: {targets.noun} indices must be in "
-                f"[0, {count - 1}] (the model has {count} outputs), got {found.tolist()}"
+                f"[0, {count - 1}] (the model has {has}), got {found.tolist()}"
             )
         return
     if isinstance(targets, ClassLogit):

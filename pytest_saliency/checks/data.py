@@ -77,12 +77,15 @@ def _run(audit: Audit, twin: nn.Module) -> list:
     trained = audit.explainer()
     # The CAM layer found on the trained model is read on the twin by its name.
     permuted = audit.explainer(twin, labels=[cam.name if cam else None for cam in trained.layers])
-    from ..engine.targets import ClassLogit
+    from ..engine.targets import Binary, ClassLogit
 
     # What the twin predicts, to spot a collapsed twin: for class targets only.
+    kind = audit.objective.target
     predicted = (
         audit.outputs(twin).argmax(dim=1).cpu()
-        if isinstance(audit.objective.target, ClassLogit)
+        if isinstance(kind, ClassLogit)
+        else kind.resolve(audit.outputs(twin)).cpu()  # the twin's own class
+        if isinstance(kind, Binary)
         else torch.empty(0, dtype=torch.long)
     )
     first = [to_cpu(m) for m in trained(x, targets)]

@@ -142,6 +142,7 @@ class _Probe:
     informative: bool  # some recorded gradient is not zero (else blankness is unknown)
     used: set[int]  # ids of the parameters the forward took as arguments
     scores: tuple[int, ...] = ()  # the shape of the scored tensor, for one sample
+    scores_layout: Layout | None = None  # its layout on the input's grid, if it has one
 
     def grad(self, t: torch.Tensor) -> torch.Tensor | None:
         return self.grads.get(id(t))
@@ -202,7 +203,7 @@ def _probe(model: nn.Module, x: torch.Tensor, *, gradients: bool = True, output=
             )
         if not gradients:
             return _Probe(points, [], {}, None, tagger.derived, x1, False, tagger.used,
-                          tuple(logits.shape))  # fmt: skip
+                          tuple(logits.shape), tagger.layout_of(logits))  # fmt: skip
         # Collapses that reach the scores, with nothing spatial made after them.
         late = [e for e, after in zip(tagger.events, tagger.spatial_after()) if not after]
         outs = [e.output for e in late if e.output.requires_grad]
@@ -229,7 +230,7 @@ def _probe(model: nn.Module, x: torch.Tensor, *, gradients: bool = True, output=
     informative = any(g is not None and bool(g.ne(0).any()) for g in found)
     width = int(selects[-1].source.shape[-1]) if selects else None
     return _Probe(points, events, grads, width, tagger.derived, x1, informative, tagger.used,
-                  tuple(logits.shape))  # fmt: skip
+                  tuple(logits.shape), tagger.layout_of(logits))  # fmt: skip
 
 
 class _SpatialWatch(Tagger):
@@ -332,7 +333,7 @@ def resolve_cam_layer(
     spatial = x.dim() - 2
     if layer is None:
         probe = _probe(model, x, output=output)
-        if len(probe.scores) > 2 and not _pool_events(probe):
+        if _readable(probe.scores_layout, spatial) and not _pool_events(probe):
             _no_default_on_dense_scores(model, method, probe)
         return _default(model, x, method, probe, given, spatial)
     name, point, module = parse_cam_layer(model, layer)
@@ -359,7 +360,8 @@ def _no_default_on_dense_scores(model: nn.Module, method: str, probe: _Probe) ->
         f"position (output {list(probe.scores)} for one sample) and pools nothing before the "
         "scores, so the last spatial layer would be the score map itself and its CAM the "
         "class's own logits. Name the layer to read with layer=..., e.g. the last feature "
-        f"layer before the classifier (the last spatial outputs, in forward order: {shown})"
+        f"layer before the classifier (the last spatial outputs, in forward order: {shown}); "
+        "a segmentation model is explained with a Segmentation target"
     )
 
 

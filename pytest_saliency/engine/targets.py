@@ -430,11 +430,13 @@ class Binary(Target):
     """One logit per sample, [N] or [N, 1], read as two classes: class 1 scores the logit,
     class 0 its negation (pytorch-grad-cam's BinaryClassifierOutputTarget).
 
-    ``index``: None (each sample's predicted class: 1 where the logit is positive), 0 or 1, or
-    a LongTensor [N]. Output sensitivity compares with the other class.
+    ``index``: None (each sample's predicted class: 1 where the output is above
+    ``threshold``, 0 for a logit; give 0.5 for a head that ends in a sigmoid), 0 or 1, or a
+    LongTensor [N]. Output sensitivity is refused: the other class's map is this map negated.
     """
 
     index: object = None
+    threshold: float = 0.0
     kind: ClassVar[str] = "binary"
     shape: ClassVar[str] = "[N] or [N, 1]"
 
@@ -446,7 +448,7 @@ class Binary(Target):
     def resolve(self, out, given=None):
         chosen = _given(self.index, given)
         if chosen is None:
-            return (out.detach()[:, 0] > 0).long()
+            return (out.detach()[:, 0] > self.threshold).long()
         return _indices(chosen, out.shape[0], 2, "class", out.device)
 
     def score(self, out, selection):
@@ -454,17 +456,26 @@ class Binary(Target):
         return out[:, 0] * sign
 
     def alternatives(self, out, selection):
-        logit = out.detach()[:, 0].double().cpu()
-        scores = torch.stack([-logit, logit], dim=1)
-        allowed = torch.ones(out.shape[0], 2, dtype=torch.bool)
-        allowed[torch.arange(out.shape[0]), selection.cpu()] = False
-        return scores, allowed
+        raise SaliencyError(
+            "output sensitivity compares the maps of two targets, but a binary head's two "
+            "classes are one logit and its negation: the other class's map is this map with "
+            "its sign flipped for every gradient method, so the comparison says nothing about "
+            "the model. Audit it with the randomization checks (parameter_randomization, "
+            "data_randomization) instead"
+        )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not math.isfinite(self.threshold):  # fmt: skip
+            raise SaliencyError(f"Binary threshold must be a finite number, got {self.threshold!r}")
 
     def settings(self):
-        return {
-            "kind": self.kind,
-            **({} if self.index is None else {"index": _jsonable(self.index)}),
-        }
+        found: dict[str, Any] = {"kind": self.kind}
+        if self.index is not None:
+            found["index"] = _jsonable(self.index)
+        if self.threshold != 0.0:
+            found["threshold"] = self.threshold
+        return found
 
 
 @dataclass(repr=False)
@@ -821,21 +832,30 @@ class CallableTarget(Target):
                 "graph (it detaches the output or converts it through numpy); keep it "
                 "differentiable"
             )
-        if out.shape[0] > 1:  # each score from its own row: the engine splits batches
-            with torch.no_grad():
-                alone = torch.cat([self.fn(out[:1].detach()), self.fn(out[-1:].detach())])
-                together = found.detach()[[0, -1]]
-            if alone.shape != together.shape or not torch.allclose(
-                alone, together, rtol=1e-4, atol=1e-6 * float(together.abs().max()) + 1e-12
-            ):
-                raise SaliencyError(
-                    f"the target callable {_name_of(self.fn)} scores a sample differently "
-                    "when it is scored alone (samples 0 and N-1 of a batch): each sample's "
-                    "score must come from its own row of the output, since the engine splits "
-                    "and joins batches (batch_size, the 2N batches of output sensitivity). "
-                    "Compute it row by row (no means or other statistics over the batch)"
-                )
+        if out.shape[0] > 1 and out.requires_grad:
+            self._rowwise(found, out)
         return found
+
+    def _rowwise(self, found: torch.Tensor, out: torch.Tensor) -> None:
+        """Each score must come from its own row of the output (the engine splits and joins
+        batches): the first and last scores' gradients must be zero on every other row."""
+        n = out.shape[0]
+        for i in (0, n - 1):
+            (g,) = torch.autograd.grad(found[i], out, retain_graph=True, allow_unused=True)
+            if g is None:
+                continue
+            # A NaN there is 0 times an infinite derivative (sqrt at a negative score): the
+            # map's own non-finite error says so; only finite, non-zero entries mix samples.
+            others = torch.cat([g[:i], g[i + 1 :]]).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+            if bool(others.ne(0).any()):
+                raise SaliencyError(
+                    f"the target callable {_name_of(self.fn)} makes the score of sample {i} "
+                    "depend on other samples' outputs (its gradient reaches their rows): "
+                    "each sample's score must come from its own row, since the engine splits "
+                    "and joins batches (batch_size, the 2N batches of output sensitivity), "
+                    "so it would change with them. Compute it row by row (no means or other "
+                    "statistics over the batch)"
+                )
 
     def label(self, selection):
         return [_name_of(self.fn)] * selection.shape[0]
@@ -869,7 +889,8 @@ KINDS: dict[str, type[Target]] = {
 
 def as_target(target: object, n: int) -> Target:
     """What ``target=`` accepts, as a target kind: None, an int or integer tensor / list [N]
-    (a class logit), a :class:`Target`, or a callable(output) -> [N]."""
+    (a class logit), a :class:`Target` (ClassLogit, Binary, MultiLabel, Segmentation,
+    Regression), or a callable(output) -> [N]."""
     from ..explainer import check_target  # the class-index forms, as before
 
     if isinstance(target, Target):
@@ -892,8 +913,8 @@ def as_target(target: object, n: int) -> Target:
     if isinstance(target, (str, Mapping)):
         raise SaliencyError(
             f"target must be None, an int or a LongTensor [N] of classes, a target object "
-            f"(ClassLogit, MultiLabel, Segmentation, Regression) or a callable(output) -> [N]; "
-            f"got {type(target).__name__} {target!r}"
+            f"(ClassLogit, Binary, MultiLabel, Segmentation, Regression) or a "
+            f"callable(output) -> [N]; got {type(target).__name__} {target!r}"
         )
     return ClassLogit(check_target(target, n))
 

@@ -148,7 +148,7 @@ def test_a_callable_target_is_differentiated_as_written():
     with pytest.raises(SaliencyError, match="no autograd graph"):
         ps.explain(model, X, "gradient", target=lambda out: out[:, 0].detach())
     # A score that reads other samples would change with batch_size: refused.
-    with pytest.raises(SaliencyError, match="scores a sample differently when it is scored alone"):
+    with pytest.raises(SaliencyError, match="depend on other samples. outputs"):
         ps.explain(model, X, "gradient", target=lambda out: out[:, 0] - out[:, 1].mean())
 
 
@@ -466,9 +466,58 @@ def test_a_binary_head_explains_the_logit_or_its_negation():
         want = peer(X, [BinaryClassifierOutputTarget(c) for c in (1, 0, 1)])
     cam = ps.explain(model, X, "gradcam", layer="2", target=ps.Binary(torch.tensor([1, 0, 1])))
     np.testing.assert_allclose(minmax(cam.numpy()), minmax(want), atol=2e-5)
-    result = ps.output_sensitivity(model, X, "gradient", target=ps.Binary())
-    assert result.others.tolist() == (1 - predicted).tolist() and result.target_kind == "binary"
+    # The other class's map is this one negated for every gradient method: no comparison.
+    with pytest.raises(SaliencyError, match=r"one logit and its negation.*randomization checks"):
+        ps.output_sensitivity(model, X, "gradient", target=ps.Binary())
+    result = ps.parameter_randomization(model, X, "gradient", target=ps.Binary())
+    assert result.target_kind == "binary" and result.targets.tolist() == predicted.tolist()
+    torch.testing.assert_close(result.maps["original"], got)
+    probabilities = nn.Sequential(model, nn.Sigmoid())  # a head that ends in a sigmoid
+    got = ps.explain(probabilities, X, "gradient", target=ps.Binary(threshold=0.5))
+    sign = (torch.sigmoid(logit) > 0.5).float() * 2 - 1
+    torch.testing.assert_close(got, gradient_of(probabilities, X, lambda out: out[:, 0] * sign))
     with pytest.raises(SaliencyError, match=r"a binary target needs one logit per sample"):
         ps.explain(classifier(), X, "gradient", target=ps.Binary())
     with pytest.raises(SaliencyError, match=r"target 2 is out of range: the model has 2 classes"):
         ps.explain(model, X, "gradient", target=ps.Binary(2))
+
+
+class MultiDigit(nn.Module):
+    """Four digit readers on one flattened feature vector: scores [N, 4, 10], no grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(4 * 64, 40)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1)).view(-1, 4, 10)
+
+
+def test_scores_with_more_axes_but_no_grid_keep_their_default_cam_layer():
+    """Only scores on the input's grid (segmentation) lose the default CAM layer: a model that
+    reads several digits from one vector, or a conv head ending on a 1 x 1 grid, keep it."""
+    reader = seeded(MultiDigit)
+    got = ps.explain(reader, X, "gradcam", target=lambda out: out[:, 0, 3])
+    assert torch.equal(got, ps.explain(reader, X, "gradcam", layer="features.1",
+                                       target=lambda out: out[:, 0, 3]))  # fmt: skip
+    head = seeded(lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                                        nn.Conv2d(4, 5, 8)))  # fmt: skip
+    got = ps.explain(head, X, "gradcam", target=lambda out: out[:, 1, 0, 0])
+    assert got.shape == (3, 8, 8) and float(got.abs().max()) > 0
+
+
+def test_a_row_wise_callable_is_never_refused_for_its_numbers():
+    """The row check reads the callable's gradient structure, not its values: NaN-free
+    cancellation, a squeeze of [N, 1] and low precision pass; a NaN is the map's own error."""
+    model = classifier(1)
+    got = ps.explain(model, X, "gradient", target=lambda out: out.squeeze(1))
+    torch.testing.assert_close(got, gradient_of(model, X, lambda out: out[:, 0]))
+    wide = classifier()
+    direction = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    got = ps.explain(wide, X, "gradient", target=lambda out: (out - out.mean(1, keepdim=True))
+                     @ direction)  # fmt: skip
+    want = gradient_of(wide, X, lambda out: (out - out.mean(1, keepdim=True)) @ direction)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ps.NonFiniteError, match="NaN or inf"):
+        ps.explain(wide, X, "gradient", target=lambda out: (out[:, 0] - 1e9).sqrt())
