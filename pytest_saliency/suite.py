@@ -642,7 +642,10 @@ def _targets(p: _Problems, path: KeyPath, value: Any) -> None:
     threshold = value.get("threshold")
     if threshold is not None and (type(threshold) not in (int, float)
                                   or not math.isfinite(threshold)):  # fmt: skip
-        p.add((*path, "threshold"), f"expected a number (a logit), got {threshold!r}")
+        p.add(
+            (*path, "threshold"),
+            f"expected a number (0 for logits, 0.5 for probabilities), got {threshold!r}",
+        )
     pixels = value.get("pixels")
     if pixels is not None and pixels not in ("predicted", "all"):
         p.unknown((*path, "pixels"), "pixels", pixels, ("predicted", "all"))

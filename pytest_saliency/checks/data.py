@@ -84,7 +84,7 @@ def _run(audit: Audit, twin: nn.Module) -> list:
     predicted = (
         audit.outputs(twin).argmax(dim=1).cpu()
         if isinstance(kind, ClassLogit)
-        else kind.resolve(audit.outputs(twin)).cpu()  # the twin's own class
+        else (audit.outputs(twin)[:, 0] > kind.threshold).long().cpu()  # the twin's own
         if isinstance(kind, Binary)
         else torch.empty(0, dtype=torch.long)
     )

@@ -333,7 +333,7 @@ def resolve_cam_layer(
     spatial = x.dim() - 2
     if layer is None:
         probe = _probe(model, x, output=output)
-        if _readable(probe.scores_layout, spatial) and not _pool_events(probe):
+        if _dense_scores(probe, x, spatial) and not _pool_events(probe):
             _no_default_on_dense_scores(model, method, probe)
         return _default(model, x, method, probe, given, spatial)
     name, point, module = parse_cam_layer(model, layer)
@@ -344,6 +344,23 @@ def resolve_cam_layer(
     probe = _probe(model, x, gradients=False, output=output)
     entry = probe.points.get((name.removesuffix(":input"), point))
     return _checked(model, x, method, name, point, module, entry, given, spatial, False)
+
+
+def _dense_scores(probe: _Probe, x: torch.Tensor, spatial: int) -> bool:
+    """The scored tensor has a score per position of the input's grid, or of a grid the
+    forward made: its own layout says so, or (an op along the channels, such as
+    ``softmax(dim=1)``, dropped it) its trailing axes are such a grid."""
+    if _readable(probe.scores_layout, spatial):
+        return True
+    shape = probe.scores
+    if len(shape) != spatial + 2:
+        return False
+    grids = {tuple(x.shape[2:])} | {
+        tuple(e.layout.grid) for e in probe.points.values()
+        if e.layout is not None and len(e.layout.grid) == spatial
+    }  # fmt: skip
+    trailing = (tuple(shape[2:]), tuple(shape[1:-1]))  # channels first, channels last
+    return any(t in grids and math.prod(t) > 1 for t in trailing)
 
 
 def _no_default_on_dense_scores(model: nn.Module, method: str, probe: _Probe) -> None:

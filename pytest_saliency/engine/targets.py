@@ -331,6 +331,24 @@ def _rows_of(
     return out
 
 
+def _threshold(kind: str, value: object) -> float:
+    """A finite real number (numpy and 0-d tensor scalars too) as a float."""
+    import numbers
+
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() == 0:
+        value = value.item()
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(float(value))
+    ):
+        raise SaliencyError(
+            f"{kind} threshold must be a finite number (the score above which a sample is "
+            f"predicted positive: 0 for logits, 0.5 for probabilities), got {value!r}"
+        )
+    return float(value)
+
+
 def _all_but_own(out: torch.Tensor, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every unit but the sample's own, ranked by its score: ``alternatives`` of the kinds
     whose selection is one unit of a [N, K] output."""
@@ -465,9 +483,13 @@ class Binary(Target):
         )
 
     def __post_init__(self) -> None:
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
-                or not math.isfinite(self.threshold):  # fmt: skip
-            raise SaliencyError(f"Binary threshold must be a finite number, got {self.threshold!r}")
+        self.threshold = _threshold("Binary", self.threshold)
+        if self.index is not None and self.threshold != 0.0:
+            raise SaliencyError(
+                "Binary threshold= picks the predicted class, so it applies only without "
+                f"index=; got both index={_jsonable(self.index)!r} and "
+                f"threshold={self.threshold!r}"
+            )
 
     def settings(self):
         found: dict[str, Any] = {"kind": self.kind}
@@ -495,11 +517,7 @@ class MultiLabel(Target):
     shape: ClassVar[str] = "[N, labels]"
 
     def __post_init__(self) -> None:
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
-                or not math.isfinite(self.threshold):  # fmt: skip
-            raise SaliencyError(
-                f"MultiLabel threshold must be a finite number (a logit), got {self.threshold!r}"
-            )
+        self.threshold = _threshold("MultiLabel", self.threshold)
         if self.labels is not None and self.threshold != 0.0:
             raise SaliencyError(
                 "MultiLabel threshold= picks the predicted labels, so it applies only without "
@@ -832,9 +850,47 @@ class CallableTarget(Target):
                 "graph (it detaches the output or converts it through numpy); keep it "
                 "differentiable"
             )
-        if out.shape[0] > 1 and out.requires_grad:
-            self._rowwise(found, out)
+        if out.shape[0] > 1:
+            self._alone(found, out)
+            if out.requires_grad:
+                self._rowwise(found, out)
         return found
+
+    def _mixes(self, what: str) -> SaliencyError:
+        return SaliencyError(
+            f"the target callable {_name_of(self.fn)} {what}: each sample's score must come "
+            "from its own row of the output, since the engine splits and joins batches "
+            "(batch_size, the 2N batches of output sensitivity), so it would change with them. "
+            "Compute it row by row: no means or other statistics over the batch, and no "
+            "per-sample tensor captured from outside (use a target kind, or a target= tensor)"
+        )
+
+    def _alone(self, found: torch.Tensor, out: torch.Tensor) -> None:
+        """Samples 0 and N-1 scored alone must score as in the batch (within rounding): a
+        callable that indexes a captured per-sample tensor, or divides by a batch statistic,
+        does not."""
+        with torch.no_grad():
+            for i in (0, out.shape[0] - 1):
+                try:
+                    alone = self.fn(out[i : i + 1].detach())
+                    alone = torch.as_tensor(alone).reshape(-1)
+                except Exception as exc:
+                    raise self._mixes(
+                        f"fails on one sample alone ({type(exc).__name__}: {exc})"
+                    ) from exc
+                want = found.detach()[i : i + 1].reshape(-1)
+                if alone.shape != want.shape:
+                    raise self._mixes(f"returns shape {tuple(alone.shape)} for one sample")
+                finite = want[torch.isfinite(want)]
+                scale = float(finite.abs().max()) if finite.numel() else 0.0
+                eps = torch.finfo(want.dtype).eps if want.is_floating_point() else 0.0
+                rtol = max(1e-3, 8 * eps)
+                if not torch.allclose(alone.to(want), want, rtol=rtol, atol=rtol * scale + 1e-12,
+                                      equal_nan=True):  # fmt: skip
+                    raise self._mixes(
+                        f"scores sample {i} differently alone ({float(alone[0]):.6g}) than in "
+                        f"the batch ({float(want[0]):.6g})"
+                    )
 
     def _rowwise(self, found: torch.Tensor, out: torch.Tensor) -> None:
         """Each score must come from its own row of the output (the engine splits and joins
@@ -848,13 +904,9 @@ class CallableTarget(Target):
             # map's own non-finite error says so; only finite, non-zero entries mix samples.
             others = torch.cat([g[:i], g[i + 1 :]]).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
             if bool(others.ne(0).any()):
-                raise SaliencyError(
-                    f"the target callable {_name_of(self.fn)} makes the score of sample {i} "
-                    "depend on other samples' outputs (its gradient reaches their rows): "
-                    "each sample's score must come from its own row, since the engine splits "
-                    "and joins batches (batch_size, the 2N batches of output sensitivity), "
-                    "so it would change with them. Compute it row by row (no means or other "
-                    "statistics over the batch)"
+                raise self._mixes(
+                    f"makes the score of sample {i} depend on other samples' outputs (its "
+                    "gradient reaches their rows)"
                 )
 
     def label(self, selection):

@@ -148,7 +148,7 @@ def test_a_callable_target_is_differentiated_as_written():
     with pytest.raises(SaliencyError, match="no autograd graph"):
         ps.explain(model, X, "gradient", target=lambda out: out[:, 0].detach())
     # A score that reads other samples would change with batch_size: refused.
-    with pytest.raises(SaliencyError, match="depend on other samples. outputs"):
+    with pytest.raises(SaliencyError, match="scores sample 0 differently alone"):
         ps.explain(model, X, "gradient", target=lambda out: out[:, 0] - out[:, 1].mean())
 
 
@@ -521,3 +521,44 @@ def test_a_row_wise_callable_is_never_refused_for_its_numbers():
     torch.testing.assert_close(got, want)
     with pytest.raises(ps.NonFiniteError, match="NaN or inf"):
         ps.explain(wide, X, "gradient", target=lambda out: (out[:, 0] - 1e9).sqrt())
+
+
+class Probabilities(nn.Module):
+    """SegNet's scores through softmax(dim=1): the op drops the grid layout of the scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SegNet()
+
+    def forward(self, x):
+        return self.net(x).softmax(dim=1)
+
+
+def test_review_three():
+    """Dense probabilities keep the refusal; captured per-sample tensors and detached batch
+    statistics in a callable are refused; Binary's threshold is for the predicted class."""
+    with pytest.raises(SaliencyError, match="has no default layer on Probabilities"):
+        ps.explain(seeded(Probabilities), X, "gradcam", target=ps.Segmentation(1, pixels="all"))
+    model = classifier()
+    labels = torch.tensor([1, 3, 0])
+    with pytest.raises(SaliencyError, match=r"returns shape \(3,\) for one sample"):
+        ps.explain(model, X, "gradient", target=lambda out: out[torch.arange(len(out)), labels])
+    with pytest.raises(SaliencyError, match="scores sample 0 differently alone"):
+        ps.explain(model, X, "gradient",
+                   target=lambda out: out[:, 0] / out[:, 0].detach().abs().max())  # fmt: skip
+    # The same values alone and in the batch, but the gradient reaches every row.
+    with pytest.raises(SaliencyError, match="depend on other samples' outputs"):
+        ps.explain(model, X, "gradient",
+                   target=lambda out: out[:, 0] + (out - out.detach()).sum())  # fmt: skip
+    with pytest.raises(SaliencyError, match="applies only without index="):
+        ps.Binary(1, threshold=0.5)
+    with pytest.raises(SaliencyError, match="Binary threshold must be a finite number"):
+        ps.Binary(threshold=float("nan"))
+    assert ps.Binary(threshold=np.float32(0.5)).threshold == 0.5
+    # A collapsed twin shows: its own predictions, whatever class is explained.
+    head = classifier(1)
+    twin = classifier(1)
+    with torch.no_grad():
+        twin[-1].bias.fill_(-100.0)
+    result = ps.data_randomization(head, twin, X, "gradient", target=ps.Binary(1))
+    assert result.twin_predictions.tolist() == [0, 0, 0]
