@@ -1052,14 +1052,7 @@ def _target_object(raw: dict, search: list[str], n: int, tensor_from: Any) -> An
     """The target object a ``targets: {kind: ...}`` mapping describes (validated keys)."""
     import torch
 
-    from .engine.targets import (
-        Binary,
-        CallableTarget,
-        ClassLogit,
-        MultiLabel,
-        Regression,
-        Segmentation,
-    )
+    from .engine.targets import KINDS, CallableTarget
 
     def index(key: str) -> Any:
         v = raw.get(key)
@@ -1081,18 +1074,12 @@ def _target_object(raw: dict, search: list[str], n: int, tensor_from: Any) -> An
         return v
 
     kind = raw["kind"]
-    if kind == "class":
-        return ClassLogit(index("index"))
-    if kind == "binary":
-        threshold = raw.get("threshold")
-        return Binary(index("index"), 0.0 if threshold is None else float(threshold))
-    if kind == "multilabel":
-        threshold = raw.get("threshold")
-        return MultiLabel(raw.get("labels"), 0.0 if threshold is None else float(threshold))
-    if kind == "segmentation":
-        return Segmentation(index("index"), pixels=raw.get("pixels") or "predicted")
-    if kind == "regression":
-        return Regression(index("unit"))
+    if kind in KINDS:  # the keys are the kind's own arguments (validated at collection)
+        args = {k: v for k, v in raw.items() if k != "kind" and v is not None}
+        for key in ("index", "unit"):
+            if key in args:
+                args[key] = index(key)
+        return KINDS[kind](**args)
     fn = _import_object(raw["function"], search)
     if not callable(fn):
         raise SaliencyError(f"{raw['function']} is a {type(fn).__name__}, not a callable")

@@ -331,8 +331,10 @@ def _rows_of(
     return out
 
 
-def _threshold(kind: str, value: object) -> float:
-    """A finite real number (numpy and 0-d tensor scalars too) as a float."""
+def _threshold(kind: str, value: object, chosen: object, name: str) -> float:
+    """A finite real number (numpy and 0-d tensor scalars too) as a float; it picks the
+    predicted classes or labels, so it may differ from 0 only where ``chosen`` (the
+    explicit ``name=``) is None."""
     import numbers
 
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() == 0:
@@ -345,6 +347,12 @@ def _threshold(kind: str, value: object) -> float:
         raise SaliencyError(
             f"{kind} threshold must be a finite number (the score above which a sample is "
             f"predicted positive: 0 for logits, 0.5 for probabilities), got {value!r}"
+        )
+    if chosen is not None and float(value) != 0.0:
+        raise SaliencyError(
+            f"{kind} threshold= picks the predicted {'class' if name == 'index' else name}, so "
+            f"it applies only without {name}=; got both {name}={_jsonable(chosen)!r} and "
+            f"threshold={float(value)!r}"
         )
     return float(value)
 
@@ -483,13 +491,7 @@ class Binary(Target):
         )
 
     def __post_init__(self) -> None:
-        self.threshold = _threshold("Binary", self.threshold)
-        if self.index is not None and self.threshold != 0.0:
-            raise SaliencyError(
-                "Binary threshold= picks the predicted class, so it applies only without "
-                f"index=; got both index={_jsonable(self.index)!r} and "
-                f"threshold={self.threshold!r}"
-            )
+        self.threshold = _threshold("Binary", self.threshold, self.index, "index")
 
     def settings(self):
         found: dict[str, Any] = {"kind": self.kind}
@@ -517,13 +519,7 @@ class MultiLabel(Target):
     shape: ClassVar[str] = "[N, labels]"
 
     def __post_init__(self) -> None:
-        self.threshold = _threshold("MultiLabel", self.threshold)
-        if self.labels is not None and self.threshold != 0.0:
-            raise SaliencyError(
-                "MultiLabel threshold= picks the predicted labels, so it applies only without "
-                f"labels=; got both labels={_jsonable(self.labels)!r} and "
-                f"threshold={self.threshold!r}"
-            )
+        self.threshold = _threshold("MultiLabel", self.threshold, self.labels, "labels")
 
     def check(self, out, n, model_name):
         needs = f"a multi-label target needs label scores of shape [N={n}, labels]"
@@ -999,16 +995,6 @@ def objective(output: object = None, target: object = None, n: int = 1) -> Objec
     return Objective(Output(output), as_target(target, n))
 
 
-def select_logits(output: object, model_name: str) -> torch.Tensor:
-    """The default scored tensor of what a model returned (see :class:`Output`)."""
-    return DEFAULT.output(output, model_name)
-
-
-def check_logits(output: object, model_name: str, n: int) -> torch.Tensor:
-    """The model's output as class scores [N, classes], or a clear error."""
-    return DEFAULT.scores(output, model_name, n)
-
-
 def other_units(
     target: Target, out: torch.Tensor, selection: torch.Tensor, against: str, seed: int
 ) -> torch.Tensor:
@@ -1033,11 +1019,6 @@ def other_units(
     if against == "least_likely":
         return scores.masked_fill(~allowed, math.inf).argmin(dim=1)
     raise AssertionError(against)
-
-
-def describe_output(value: object) -> str:
-    """What a model returned, in a few words (for errors outside this module)."""
-    return _described(value)
 
 
 __all__ = [
