@@ -562,3 +562,26 @@ def test_review_three():
         twin[-1].bias.fill_(-100.0)
     result = ps.data_randomization(head, twin, X, "gradient", target=ps.Binary(1))
     assert result.twin_predictions.tolist() == [0, 0, 0]
+
+
+def test_every_kind_leaves_the_model_and_the_rng_as_found_even_when_refused():
+    from tests._models import assert_unchanged, snapshot
+
+    seg = segnet()
+    seg.train()  # a mode the audit must put back
+    calls = [
+        lambda: ps.explain(seg, X, "guided_backprop", target=ps.Segmentation(1, pixels="all")),
+        lambda: ps.parameter_randomization(seg, X, "gradient", target=ps.Segmentation(1)),
+        lambda: ps.output_sensitivity(seg, X, "smoothgrad", target=ps.Segmentation(2)),  # no px
+        lambda: ps.explain(seg, X, "gradient", target=lambda out: out.mean()),  # refused
+        lambda: ps.explain(seg, X, "gradcam", target=ps.Segmentation(1, pixels="all")),
+    ]
+    for call in calls:
+        before, rng = snapshot(seg), torch.random.get_rng_state()
+        try:
+            call()
+        except SaliencyError:
+            pass
+        assert_unchanged(before, snapshot(seg))
+        assert torch.equal(rng, torch.random.get_rng_state())
+    assert seg.training
