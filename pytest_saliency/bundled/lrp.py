@@ -29,6 +29,8 @@ convolutions have no faithful rule here and raise instead of silently falling ba
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -38,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.accounting import ROUTING, rule_function
+from ..engine.accounting import ROUTING, node_kind, rule_function
 from ..engine.canonize import Producers, fold_batch_norm
 from ..engine.rules import GATE_MARK, ActivationRule, RuleSet
 from ..errors import SaliencyError, UnsupportedActivationError
+from . import lrp_transformer as tr
 from .registry import Method, input_map, register
 
 NORM_STABILIZER = 1e-6  # zennit's default for Norm, ZPlus and AlphaBeta
@@ -326,12 +329,46 @@ def _activation_pair(a: object, b: object) -> bool:
     )
 
 
+_SOFTMAX_KINDS = frozenset({"Softmax", "SoftmaxRule"})
+# Ops between a softmax and the product that reads its weights: casts, views, eval dropout.
+_WEIGHT_PASSING = frozenset({"ToCopy", "Clone", "Alias", "View", "UnsafeView", "Reshape",
+                             "ReshapeAlias", "Expand", "Permute", "Transpose", "Unsqueeze",
+                             "Squeeze", "Contiguous"})  # fmt: skip
+
+ATTENTION = ("cp", "attnlrp")
+
+
+def _from_softmax(t: torch.Tensor) -> bool:
+    """``t`` holds attention weights: the output of a softmax, maybe cast or reshaped."""
+    node = t.grad_fn
+    for _ in range(8):
+        if node is None:
+            return False
+        forward_cls = getattr(type(node), "_forward_cls", None)
+        kind = forward_cls.__name__ if forward_cls is not None else node_kind(node)
+        if kind in _SOFTMAX_KINDS:
+            return True
+        if kind not in _WEIGHT_PASSING or not node.next_functions:
+            return False
+        node = node.next_functions[0][0]
+    return False
+
+
+_MHA_UNSUPPORTED = (
+    ("bias_k", "a key/value bias (add_bias_kv=True)"),
+    ("add_zero_attn", "add_zero_attn=True"),
+    ("static_k", "static keys (static_k)"),
+    ("static_v", "static values (static_v)"),
+)
+
+
 class _Propagation:
     """The handlers of one LRP rule set, and the per-pass table used to fold BatchNorms."""
 
-    def __init__(self, method: str, rule):
+    def __init__(self, method: str, rule, attention: str = "cp"):
         self.method = method
         self.rule = rule
+        self.attention = attention
         self.producers = Producers()
         # Layer outputs whose stabilised value is deferred (ε rule), by id. Each entry keeps
         # its tensor alive, so no id is reused while it is listed; the table is emptied when
@@ -377,8 +414,17 @@ class _Propagation:
         ):  # fmt: skip
             table[func] = self.proportional
         table[torch.mean] = table[torch.Tensor.mean] = self.mean
+        table[F.layer_norm] = self.layer_norm
+        if hasattr(F, "rms_norm"):  # torch >= 2.4
+            table[F.rms_norm] = self.rms_norm
+        for func in (torch.softmax, F.softmax, torch.Tensor.softmax):
+            table[func] = self.softmax
+        for func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm,
+                     torch.Tensor.bmm):  # fmt: skip
+            table[func] = self.matmul
+        table[F.scaled_dot_product_attention] = self.scaled_dot_product_attention
+        table[F.multi_head_attention_forward] = self.multi_head_attention
         for func, label in (
-            (F.layer_norm, "F.layer_norm (LayerNorm)"),
             (F.group_norm, "F.group_norm (GroupNorm)"),
             (F.instance_norm, "F.instance_norm (InstanceNorm)"),
             (F.local_response_norm, "F.local_response_norm"),
@@ -495,9 +541,159 @@ class _Propagation:
     def mean(self, func, args, kwargs):
         x = args[0] if args else kwargs.get("input")
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
-        if _carries(x) and x.dim() >= 3 and _spatial_only(dim, x.dim()):
+        if _carries(x) and x.dim() >= 2 and _sample_axes(dim, x.dim()):
             return self.proportional(func, args, kwargs)
         return func(*args, **kwargs)
+
+    # --- transformers ----------------------------------------------------------------------
+
+    def layer_norm(self, func, args, kwargs):
+        bound = _bind(("input", "normalized_shape", "weight", "bias", "eps"), args, kwargs)
+        x = bound["input"]
+        if not _carries(x):
+            return func(*args, **kwargs)
+        weight = bound.get("weight")
+        return tr.NormRule.apply(
+            x,
+            lambda: func(*args, **kwargs),
+            tr.norm_dims(x, bound["normalized_shape"]),
+            None if weight is None else weight.detach(),
+            True,
+            float(bound.get("eps", 1e-5)),
+        )
+
+    def rms_norm(self, func, args, kwargs):
+        bound = _bind(("input", "normalized_shape", "weight", "eps"), args, kwargs)
+        x = bound["input"]
+        if not _carries(x):
+            return func(*args, **kwargs)
+        weight, eps = bound.get("weight"), bound.get("eps")
+        return tr.NormRule.apply(
+            x,
+            lambda: func(*args, **kwargs),
+            tr.norm_dims(x, bound["normalized_shape"]),
+            None if weight is None else weight.detach(),
+            False,
+            torch.finfo(x.dtype).eps if eps is None else float(eps),
+        )
+
+    def softmax(self, func, args, kwargs):
+        """CP-LRP: the weights run as written and a product reading them holds them constant;
+        AttnLRP: the softmax rule."""
+        x = args[0] if args else kwargs.get("input")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if self.attention != "attnlrp" or not _signal(x) or not isinstance(dim, int):
+            return func(*args, **kwargs)
+        return tr.SoftmaxRule.apply(x, lambda: func(*args, **kwargs), dim)
+
+    def matmul(self, func, args, kwargs):
+        """A product of two signal tensors: attention weights times values (CP-LRP holds the
+        weights constant), or, under AttnLRP, any bilinear product (the uniform rule)."""
+        if len(args) != 2 or kwargs or not (_signal(args[0]) and _signal(args[1])):
+            return func(*args, **kwargs)
+        a, b = args
+        if self.attention == "attnlrp":
+            return tr.BilinearRule.apply(a, b, lambda: func(a, b), func)
+        for weights, x, first in ((a, b, True), (b, a, False)):
+            if _from_softmax(weights):
+                constant = weights.detach()
+                product = func if first else (lambda w, t: func(t, w))
+                return tr.ConstantFactor.apply(x, constant, lambda: product(constant, x), product)
+        return func(*args, **kwargs)  # q @ k^T: off the relevance path, or refused
+
+    def attend(self, q, k, v, mask, scale, is_causal):
+        """Attention of queries, keys and values [..., heads, tokens, dim] under the rule."""
+        mask = None if mask is None else mask.detach()
+        if self.attention == "attnlrp":
+            return tr.AttentionLRP.apply(q, k, v, mask, scale, is_causal)
+        with torch.no_grad():
+            _, weights = tr.attention_weights(q.detach(), k.detach(), mask, scale, is_causal)
+        return tr.AttentionCP.apply(v, weights)
+
+    def _attention_dropout(self, where: str) -> None:
+        raise UnsupportedActivationError(
+            f"method {self.method!r} cannot vouch for {where} with dropout on the attention "
+            "weights (dropout_p > 0): the map would change from call to call. Pass "
+            "dropout_p=0.0 when not training (as nn.MultiheadAttention, timm and transformers "
+            "do in eval mode)"
+        )
+
+    def scaled_dot_product_attention(self, func, args, kwargs):
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+                 "enable_gqa")  # fmt: skip
+        bound = _bind(names, args, kwargs)
+        q, k, v = bound["query"], bound["key"], bound["value"]
+        if not any(_carries(t) for t in (q, k, v)):
+            return func(*args, **kwargs)
+        if bound.get("dropout_p", 0.0):
+            self._attention_dropout("F.scaled_dot_product_attention")
+        if bound.get("enable_gqa", False) and q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+            repeat = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
+        return self.attend(
+            q, k, v, bound.get("attn_mask"), bound.get("scale"), bool(bound.get("is_causal"))
+        )
+
+    def multi_head_attention(self, func, args, kwargs):
+        """nn.MultiheadAttention's functional form, with its projections under the layer rule
+        and its attention under the attention rule."""
+        try:
+            bound = _signature(func).bind(*args, **kwargs)
+        except TypeError:
+            return func(*args, **kwargs)
+        bound.apply_defaults()
+        p = bound.arguments
+        query, key, value = p["query"], p["key"], p["value"]
+        if not any(_carries(t) for t in (query, key, value)):
+            return func(*args, **kwargs)
+        for name, label in _MHA_UNSUPPORTED:
+            if p[name] is not None and p[name] is not False:
+                raise UnsupportedActivationError(
+                    f"method {self.method!r} has no LRP rule for nn.MultiheadAttention with "
+                    f"{label}; it covers the default configuration (packed or separate "
+                    "projections, attention and key-padding masks, is_causal). Use a "
+                    "plain-gradient method (gradient, input_x_gradient, integrated_gradients, "
+                    "smoothgrad) instead"
+                )
+        if p["training"] and p["dropout_p"] > 0:
+            self._attention_dropout("nn.MultiheadAttention")
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        tgt, bsz, embed = query.shape
+        src, heads = key.shape[0], p["num_heads"]
+
+        def linear(x, weight, bias):
+            return self.affine(F.linear, (x, weight, bias), {})
+
+        if p["use_separate_proj_weight"]:
+            weights = (p["q_proj_weight"], p["k_proj_weight"], p["v_proj_weight"])
+        else:
+            weights = p["in_proj_weight"].chunk(3)
+        biases = (None,) * 3 if p["in_proj_bias"] is None else p["in_proj_bias"].chunk(3)
+        if query is key is value and not p["use_separate_proj_weight"]:
+            packed = linear(query, p["in_proj_weight"], p["in_proj_bias"])
+            q, k, v = packed.unflatten(-1, (3, embed)).unbind(-2)
+        else:
+            q, k, v = (linear(t, w, b) for t, w, b in zip((query, key, value), weights, biases))
+
+        def split(t, length):  # [L, N, E] -> [N, heads, L, E / heads]
+            return t.reshape(length, bsz, heads, t.shape[-1] // heads).permute(1, 2, 0, 3)
+
+        q, k, v = split(q, tgt), split(k, src), split(v, src)
+        mask = _mha_mask(p["attn_mask"], p["key_padding_mask"], bsz, heads, tgt, src, q.dtype)
+        is_causal = bool(p["is_causal"]) and mask is None
+        attended = self.attend(q, k, v, mask, None, is_causal)
+        out = attended.permute(2, 0, 1, 3).reshape(tgt * bsz, v.shape[-1] * heads)
+        out = linear(out, p["out_proj_weight"], p["out_proj_bias"]).view(tgt, bsz, -1)
+        weights_out = None
+        if p["need_weights"]:  # as written: if the model uses them, the accounting judges it
+            _, weights_out = tr.attention_weights(q, k, mask, None, is_causal)
+            if p["average_attn_weights"]:
+                weights_out = weights_out.mean(dim=1)
+            if not batched:
+                weights_out = weights_out.squeeze(0)
+        return (out if batched else out.squeeze(1)), weights_out
 
     def _unsupported(self, label: str):
         def handler(func, args, kwargs):
@@ -534,28 +730,56 @@ _READ_ONLY = frozenset(
 )
 
 
-def _spatial_only(dim: object, ndim: int) -> bool:
-    """``dim`` names only axes after the channel axis (a global/spatial average pool)."""
+@functools.cache
+def _signature(func) -> inspect.Signature:
+    return inspect.signature(func)
+
+
+def _mha_mask(attn_mask, key_padding_mask, bsz, heads, tgt, src, dtype):
+    """nn.MultiheadAttention's masks (True or -inf: not attended) as one additive float mask
+    [bsz, heads, tgt, src], or None."""
+    mask = None
+    for m, shape in ((attn_mask, None), (key_padding_mask, (bsz, 1, 1, src))):
+        if m is None:
+            continue
+        m = m.detach()
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+        m = m.to(dtype)
+        if shape is None:
+            shape = (1, 1, tgt, src) if m.dim() == 2 else (bsz, heads, tgt, src)
+        m = m.reshape(shape)
+        mask = m if mask is None else mask + m
+    return mask
+
+
+def _sample_axes(dim: object, ndim: int) -> bool:
+    """``dim`` names axes of one sample only (not the batch axis): an average pool over
+    space, over tokens or over features, which the Norm rule splits in proportion."""
     if isinstance(dim, int) and not isinstance(dim, bool):
         dim = (dim,)
     if not isinstance(dim, (tuple, list)) or not dim:
         return False
-    return all(isinstance(d, int) and d % ndim >= 2 for d in dim)
+    return all(isinstance(d, int) and not isinstance(d, bool) and d % ndim >= 1 for d in dim)
 
 
-def lrp_rules(method: str, rule) -> RuleSet:
-    """The rule set of one LRP call: ``rule`` on every layer, pass/norm rules elsewhere."""
-    propagation = _Propagation(method, rule)
+def lrp_rules(method: str, rule, attention: str = "cp") -> RuleSet:
+    """The rule set of one LRP call: ``rule`` on every layer, pass/norm rules elsewhere,
+    ``attention`` (CP-LRP or AttnLRP) in attention."""
+    propagation = _Propagation(method, rule, attention)
     return RuleSet(
-        f"{method}:{vars(rule)}",
+        f"{method}:{vars(rule)}:{attention}",
         activation=PassReLU(),
         others="pass",
         functions=propagation.functions(),
         install=propagation.install,
         watch=propagation.watch,
         allowed=ROUTING,
-        hides=frozenset({F.linear, F.batch_norm, *_CONV_INPUT_GRAD}),
+        hides=frozenset({F.linear, F.batch_norm, F.layer_norm, *_NORMS, *_CONV_INPUT_GRAD}),
     )
+
+
+_NORMS = (F.rms_norm,) if hasattr(F, "rms_norm") else ()
 
 
 def _real(opts: dict, key: str) -> float:
@@ -569,7 +793,18 @@ def _real(opts: dict, key: str) -> float:
     return number
 
 
+def _validate_attention(opts: dict) -> None:
+    value = opts["attention"]
+    if value not in ATTENTION:
+        raise SaliencyError(
+            f"option 'attention' must be one of {', '.join(repr(a) for a in ATTENTION)}, got "
+            f"{value!r} ('cp': CP-LRP, attention weights held constant; 'attnlrp': AttnLRP's "
+            "softmax and uniform matmul rules)"
+        )
+
+
 def _validate_epsilon(opts: dict) -> None:
+    _validate_attention(opts)
     if _real(opts, "epsilon") <= 0:
         raise SaliencyError(
             f"option 'epsilon' must be > 0, got {opts['epsilon']!r} (it stabilises z + eps*sign(z)"
@@ -578,6 +813,7 @@ def _validate_epsilon(opts: dict) -> None:
 
 
 def _validate_alpha_beta(opts: dict) -> None:
+    _validate_attention(opts)
     alpha, beta = _real(opts, "alpha"), _real(opts, "beta")
     if alpha < 0 or beta < 0:
         raise SaliencyError(
@@ -598,9 +834,11 @@ register(Method(
     name="lrp_epsilon",
     family="lrp",
     positive=False,
-    defaults={"epsilon": 1e-6},
+    defaults={"epsilon": 1e-6, "attention": "cp"},
     reference="Bach et al. 2015",
-    rules=lambda opts: lrp_rules("lrp_epsilon", EpsilonRule(float(opts["epsilon"]))),
+    rules=lambda opts: lrp_rules(
+        "lrp_epsilon", EpsilonRule(float(opts["epsilon"])), opts["attention"]
+    ),
     readout=_readout,
     validate=_validate_epsilon,
 ))  # fmt: skip
@@ -609,20 +847,23 @@ register(Method(
     name="lrp_zplus",
     family="lrp",
     positive=True,
-    defaults={},
+    defaults={"attention": "cp"},
     reference="Montavon et al. 2017",
-    rules=lambda opts: lrp_rules("lrp_zplus", AlphaBetaRule(1.0, 0.0)),
+    rules=lambda opts: lrp_rules("lrp_zplus", AlphaBetaRule(1.0, 0.0), opts["attention"]),
     readout=_readout,
+    validate=_validate_attention,
 ))  # fmt: skip
 
 register(Method(
     name="lrp_alpha_beta",
     family="lrp",
     positive=False,
-    defaults={"alpha": 2.0, "beta": 1.0},
+    defaults={"alpha": 2.0, "beta": 1.0, "attention": "cp"},
     reference="Bach et al. 2015",
     rules=lambda opts: lrp_rules(
-        "lrp_alpha_beta", AlphaBetaRule(float(opts["alpha"]), float(opts["beta"]))
+        "lrp_alpha_beta",
+        AlphaBetaRule(float(opts["alpha"]), float(opts["beta"])),
+        opts["attention"],
     ),
     readout=_readout,
     validate=_validate_alpha_beta,

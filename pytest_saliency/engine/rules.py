@@ -420,7 +420,15 @@ class _RuleMode(TorchFunctionMode):
         if handler is not None:
             if func in self.rules.hides:
                 trace.hidden_operands(func, inputs)
-            result = handler(func, args, kwargs)
+            try:
+                result = handler(func, args, kwargs)
+            except UnsupportedActivationError as error:
+                if trace.module is None or "in module" in str(error):
+                    raise
+                # A rule's refusal names the op; this says where the model called it.
+                raise UnsupportedActivationError(
+                    f"{error} (called in module {trace.module!r})"
+                ) from error.__cause__
             trace.record(func, result)
             trace.after(func, args, inputs, needs_grad, result, False)
             return result

@@ -353,14 +353,14 @@ def test_residual_sums_and_pooling_spellings_match_zennit(method):
 # --- (4) the user's model is left as it was ---
 
 
-class LayerNormNet(nn.Module):
+class GroupNormNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
-        h = F.layer_norm(self.conv(x), (4, 6, 6))
+        h = F.group_norm(self.conv(x), 2)
         return self.fc(F.relu(h).mean(dim=(2, 3)))
 
 
@@ -376,10 +376,10 @@ def test_model_unchanged_after_calls_and_errors():
         ps.explain(model, x, method)
     assert_unchanged(before, snapshot(model))
 
-    broken = LayerNormNet()
+    broken = GroupNormNet()
     broken.register_forward_pre_hook(lambda *args: None)
     before = snapshot(broken)
-    with pytest.raises(UnsupportedActivationError, match="lrp_zplus.*layer_norm"):
+    with pytest.raises(UnsupportedActivationError, match="lrp_zplus.*group_norm"):
         ps.explain(broken, randn(2, 3, 8, 8, seed=13), "lrp_zplus")
     assert_unchanged(before, snapshot(broken))
     # nothing of the failed pass is left installed: a later call is exact again
@@ -431,8 +431,8 @@ def test_options_change_the_map_as_the_formula_says():
         ("lrp_epsilon", {"epsilon": float("nan")}, "'epsilon' must be a finite number"),
         ("lrp_epsilon", {"epsilon": True}, "'epsilon' must be a finite number"),
         ("lrp_epsilon", {"epsilon": "small"}, "'epsilon' must be a finite number"),
-        ("lrp_epsilon", {"gamma": 0.25}, "no option 'gamma'; its options are: epsilon"),
-        ("lrp_zplus", {"epsilon": 0.1}, "no option 'epsilon'; its options are: none"),
+        ("lrp_epsilon", {"gamma": 0.25}, "no option 'gamma'; its options are: attention, epsilon"),
+        ("lrp_zplus", {"epsilon": 0.1}, "no option 'epsilon'; its options are: attention"),
         ("lrp_alpha_beta", {"alpha": 3}, r"alpha - beta = 1.*alpha=3.0, beta=1.0"),
         ("lrp_alpha_beta", {"alpha": 0.5, "beta": -0.5}, "must be >= 0"),
         ("lrp_alpha_beta", {"beta": float("inf")}, "'beta' must be a finite number"),
