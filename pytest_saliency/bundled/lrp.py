@@ -598,7 +598,9 @@ class _Propagation:
             if _from_softmax(weights):
                 constant = weights.detach()
                 product = func if first else (lambda w, t: func(t, w))
-                return tr.ConstantFactor.apply(x, constant, lambda: product(constant, x), product)
+                return tr.ConstantFactor.apply(
+                    x, constant, lambda p=product, c=constant, t=x: p(c, t), product
+                )
         return func(*args, **kwargs)  # q @ k^T: off the relevance path, or refused
 
     def attend(self, q, k, v, mask, scale, is_causal):
