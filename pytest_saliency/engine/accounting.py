@@ -191,6 +191,9 @@ def judge(node: object, flags: tuple[bool, ...], allowed: frozenset[str]) -> str
     if kind not in allowed:
         if kind == "CopySlices":
             return "an in-place op on a slice or view of the signal (x[...] op= y)"
+        operands = _PRODUCT_OPERANDS.get(kind, ())
+        if sum(1 for i in operands if i < len(flags) and flags[i]) > 1:
+            return "a product of two signal tensors (a gate or an attention product)"
         if kind in LINEAR:
             return "a linear op whose plain gradient does not redistribute relevance"
         return "an op that is neither handled by the rule set nor left correct by it"
