@@ -12,6 +12,12 @@ Deconvolution, LayerGradCam), pytorch-grad-cam (GradCAM, GradCAMPlusPlus, FullGr
 installed is skipped.
 
     OMP_NUM_THREADS=2 python benchmarks/methods.py --batch 16 --size 224 --repeats 3
+    OMP_NUM_THREADS=2 python benchmarks/methods.py --model vit_b_16 --batch 8 \
+        --methods gradient,lrp_epsilon,lrp_zplus,gradcam
+
+On ``vit_b_16`` the peer is lxt's CP-LRP for torchvision's ViT (its LayerNorm, GELU and
+``nn.MultiheadAttention`` patches with zennit's epsilon rule on Linear and Conv layers), run in a
+child process (``_lxt_vit.py``) because lxt patches torch's classes.
 
 Ratios, not seconds, are the result: each is the median over rounds of one call's wall time
 divided by a baseline call timed beside it.
@@ -23,6 +29,8 @@ import argparse
 import contextlib
 import io
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -156,6 +164,22 @@ def zennit_peers(model, x, targets) -> dict[str, list[tuple[str, Run]]]:
     }
 
 
+def lxt_peers(args) -> dict[str, list[tuple[str, float | None]]]:
+    """lxt's ratio, measured in a child process (see the module docstring)."""
+    try:
+        import lxt  # noqa: F401
+    except ImportError:
+        return {}
+    script = str(__import__("pathlib").Path(__file__).with_name("_lxt_vit.py"))
+    done = subprocess.run(
+        [sys.executable, script, str(args.batch), str(args.size), str(args.repeats), args.device],
+        capture_output=True,
+        text=True,
+    )
+    ratio = float(done.stdout.split()[-1]) if done.returncode == 0 else None
+    return {"lrp_epsilon": [("lxt CP-LRP (zennit Epsilon)", ratio)]}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=16, help="images per batch (default 16)")
@@ -163,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per method (3)")
     parser.add_argument("--methods", default="", help="comma-separated subset of ps.methods()")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument(
+        "--model", default="resnet18", choices=("resnet18", "vit_b_16"), help="(resnet18)"
+    )
     args = parser.parse_args(argv)
     methods = ps.methods()
     if args.methods:
@@ -175,7 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")  # peers warn on every call (hooks, requires_grad)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = torchvision.models.resnet18(weights=None).eval()
+        if args.model == "vit_b_16":
+            model = torchvision.models.vit_b_16(weights=None, image_size=args.size).eval()
+        else:
+            model = torchvision.models.resnet18(weights=None).eval()
         x = torch.randn(args.batch, 3, args.size, args.size)
     targets = torch.arange(args.batch) % 1000
     device = torch.device(args.device)
@@ -192,24 +222,38 @@ def main(argv: list[str] | None = None) -> None:
     base_run = baseline(model, x, targets)
     base_run()
     base = statistics.median(seconds(base_run) for _ in range(args.repeats))
-    peers: dict[str, list[tuple[str, Run]]] = {}
-    for found in (captum_peers, gradcam_peers, zennit_peers):
-        for name, entries in found(model, x, targets).items():
-            peers.setdefault(name, []).extend(entries)
+    peers: dict[str, list[tuple[str, Run | float | None]]] = {}
+    if args.model == "vit_b_16":
+        peers.update(lxt_peers(args))
+    else:
+        for found in (captum_peers, gradcam_peers, zennit_peers):
+            for name, entries in found(model, x, targets).items():
+                peers.setdefault(name, []).extend(entries)
 
-    print(f"resnet18 (weights=None, eval), batch {args.batch}x3x{args.size}x{args.size}, {where}, "
+    print(f"{args.model} (weights=None, eval), batch {args.batch}x3x{args.size}x{args.size}, "
+          f"{where}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved ratios")  # fmt: skip
     print(f"baseline (forward + target logits + autograd.grad w.r.t. input): {base:.3f} s\n")
     print(f"{'method':<22}{'ours':>8}   {'peer':<30}{'peer':>8}")
     for name in methods:
-        ours = median_ratio(
-            lambda n=name: ps.explain(model, x, n, target=targets), base_run, args.repeats
-        )
+        try:
+            ours = median_ratio(
+                lambda n=name: ps.explain(model, x, n, target=targets), base_run, args.repeats
+            )
+            mine = f"{ours:7.2f}x"
+        except ps.SaliencyError as error:  # a rule method the model's ops refuse
+            mine = f"{'refused':>8}"
+            print(f"{name}: {str(error).splitlines()[0][:100]}")
         rows = peers.get(name) or [("-", None)]
         for i, (label, run) in enumerate(rows):
-            theirs = f"{median_ratio(run, base_run, args.repeats):7.2f}x" if run else f"{'-':>8}"
-            left = f"{name:<22}{ours:7.2f}x" if i == 0 else " " * 30
+            if isinstance(run, float):  # measured in a child process
+                theirs = f"{run:7.2f}x"
+            elif run is not None:
+                theirs = f"{median_ratio(run, base_run, args.repeats):7.2f}x"
+            else:
+                theirs = f"{'-':>8}"
+            left = f"{name:<22}{mine}" if i == 0 else " " * 30
             print(f"{left}   {label:<30}{theirs}")
 
 
