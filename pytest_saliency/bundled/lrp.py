@@ -369,13 +369,16 @@ class _Propagation:
         self.method = method
         self.rule = rule
         self.attention = attention
+        self.trace = None  # the pass's Trace, while a pass runs
         self.producers = Producers()
         # Layer outputs whose stabilised value is deferred (ε rule), by id. Each entry keeps
         # its tensor alive, so no id is reused while it is listed; the table is emptied when
         # the pass ends (a Deferred itself holds only a detached alias).
         self.pending: dict[int, tuple[torch.Tensor, Deferred]] = {}
 
-    def install(self, model: nn.Module, handles: list) -> None:
+    def install(self, model: nn.Module, handles: list, trace) -> None:
+        self.trace = trace
+        handles.append(SimpleNamespace(remove=lambda: setattr(self, "trace", None)))
         self.producers.remove()
         self.pending.clear()
         handles.append(self.producers)  # emptied when the pass ends
@@ -589,7 +592,7 @@ class _Propagation:
     def matmul(self, func, args, kwargs):
         """A product of two signal tensors: attention weights times values (CP-LRP holds the
         weights constant), or, under AttnLRP, any bilinear product (the uniform rule)."""
-        if len(args) != 2 or kwargs or not (_signal(args[0]) and _signal(args[1])):
+        if len(args) != 2 or kwargs or not all(self._from_inputs(t) for t in args):
             return func(*args, **kwargs)
         a, b = args
         if self.attention == "attnlrp":
@@ -602,6 +605,10 @@ class _Propagation:
                     x, constant, lambda p=product, c=constant, t=x: p(c, t), product
                 )
         return func(*args, **kwargs)  # q @ k^T: off the relevance path, or refused
+
+    def _from_inputs(self, t: object) -> bool:
+        """A signal tensor computed from the explained inputs (not a weight's view, ``W.T``)."""
+        return _signal(t) and (self.trace is None or self.trace.from_signal(t))
 
     def attend(self, q, k, v, mask, scale, is_causal):
         """Attention of queries, keys and values [..., heads, tokens, dim] under the rule."""

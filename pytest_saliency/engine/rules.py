@@ -263,7 +263,8 @@ class RuleSet:
     ``activation``: None keeps autograd's own gradient everywhere (plain methods).
     ``functions``: extra functional overrides for the forward (e.g. LRP's residual sums), a map
     from a torch function to ``handler(func, args, kwargs) -> Tensor``.
-    ``install``: installs module hooks for the pass, ``install(model, handles)``; every handle
+    ``install``: installs module hooks for the pass, ``install(model, handles, trace)`` (the
+    pass's :class:`Trace`, to ask which tensors come from the inputs); every handle
     appended is removed when the pass ends.
     ``watch``: called as ``watch(func, args, kwargs)`` before every torch function of the
     forward pass runs (e.g. to act on a tensor before an op can change it in place).
@@ -282,7 +283,7 @@ class RuleSet:
     name: str
     activation: ActivationRule | None = None
     functions: Mapping[Callable, Handler] = field(default_factory=dict)
-    install: Callable[[nn.Module, list], None] | None = None
+    install: Callable[[nn.Module, list, Trace], None] | None = None
     watch: Callable[[Callable, tuple, dict], None] | None = None
     allowed: frozenset[str] = LINEAR
     hides: frozenset[Callable] = frozenset()
@@ -314,7 +315,7 @@ class RuleSet:
                 _reject_unknown_activation_modules(model, method)
             trace = Trace(method, model, inputs, self.allowed, handles)
             if self.install is not None:
-                self.install(model, handles)
+                self.install(model, handles, trace)
             with _RuleMode(self, method, trace):
                 yield trace
 

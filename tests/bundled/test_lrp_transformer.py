@@ -417,6 +417,18 @@ class Quadratic(nn.Module):
         return t @ t.transpose(-2, -1) @ t  # two signal operands, no softmax
 
 
+class HandWrittenLinear(nn.Module):
+    """``t @ W.T``: W.T requires grad and is no Parameter, but is not a signal tensor. Under
+    AttnLRP's uniform rule it would take half of the relevance; it must be refused instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(WIDTH, WIDTH))
+
+    def forward(self, t):
+        return t @ self.weight.T
+
+
 class GroupNormed(nn.Module):
     def __init__(self):
         super().__init__()
@@ -433,15 +445,22 @@ class GroupNormed(nn.Module):
         (DroppedAttention(), r"dropout.*module 'block'"),
         (Quadratic(), r"Tensor\.(__)?matmul.*module 'block'.*product of two signal tensors"),
         (GroupNormed(), r"F.group_norm.*module 'block.norm'"),
+        (HandWrittenLinear(), r"Tensor\.(__)?matmul.*module 'block'.*linear op"),
     ],
-    ids=["mha_key_bias", "attention_dropout", "quadratic", "group_norm"],
+    ids=["mha_key_bias", "attention_dropout", "quadratic", "group_norm", "weight_view"],
 )
-def test_what_has_no_rule_is_refused_naming_op_and_module(inner, match):
+@pytest.mark.parametrize("attention", ["cp", "attnlrp"])
+def test_what_has_no_rule_is_refused_naming_op_and_module(inner, match, attention):
     model = Wrapped(inner).eval()
     x = randn(2, TOKENS * WIDTH, seed=10)
     before = snapshot(model)
+    if attention == "attnlrp" and isinstance(inner, Quadratic):
+        # AttnLRP's uniform rule is for every product of two signal tensors.
+        maps = ps.explain(model, x, "lrp_epsilon", attention=attention)
+        assert torch.isfinite(maps).all() and maps.abs().sum() > 0
+        return
     with pytest.raises(UnsupportedActivationError, match=match):
-        ps.explain(model, x, "lrp_epsilon")
+        ps.explain(model, x, "lrp_epsilon", attention=attention)
     assert_unchanged(before, snapshot(model))
 
 

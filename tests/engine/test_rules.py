@@ -205,7 +205,7 @@ def test_function_handlers_and_install_are_used_and_removed():
         def forward(self, x):
             return self.head(torch.add(self.fc(x), x))
 
-    def install(model, handles):
+    def install(model, handles, trace):
         handles.append(model.fc.register_forward_hook(lambda m, a, o: calls.append("hook")))
 
     model = Residual()
