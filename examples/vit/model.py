@@ -6,9 +6,9 @@ layout of ViT/DeiT at a size that trains in well under a minute on 2 CPU cores.
 
 Audited with the methods that apply to transformers: the plain-gradient ones, Grad-CAM and
 Grad-CAM++ (their default layer is the last block's first norm, ``blocks.3.norm1``: after the
-last attention the patch tokens no longer reach the class token) and FullGrad. The rule
-methods (guided backprop, deconvnet, RectGrad, LRP) refuse the model: LayerNorm and the
-attention softmax have no rules.
+last attention the patch tokens no longer reach the class token), FullGrad and the LRP rules
+(LayerNorm and attention by CP-LRP, or AttnLRP). Guided backprop, deconvnet and RectGrad
+refuse the model: their rules are for ReLUs.
 """
 
 from __future__ import annotations
