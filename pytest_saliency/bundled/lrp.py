@@ -514,7 +514,7 @@ class _Propagation:
                     gate = c.detach()
                     operands = (x, gate) if x is a else (gate, x)
                     return _Scale.apply(x, lambda ops=operands: func(*ops), inplace)
-            if _signal(x) and _constant(c):
+            if _signal(x) and (_constant(c) or self._parameter_only(c)):
                 tensor = isinstance(c, torch.Tensor)
                 out_shape = torch.broadcast_shapes(x.shape, c.shape) if tensor else x.shape
                 if out_shape == x.shape and (not tensor or c.dtype == x.dtype):
@@ -605,6 +605,16 @@ class _Propagation:
                     x, constant, lambda p=product, c=constant, t=x: p(c, t), product
                 )
         return func(*args, **kwargs)  # q @ k^T: off the relevance path, or refused
+
+    def _parameter_only(self, c: object) -> bool:
+        """A tensor computed from parameters and constants only (``gamma.reshape(1, -1, 1,
+        1)``, ``W.T``): a constant under LRP, though it requires grad."""
+        return (
+            isinstance(c, torch.Tensor)
+            and c.is_floating_point()
+            and self.trace is not None
+            and not self.trace.from_signal(c)
+        )
 
     def _from_inputs(self, t: object) -> bool:
         """A signal tensor computed from the explained inputs (not a weight's view, ``W.T``)."""

@@ -471,3 +471,28 @@ def test_attention_option_is_validated():
         ps.explain(
             Attention("sdpa").eval(), randn(1, TOKENS * WIDTH), "lrp_zplus", attention="cp-lrp"
         )
+
+
+class LayerScaled(nn.Module):
+    """ConvNeXt's and CaiT's layer scale: the signal times a parameter, here reshaped first (a
+    view that requires grad, as timm writes it) or used as it is."""
+
+    def __init__(self, reshaped: bool):
+        super().__init__()
+        torch.manual_seed(11)
+        self.reshaped = reshaped
+        self.inner = nn.Linear(6, WIDTH)
+        self.gamma = nn.Parameter(torch.rand(WIDTH) + 0.5)
+        self.head = nn.Linear(WIDTH, 3)
+
+    def forward(self, x):
+        gamma = self.gamma.reshape(1, -1) if self.reshaped else self.gamma
+        return self.head(self.inner(x) * gamma)
+
+
+def test_a_parameter_computed_into_shape_is_a_constant_scale():
+    x = randn(3, 6, seed=12, dtype=torch.float64)
+    plain = ps.explain(LayerScaled(False).double().eval(), x, "lrp_epsilon", target=1)
+    reshaped = ps.explain(LayerScaled(True).double().eval(), x, "lrp_epsilon", target=1)
+    torch.testing.assert_close(reshaped, plain, rtol=0, atol=0)
+    assert plain.abs().sum() > 0
