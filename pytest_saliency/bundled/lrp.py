@@ -338,6 +338,29 @@ _WEIGHT_PASSING = frozenset({"ToCopy", "Clone", "Alias", "View", "UnsafeView", "
 ATTENTION = ("cp", "attnlrp")
 
 
+_SCORE_PASSING = frozenset(
+    {"Add", "Sub", "View", "UnsafeView", "Reshape", "ReshapeAlias", "ToCopy", "Clone", "Alias",
+     "Expand", "_Scale", "Contiguous"}
+)  # fmt: skip
+
+
+def _from_scores(t: torch.Tensor) -> bool:
+    """``t`` holds attention scores: a bilinear product ``q @ k^T`` under AttnLRP's rule,
+    maybe scaled, shifted by a mask or bias, or reshaped (first operands followed)."""
+    node = t.grad_fn
+    for _ in range(8):
+        if node is None:
+            return False
+        forward_cls = getattr(type(node), "_forward_cls", None)
+        kind = forward_cls.__name__ if forward_cls is not None else node_kind(node)
+        if kind == "BilinearRule":
+            return True
+        if kind not in _SCORE_PASSING or not node.next_functions:
+            return False
+        node = node.next_functions[0][0]
+    return False
+
+
 def _from_softmax(t: torch.Tensor) -> bool:
     """``t`` holds attention weights: the output of a softmax, maybe cast or reshaped."""
     node = t.grad_fn
@@ -489,6 +512,10 @@ class _Propagation:
         plain = len(args) > 2 or set(kwargs) - {"input", "other", "alpha"}
         if plain or kwargs.get("alpha", 1) != 1 or not _activation_pair(a, b):
             return func(*args, **kwargs)
+        if self._parameter_only(a) or self._parameter_only(b):
+            # An embedding or bias view (``pe[:, :T]``): a shift by a constant, whatever the
+            # batch size, never a second branch to split relevance with.
+            return func(*args, **kwargs)
         return _SplitSum.apply(a, b, inplace)
 
     def add(self, func, args, kwargs):
@@ -587,6 +614,9 @@ class _Propagation:
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         if self.attention != "attnlrp" or not _signal(x) or not isinstance(dim, int):
             return func(*args, **kwargs)
+        if not _from_scores(x):
+            # Not attention scores (a classifier's probabilities): as written, and refused.
+            return func(*args, **kwargs)
         return tr.SoftmaxRule.apply(x, lambda: func(*args, **kwargs), dim)
 
     def matmul(self, func, args, kwargs):
@@ -622,12 +652,34 @@ class _Propagation:
 
     def attend(self, q, k, v, mask, scale, is_causal):
         """Attention of queries, keys and values [..., heads, tokens, dim] under the rule."""
+        if mask is not None and self._from_inputs(mask):
+            self._refuse_attention("an attention mask computed from the signal")
+        if self.attention == "attnlrp":
+            constant = [n for n, t in (("queries", q), ("keys", k), ("values", v))
+                        if not self._from_inputs(t)]  # fmt: skip
+            if constant:
+                self._refuse_attention(
+                    f"{' and '.join(constant)} that do not come from the inputs (a learned "
+                    "query or memory); AttnLRP's uniform rule would give them half the relevance"
+                )
+        elif not self._from_inputs(v):
+            self._refuse_attention(
+                "values that do not come from the inputs (a learned memory); CP-LRP would "
+                "drop all the relevance of the attention"
+            )
         mask = None if mask is None else mask.detach()
         if self.attention == "attnlrp":
             return tr.AttentionLRP.apply(q, k, v, mask, scale, is_causal)
         with torch.no_grad():
             _, weights = tr.attention_weights(q.detach(), k.detach(), mask, scale, is_causal)
         return tr.AttentionCP.apply(v, weights)
+
+    def _refuse_attention(self, what: str) -> None:
+        raise UnsupportedActivationError(
+            f"method {self.method!r} (attention={self.attention!r}) has no LRP rule for "
+            f"attention with {what}. Use a plain-gradient method (gradient, input_x_gradient, "
+            "integrated_gradients, smoothgrad), or the other attention rule where it applies"
+        )
 
     def _attention_dropout(self, where: str) -> None:
         raise UnsupportedActivationError(
@@ -665,6 +717,10 @@ class _Propagation:
         query, key, value = p["query"], p["key"], p["value"]
         if not any(_carries(t) for t in (query, key, value)):
             return func(*args, **kwargs)
+        for name in ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight",
+                     "v_proj_weight", "out_proj_weight", "out_proj_bias"):  # fmt: skip
+            if p[name] is not None and self._from_inputs(p[name]):
+                self._refuse_attention(f"a projection ({name}) computed from the signal")
         for name, label in _MHA_UNSUPPORTED:
             if p[name] is not None and p[name] is not False:
                 raise UnsupportedActivationError(
@@ -701,7 +757,16 @@ class _Propagation:
 
         q, k, v = split(q, tgt), split(k, src), split(v, src)
         mask = _mha_mask(p["attn_mask"], p["key_padding_mask"], bsz, heads, tgt, src, q.dtype)
-        is_causal = bool(p["is_causal"]) and mask is None
+        is_causal = bool(p["is_causal"])
+        if is_causal and p["attn_mask"] is None:
+            raise UnsupportedActivationError(
+                "nn.MultiheadAttention was called with is_causal=True and no attn_mask, which "
+                "torch refuses too; pass the causal mask as attn_mask"
+            )
+        if is_causal and p["key_padding_mask"] is None and not p["need_weights"]:
+            mask = None  # as torch: the mask is only a hint, the causal one is used
+        else:
+            is_causal = False
         attended = self.attend(q, k, v, mask, None, is_causal)
         out = attended.permute(2, 0, 1, 3).reshape(tgt * bsz, v.shape[-1] * heads)
         out = linear(out, p["out_proj_weight"], p["out_proj_bias"]).view(tgt, bsz, -1)

@@ -93,7 +93,8 @@ def attention_weights(q, k, mask, scale, is_causal):
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask
-    return scores, torch.softmax(scores, dim=-1)
+    # A row with every score masked has no weights (NaN): none, as torch's attention gives.
+    return scores, torch.softmax(scores, dim=-1).nan_to_num(nan=0.0)
 
 
 @rule_function

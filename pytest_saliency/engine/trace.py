@@ -241,8 +241,7 @@ class Trace:
         if isinstance(result, torch.Tensor):
             node = result.grad_fn
             if node is not None and node not in self.labels:
-                self.labels[node] = label = (op_label(func), self.module)
-                self._label_inside(node, label)
+                self.labels[node] = (op_label(func), self.module)
             base = result._base
             if base is not None and base.grad_fn is not None and base.grad_fn not in self.labels:
                 # An in-place op on a view: the base's node (CopySlices) is this op.
@@ -251,20 +250,6 @@ class Trace:
             for item in result:
                 if isinstance(item, torch.Tensor):
                     self.record(func, item)
-
-    def _label_inside(self, node: object, label: tuple[str, str | None]) -> None:
-        """Label the nodes an op made inside itself (``matmul`` makes ``Bmm`` under a view):
-        the unlabelled nodes behind its output, up to the outputs of earlier ops, which are
-        labelled already."""
-        stack = [child for child, _ in node.next_functions if child is not None]
-        for _ in range(64):
-            if not stack:
-                return
-            child = stack.pop()
-            if child in self.labels or getattr(child, "variable", None) is not None:
-                continue
-            self.labels[child] = label
-            stack.extend(c for c, _ in child.next_functions if c is not None)
 
     # --- before the backward -----------------------------------------------------------------
 
