@@ -46,18 +46,7 @@ from ..engine.rules import GATE_MARK, ActivationRule, RuleSet
 from ..errors import SaliencyError, UnsupportedActivationError
 from . import lrp_transformer as tr
 from .registry import Method, input_map, register
-
-NORM_STABILIZER = 1e-6  # zennit's default for Norm, ZPlus and AlphaBeta
-
-
-def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """``z + epsilon * sign(z)`` with ``sign(0) = +1`` (zennit's stabilizer)."""
-    # Bitwise equal to ``where(z >= 0, z + eps, z - eps)`` in fewer full-size passes: the
-    # offset is 1 * 2eps - eps = eps or 0 * 2eps - eps = -eps, both exact. The comparison
-    # writes 1.0 / 0.0 straight into a float tensor: no bool tensor, no conversion pass.
-    offset = torch.ge(z, 0, out=torch.empty_like(z))
-    return offset.mul_(2 * epsilon).sub_(epsilon).add_(z)
-
+from .stabilizer import NORM_STABILIZER, stabilize
 
 _CONV_INPUT_GRAD = {
     F.conv1d: torch.nn.grad.conv1d_input,
@@ -344,37 +333,33 @@ _SCORE_PASSING = frozenset(
 )  # fmt: skip
 
 
-def _from_scores(t: torch.Tensor) -> bool:
-    """``t`` holds attention scores: a bilinear product ``q @ k^T`` under AttnLRP's rule,
-    maybe scaled, shifted by a mask or bias, or reshaped (first operands followed)."""
+def _made_by(t: torch.Tensor, kinds: frozenset, passing: frozenset) -> bool:
+    """``t`` is the output of an op of ``kinds`` (an autograd node's kind, or one of the
+    engine's rule functions by class name), maybe through ``passing`` ops (first operands
+    followed, at most 8)."""
     node = t.grad_fn
     for _ in range(8):
         if node is None:
             return False
         forward_cls = getattr(type(node), "_forward_cls", None)
         kind = forward_cls.__name__ if forward_cls is not None else node_kind(node)
-        if kind == "BilinearRule":
+        if kind in kinds:
             return True
-        if kind not in _SCORE_PASSING or not node.next_functions:
+        if kind not in passing or not node.next_functions:
             return False
         node = node.next_functions[0][0]
     return False
+
+
+def _from_scores(t: torch.Tensor) -> bool:
+    """``t`` holds attention scores: a bilinear product ``q @ k^T`` under AttnLRP's rule,
+    maybe scaled, shifted by a mask or bias, or reshaped."""
+    return _made_by(t, frozenset({"BilinearRule"}), _SCORE_PASSING)
 
 
 def _from_softmax(t: torch.Tensor) -> bool:
     """``t`` holds attention weights: the output of a softmax, maybe cast or reshaped."""
-    node = t.grad_fn
-    for _ in range(8):
-        if node is None:
-            return False
-        forward_cls = getattr(type(node), "_forward_cls", None)
-        kind = forward_cls.__name__ if forward_cls is not None else node_kind(node)
-        if kind in _SOFTMAX_KINDS:
-            return True
-        if kind not in _WEIGHT_PASSING or not node.next_functions:
-            return False
-        node = node.next_functions[0][0]
-    return False
+    return _made_by(t, _SOFTMAX_KINDS, _WEIGHT_PASSING)
 
 
 _MHA_UNSUPPORTED = (
@@ -631,9 +616,8 @@ class _Propagation:
             if _from_softmax(weights):
                 constant = weights.detach()
                 product = func if first else (lambda w, t: func(t, w))
-                return tr.ConstantFactor.apply(
-                    x, constant, lambda p=product, c=constant, t=x: p(c, t), product
-                )
+                # A linear map of x without parameters: the Norm rule, as average pooling.
+                return _Proportional.apply(x, lambda t, p=product, c=constant: p(c, t))
         return func(*args, **kwargs)  # q @ k^T: off the relevance path, or refused
 
     def _parameter_only(self, c: object) -> bool:

@@ -27,14 +27,7 @@ import math
 import torch
 
 from ..engine.accounting import rule_function
-
-STABILIZER = 1e-6  # as the Norm rule of the CNN engine (zennit's default)
-
-
-def stabilize(z: torch.Tensor, epsilon: float = STABILIZER) -> torch.Tensor:
-    """``z + epsilon * sign(z)`` with ``sign(0) = +1``."""
-    return z + torch.where(z >= 0, epsilon, -epsilon).to(z.dtype)
-
+from .stabilizer import stabilize  # the CNN rules' (zennit's default epsilon, 1e-6)
 
 # --- normalisation -------------------------------------------------------------------------
 
@@ -199,27 +192,3 @@ class BilinearRule(torch.autograd.Function):
         a, b = ctx.saved_tensors
         ra, rb = bilinear_relevance(a, b, r, ctx.product)
         return ra, rb, None, None
-
-
-@rule_function
-class ConstantFactor(torch.autograd.Function):
-    """``A @ x`` or ``x @ A`` with the attention weights A held constant (CP-LRP):
-    ``R_x = x * grad(A x)^T (R / stab(out))``."""
-
-    @staticmethod
-    def forward(ctx, x, weights, compute, product):
-        out = compute()
-        ctx.weights, ctx.product = weights, product
-        ctx.denominator = stabilize(out.detach())
-        ctx.save_for_backward(x)
-        return out
-
-    @staticmethod
-    def backward(ctx, r):
-        (x,) = ctx.saved_tensors
-        with torch.enable_grad():
-            probe = x.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(
-                ctx.product(ctx.weights, probe), probe, r / ctx.denominator
-            )
-        return x * grad, None, None, None
